@@ -1,0 +1,316 @@
+"""bertcls.py: pure functions against hand-computed values, end-to-end runs on a tiny model, bad input."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import pytest
+import torch
+
+import bertcls
+from conftest import REPO, finished_runs, train_args, write_dataset
+
+# ------------------------------------------------------------------------------------ pure functions
+
+
+def test_macro_prf_counts_absent_classes_as_zero():
+    # gold 0 0 1 1, predicted 0 1 1 1; class 2 appears in neither
+    matrix = bertcls.confusion_matrix([0, 0, 1, 1], [0, 1, 1, 1], 3)
+    assert matrix == [[1, 1, 0], [0, 2, 0], [0, 0, 0]]
+    per_class = bertcls.per_class_prf(matrix)
+    assert per_class[0] == pytest.approx({"precision": 1.0, "recall": 0.5, "f1": 2 / 3, "support": 2})
+    assert per_class[1] == pytest.approx({"precision": 2 / 3, "recall": 1.0, "f1": 0.8, "support": 2})
+    assert per_class[2] == {"precision": 0.0, "recall": 0.0, "f1": 0.0, "support": 0}
+    macro = bertcls.macro_prf(matrix)
+    assert macro["precision"] == pytest.approx((1 + 2 / 3) / 3)
+    assert macro["recall"] == pytest.approx(1.5 / 3)
+    assert macro["f1"] == pytest.approx((2 / 3 + 0.8) / 3)
+
+
+def test_classification_metrics_true_mean_loss_and_names():
+    metrics = bertcls.classification_metrics([0, 1, 1], [0, 1, 0], loss_sum=3.0, id2label={0: "a", 1: "b"})
+    assert metrics["loss"] == 1.0
+    assert metrics["accuracy"] == pytest.approx(2 / 3)
+    assert metrics["confusion_matrix"] == {"labels": ["a", "b"], "matrix": [[1, 0], [1, 1]]}
+    assert metrics["per_class"]["b"]["support"] == 2
+
+
+def test_get_lr_warmup_and_decay_boundaries():
+    lrs = [bertcls.get_lr(s, total_steps=10, warmup_steps=4, max_lr=1.0) for s in range(11)]
+    assert lrs[:4] == pytest.approx([0.25, 0.5, 0.75, 1.0])  # reaches the peak on the last warmup step
+    assert lrs[4:] == pytest.approx([1.0, 5 / 6, 4 / 6, 3 / 6, 2 / 6, 1 / 6, 0.0])
+    assert bertcls.get_lr(0, total_steps=10, warmup_steps=0, max_lr=2.0) == 2.0
+    # warmup longer than training (e.g. --num_warmup_epochs 2 --epochs 1): still rising, never negative
+    assert bertcls.get_lr(9, total_steps=10, warmup_steps=20, max_lr=1.0) == pytest.approx(0.5)
+
+
+def test_weight_decay_groups_on_real_bert_parameter_names():
+    from transformers import BertConfig, BertForSequenceClassification
+    config = BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                        intermediate_size=32, num_labels=3)
+    model = BertForSequenceClassification(config)
+    decay, no_decay = bertcls.param_groups(model, 0.01)
+    names = {id(p): n for n, p in model.named_parameters()}
+    decayed = {names[id(p)] for p in decay["params"]}
+    not_decayed = {names[id(p)] for p in no_decay["params"]}
+    assert decay["weight_decay"] == 0.01 and no_decay["weight_decay"] == 0.0
+    assert "bert.embeddings.LayerNorm.weight" in not_decayed
+    assert "bert.encoder.layer.0.attention.output.LayerNorm.weight" in not_decayed
+    assert "bert.encoder.layer.0.attention.self.query.bias" in not_decayed
+    assert "classifier.bias" in not_decayed
+    assert "bert.encoder.layer.0.attention.self.query.weight" in decayed
+    assert "bert.embeddings.word_embeddings.weight" in decayed
+    assert "classifier.weight" in decayed
+    assert all(n.endswith("bias") or "LayerNorm" in n for n in not_decayed)
+    assert len(decayed) + len(not_decayed) == len(names)
+
+
+def test_pair_truncation_keeps_the_title(tiny_bert):
+    tokenizer = bertcls.load_tokenizer(str(tiny_bert))
+    title, body = "野球の試合", "選手、監督、サッカー、得点が発表された。" * 20
+    title_ids = tokenizer(title, add_special_tokens=False)["input_ids"]
+    enc = bertcls.encode_one(tokenizer, title, body, max_len=24, with_token_types=True)
+    assert len(enc["input_ids"]) == 24
+    assert enc["input_ids"][1:1 + len(title_ids)] == title_ids  # [CLS] title [SEP] body... [SEP]
+    assert enc["token_type_ids"][:len(title_ids) + 2] == [0] * (len(title_ids) + 2)
+    assert enc["token_type_ids"][-1] == 1
+    # a title longer than the budget alone still fits, by truncating both
+    long = bertcls.encode_one(tokenizer, title * 20, body, max_len=24, with_token_types=False)
+    assert len(long["input_ids"]) == 24
+
+
+def test_label_names_are_mapped_and_text_field_used(tmp_path):
+    rows = [{"text": "映画の公開", "label": "movie"}, {"title": "野球", "body": "試合", "label": 2}]
+    (tmp_path / "train.jsonl").write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in rows) + "\n",
+                                          encoding="utf-8")
+    loaded = bertcls.load_split(tmp_path, "train", {"movie": 0, "sports": 1, "tech": 2})
+    assert [r["label"] for r in loaded] == [0, 2]
+    assert bertcls.example_text(loaded[0]) == ("映画の公開", None)
+    assert bertcls.example_text(loaded[1]) == ("野球", "試合")
+
+
+def test_collate_pads_to_multiple_of_eight_and_masks():
+    packed = bertcls.pack({"input_ids": [[5, 6, 7], [5] * 10], "token_type_ids": [[0, 0, 1], [0] * 10]})
+    batch = bertcls.collate(packed, [1, 0], torch.tensor([4, 2]), pad_id=0)
+    assert batch["input_ids"].shape == (2, 16)
+    assert batch["attention_mask"].sum(1).tolist() == [10, 3]
+    assert batch["input_ids"][1, :4].tolist() == [5, 6, 7, 0]
+    assert batch["token_type_ids"][1, :3].tolist() == [0, 0, 1]
+    assert batch["labels"].tolist() == [2, 4]
+
+
+# -------------------------------------------------------------------------------------- end to end
+
+
+def read_run(run_dir: Path) -> dict:
+    return {
+        "config": json.loads((run_dir / "config.json").read_text(encoding="utf-8")),
+        "val": json.loads((run_dir / "val-metrics.json").read_text(encoding="utf-8")),
+        "test": json.loads((run_dir / "test-metrics.json").read_text(encoding="utf-8")),
+        "log": list(csv.DictReader((run_dir / "log.csv").open(encoding="utf-8"))),
+        "predictions": [json.loads(line) for line in (run_dir / "test-predictions.jsonl").open(encoding="utf-8")],
+    }
+
+
+@pytest.fixture(scope="module")
+def two_runs(tiny_bert, tiny_dataset, tmp_path_factory):
+    output_dir = tmp_path_factory.mktemp("outputs")
+    for _ in range(2):
+        assert bertcls.main(train_args(tiny_bert, tiny_dataset, output_dir)) == 0
+    runs = finished_runs(output_dir)
+    assert len(runs) == 2
+    return [read_run(r) for r in runs], runs
+
+
+def test_training_learns_and_writes_every_output(two_runs, tiny_rows, tiny_bert):
+    (run, _), (run_dir, _) = two_runs
+    assert run["val"]["f1"] > 0.8 and run["test"]["f1"] > 0.8  # 3 balanced classes: chance is ~0.33
+    best_row = max(run["log"], key=lambda r: float(r["val_f1"]))
+    assert int(best_row["epoch"]) == run["val"]["best_epoch"]
+    assert [int(r["epoch"]) for r in run["log"]] == list(range(1, 7))
+    assert set(run["test"]) >= {"loss", "accuracy", "precision", "recall", "f1", "per_class", "confusion_matrix"}
+    assert sum(map(sum, run["test"]["confusion_matrix"]["matrix"])) == len(tiny_rows["test"])
+    assert [p["id"] for p in run["predictions"]] == [r["id"] for r in tiny_rows["test"]]
+    accuracy = sum(p["gold"] == p["predicted"] for p in run["predictions"]) / len(run["predictions"])
+    assert accuracy == pytest.approx(run["test"]["accuracy"])
+    config = run["config"]
+    assert config["args"]["lr"] == 3e-3 and config["device"] == "cpu" and config["dtype"] == "float32"
+    assert config["params"] > config["params_non_embedding"] > 0
+    assert config["total_optimizer_steps"] == 6 * math.ceil(80 / 8)
+    assert len(config["dataset_digest"]) == 64
+    ET.parse(run_dir / "learning-curve.svg")  # well-formed XML
+    model_part, date_part, time_part = run_dir.parts[-3:]
+    assert model_part == str(tiny_bert).strip("/").replace("/", "__")
+    assert re.fullmatch(r"\d{4}-\d{2}-\d{2}", date_part) and re.fullmatch(r"\d{2}-\d{2}-\d{2}\.\d{6}", time_part)
+
+
+def test_same_seed_gives_identical_results(two_runs):
+    (first, second), _ = two_runs
+    assert first["test"] == second["test"]
+    assert first["val"]["f1"] == second["val"]["f1"]
+    assert first["predictions"] == second["predictions"]
+
+
+def test_second_run_reuses_the_tokenization_cache(tiny_bert, tiny_dataset, tmp_path, monkeypatch, capsys):
+    args = train_args(tiny_bert, tiny_dataset, tmp_path, "--epochs", "1")
+    assert bertcls.main(args) == 0
+    assert "tokenized" in capsys.readouterr().err
+
+    def no_tokenizing(*a, **k):
+        raise AssertionError("tokenized again despite a warm cache")
+
+    monkeypatch.setattr(bertcls, "tokenize_rows", no_tokenizing)
+    assert bertcls.main(args) == 0
+
+
+# --------------------------------------------------------------------------------------- bad input
+
+
+def run_main(args: list[str], capsys) -> tuple[int, str]:
+    code = bertcls.main(args)
+    err = capsys.readouterr().err
+    return code, err
+
+
+def error_line(err: str) -> str:
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert "Traceback" not in err
+    return lines[-1]
+
+
+def assert_no_metrics(output_dir: Path) -> None:
+    assert not list(output_dir.rglob("*metrics.json"))
+
+
+@pytest.fixture
+def dataset_copy(tiny_dataset, tmp_path) -> Path:
+    return Path(shutil.copytree(tiny_dataset, tmp_path / "data"))
+
+
+def test_missing_dataset_points_to_prepare(tiny_bert, tmp_path, capsys):
+    code, err = run_main(train_args(tiny_bert, tmp_path / "nowhere", tmp_path / "out"), capsys)
+    assert code == 1
+    assert "prepare.py" in error_line(err)
+    assert_no_metrics(tmp_path)
+
+
+def test_invalid_jsonl_line_names_file_and_line(tiny_bert, dataset_copy, tmp_path, capsys):
+    with (dataset_copy / "val.jsonl").open("a", encoding="utf-8") as f:
+        f.write("{not json\n")
+    code, err = run_main(train_args(tiny_bert, dataset_copy, tmp_path / "out"), capsys)
+    assert code == 1
+    assert "val.jsonl:21: not valid JSON" in error_line(err)
+    assert_no_metrics(tmp_path)
+
+
+def test_label_not_in_label2id(tiny_bert, dataset_copy, tmp_path, capsys):
+    (dataset_copy / "label2id.json").write_text(json.dumps({"movie": 0, "sports": 1}), encoding="utf-8")
+    code, err = run_main(train_args(tiny_bert, dataset_copy, tmp_path / "out"), capsys)
+    assert code == 1
+    assert "label 2 is not in" in error_line(err) and "disagree" in error_line(err)
+    assert_no_metrics(tmp_path)
+
+
+def test_empty_split(tiny_bert, dataset_copy, tmp_path, capsys):
+    (dataset_copy / "test.jsonl").write_text("", encoding="utf-8")
+    code, err = run_main(train_args(tiny_bert, dataset_copy, tmp_path / "out"), capsys)
+    assert code == 1
+    assert "test.jsonl is empty" in error_line(err)
+
+
+@pytest.mark.parametrize("model_name", ["no-such-org/no-such-model", "missing-weights"])
+def test_model_that_cannot_be_loaded(model_name, tiny_bert, tiny_dataset, tmp_path, capsys):
+    if model_name == "missing-weights":
+        model_dir = Path(shutil.copytree(tiny_bert, tmp_path / "missing-weights"))
+        (model_dir / "model.safetensors").unlink()
+        model_name = str(model_dir)
+    args = train_args(tiny_bert, tiny_dataset, tmp_path / "out")
+    args[args.index("--model_name") + 1] = model_name
+    code, err = run_main(args, capsys)
+    assert code == 1
+    assert model_name in error_line(err) and "cannot load" in error_line(err)
+    assert_no_metrics(tmp_path)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
+def test_cuda_without_cuda(tiny_bert, tiny_dataset, tmp_path, capsys):
+    args = train_args(tiny_bert, tiny_dataset, tmp_path / "out")
+    args[args.index("--device") + 1] = "cuda"
+    code, err = run_main(args, capsys)
+    assert code == 1
+    assert "CUDA is not available" in error_line(err) and "--device cpu" in error_line(err)
+
+
+@pytest.mark.parametrize("flag,value", [("--batch_size", "0"), ("--epochs", "-1"), ("--lr", "0"),
+                                        ("--lr", "nan"), ("--num_warmup_epochs", "-1"), ("--dtype", "fp8")])
+def test_impossible_flag_values_are_rejected_by_argparse(flag, value, capsys):
+    with pytest.raises(SystemExit) as exc:
+        bertcls.parse_args([flag, value])
+    assert exc.value.code == 2
+    assert flag in capsys.readouterr().err
+
+
+def test_nan_loss_stops_with_epoch_and_step(tiny_bert, tiny_dataset, tmp_path, capsys):
+    args = train_args(tiny_bert, tiny_dataset, tmp_path / "out", "--max_grad_norm", "0", "--log_interval", "1")
+    args[args.index("--lr") + 1] = "1e30"
+    code, err = run_main(args, capsys)
+    assert code == 1
+    line = error_line(err)
+    assert "NaN/inf" in line and "epoch 1" in line and "step" in line
+    assert_no_metrics(tmp_path)
+
+
+def test_out_of_memory_suggests_remedies(tiny_bert, tiny_dataset, tmp_path, capsys, monkeypatch):
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(bertcls, "train_epoch", out_of_memory)
+    code, err = run_main(train_args(tiny_bert, tiny_dataset, tmp_path / "out"), capsys)
+    assert code == 1
+    assert "--batch_size" in error_line(err) and "--gradient_checkpointing" in error_line(err)
+    assert_no_metrics(tmp_path)
+
+
+def test_output_dir_that_is_a_file(tiny_bert, tiny_dataset, tmp_path, capsys):
+    (tmp_path / "out").write_text("", encoding="utf-8")
+    code, err = run_main(train_args(tiny_bert, tiny_dataset, tmp_path / "out"), capsys)
+    assert code == 1
+    assert "is a file" in error_line(err)
+
+
+@pytest.mark.parametrize("signum,exit_code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_signal_mid_training_keeps_config_and_log_but_no_metrics(signum, exit_code, tiny_bert, tiny_dataset,
+                                                                 tmp_path):
+    output_dir = tmp_path / "out"
+    args = train_args(tiny_bert, tiny_dataset, output_dir)
+    args[args.index("--epochs") + 1] = "1000"  # long enough to be interrupted mid-way
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    process = subprocess.Popen([sys.executable, str(REPO / "bertcls.py"), *args], cwd=tmp_path, env=env,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not list(output_dir.rglob("log.csv")):  # at least one epoch finished
+            assert process.poll() is None, process.communicate()
+            assert time.monotonic() < deadline, "no epoch finished in time"
+            time.sleep(0.1)
+        process.send_signal(signum)
+        _, err = process.communicate(timeout=60)
+    finally:
+        process.kill()
+    assert process.returncode == exit_code, err
+    assert "Traceback" not in err
+    (run_dir,) = [p.parent for p in output_dir.rglob("config.json")]
+    assert (run_dir / "log.csv").is_file()
+    assert_no_metrics(output_dir)
+    assert not (run_dir / "test-predictions.jsonl").exists()

@@ -1,0 +1,132 @@
+"""DDP under torchrun (gloo on CPU) and gradient accumulation."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import bertcls
+from conftest import REPO, finished_runs, train_args
+
+
+def torchrun(args: list[str], cwd: Path, script: Path = REPO / "bertcls.py") -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               str(script), *args]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def ddp_run(tiny_bert, tiny_dataset, tmp_path_factory) -> Path:
+    output_dir = tmp_path_factory.mktemp("ddp")
+    result = torchrun(train_args(tiny_bert, tiny_dataset, output_dir, "--epochs", "3", "--save_model"), output_dir)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (run_dir,) = finished_runs(output_dir)
+    return run_dir
+
+
+def test_two_process_run_writes_its_metrics_once(ddp_run):
+    config = json.loads((ddp_run / "config.json").read_text(encoding="utf-8"))
+    assert config["world_size"] == 2
+    assert config["effective_batch_size"] == 16
+    # 80 train examples / (8 per device x 2 ranks) = 5 optimizer steps per epoch
+    assert config["total_optimizer_steps"] == 15
+    assert len(list(ddp_run.parent.iterdir())) == 1  # only rank 0 made a run directory
+    log = list(csv.DictReader((ddp_run / "log.csv").open(encoding="utf-8")))
+    assert len(log) == 3
+    assert float(log[0]["examples_per_s"]) > 0
+
+
+def test_distributed_test_metrics_equal_single_process_evaluation(ddp_run, tiny_dataset, tiny_rows):
+    from transformers import AutoModelForSequenceClassification
+
+    model_dir = ddp_run / "model"
+    model = AutoModelForSequenceClassification.from_pretrained(model_dir)
+    tokenizer = bertcls.load_tokenizer(str(model_dir))
+    label2id = bertcls.load_label2id(tiny_dataset)
+    rows = bertcls.load_split(tiny_dataset, "test", label2id)
+    packed = bertcls.pack(bertcls.tokenize_rows(tokenizer, rows, 64, bertcls.uses_token_type_ids(model.config)))
+    labels = torch.tensor([r["label"] for r in rows])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as each torchrun worker ran, so the float sums are the same
+    try:
+        metrics, _ = bertcls.evaluate(model, packed, labels, {i: n for n, i in label2id.items()},
+                                      batch_size=16, device=torch.device("cpu"),
+                                      ctx=bertcls.autocast_context(torch.device("cpu"), torch.float32), pad_id=0)
+    finally:
+        torch.set_num_threads(threads)
+    recorded = json.loads((ddp_run / "test-metrics.json").read_text(encoding="utf-8"))
+    assert sum(recorded["per_class"][name]["support"] for name in label2id) == len(tiny_rows["test"])
+    assert metrics == recorded
+
+
+def test_a_failing_rank_fails_the_job_without_metrics(tiny_bert, tiny_dataset, tmp_path):
+    failing = tmp_path / "fail_rank1.py"
+    failing.write_text(
+        "import os, sys\n"
+        "import bertcls\n"
+        "original = bertcls.train_epoch\n"
+        "def train_epoch(*args, **kwargs):\n"
+        "    if os.environ['RANK'] == '1' and kwargs['epoch'] == 2:\n"
+        "        raise RuntimeError('simulated failure of rank 1')\n"
+        "    return original(*args, **kwargs)\n"
+        "bertcls.train_epoch = train_epoch\n"
+        "sys.exit(bertcls.main())\n", encoding="utf-8")
+    output_dir = tmp_path / "out"
+    result = torchrun(train_args(tiny_bert, tiny_dataset, output_dir, "--epochs", "3"), tmp_path, failing)
+    assert result.returncode != 0
+    assert "simulated failure of rank 1" in result.stderr
+    assert list(output_dir.rglob("config.json"))  # the run started...
+    assert not list(output_dir.rglob("*metrics.json"))  # ...and is not counted as finished
+
+
+def test_accumulation_follows_the_schedule_of_the_larger_batch(tiny_bert, tiny_dataset, tmp_path):
+    records = {}
+    for name, flags in {"accumulated": ["--batch_size", "4", "--grad_accum_steps", "2"],
+                        "plain": ["--batch_size", "8"]}.items():
+        output_dir = tmp_path / name
+        args = train_args(tiny_bert, tiny_dataset, output_dir, "--epochs", "2", *flags)
+        assert bertcls.main(args) == 0
+        (run_dir,) = finished_runs(output_dir)
+        config = json.loads((run_dir / "config.json").read_text(encoding="utf-8"))
+        log = list(csv.DictReader((run_dir / "log.csv").open(encoding="utf-8")))
+        records[name] = (config["total_optimizer_steps"], config["warmup_steps"],
+                         config["effective_batch_size"], [float(r["lr"]) for r in log])
+    assert records["accumulated"] == records["plain"]
+    assert records["plain"][0] == 2 * 10
+
+
+def test_accumulated_gradients_equal_one_large_batch(tiny_bert, tiny_dataset):
+    """Two micro-batches of 4 with accumulation take the same optimizer step as one batch of 8."""
+    from transformers import AutoModelForSequenceClassification
+
+    label2id = bertcls.load_label2id(tiny_dataset)
+    rows = bertcls.load_split(tiny_dataset, "train", label2id)[:13]
+    tokenizer = bertcls.load_tokenizer(str(tiny_bert))
+    packed = bertcls.pack(bertcls.tokenize_rows(tokenizer, rows, 64, True))
+    labels = torch.tensor([r["label"] for r in rows])
+    states = []
+    for batches, accumulation in [([list(range(8)), list(range(8, 13))], 1),
+                                  ([[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 10], [11, 12]], 2)]:
+        torch.manual_seed(0)
+        model = AutoModelForSequenceClassification.from_pretrained(
+            tiny_bert, num_labels=3, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+        # plain SGD: the step is proportional to the gradient (Adam's first step is ~sign(gradient))
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+        bertcls.train_epoch(model, optimizer, torch.amp.GradScaler("cpu", enabled=False), packed, labels, batches,
+                            ctx=bertcls.autocast_context(torch.device("cpu"), torch.float32),
+                            device=torch.device("cpu"), pad_id=0, step=0, total_steps=2, warmup_steps=0,
+                            max_lr=0.5, grad_accum_steps=accumulation, max_grad_norm=1.0, log_interval=1, epoch=1)
+        states.append({k: v.clone() for k, v in model.state_dict().items()})
+    initial = AutoModelForSequenceClassification.from_pretrained(tiny_bert, num_labels=3).state_dict()
+    moved = [k for k in states[0] if not torch.equal(states[0][k], initial[k]) and "classifier" not in k]
+    assert moved, "training changed nothing: the comparison would be vacuous"
+    for key in states[0]:
+        torch.testing.assert_close(states[1][key], states[0][key], rtol=1e-5, atol=1e-6)
