@@ -24,6 +24,7 @@ import io
 import json
 import math
 import os
+import pickle
 import random
 import signal
 import sys
@@ -191,27 +192,55 @@ def mecab_override(tokenizer_config: dict, mecab_dic: str) -> dict:
 
 
 def read_tokenizer_config(model_name: str) -> dict:
-    """tokenizer_config.json of a local directory or hub model, {} when there is none."""
-    local = Path(model_name) / "tokenizer_config.json"
-    if Path(model_name).is_dir():
-        return json.loads(local.read_text(encoding="utf-8")) if local.is_file() else {}
-    from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import EntryNotFoundError
-    try:
-        return json.loads(Path(hf_hub_download(model_name, "tokenizer_config.json")).read_text(encoding="utf-8"))
-    except EntryNotFoundError:
-        return {}
+    """tokenizer_config.json of a local directory or hub model ({} when there is none), with `tokenizer_class`
+    taken from config.json when the tokenizer config names none, as AutoTokenizer does: cl-tohoku's v1
+    models declare BertJapaneseTokenizer only in config.json."""
+    from transformers import PreTrainedConfig
+    from transformers.models.auto.tokenization_auto import get_tokenizer_config
+    tokenizer_config = dict(get_tokenizer_config(model_name))
+    if not tokenizer_config.get("tokenizer_class"):
+        try:
+            model_config, _ = PreTrainedConfig.get_config_dict(model_name)
+        except OSError:  # unreachable or absent: AutoTokenizer reports what is missing
+            model_config = {}
+        if model_config.get("tokenizer_class"):
+            tokenizer_config["tokenizer_class"] = model_config["tokenizer_class"]
+    return tokenizer_config
+
+
+def looks_like_path(model_name: str) -> bool:
+    """A name that can only be a directory: hub names are `name` or `owner/name`."""
+    return model_name.startswith((".", "/")) or model_name.count("/") > 1 or "\\" in model_name
+
+
+def fairseq_misnumbered(tokenizer: Any) -> bool:
+    """True for transformers 5's MLukeTokenizer built from a sentencepiece.bpe.model (how the hub ships LUKE).
+
+    LUKE/mLUKE were pre-trained with XLM-R's fairseq numbering (<s> 0, <pad> 1, </s> 2, <unk> 3, piece =
+    sentencepiece id + 1); this MLukeTokenizer keeps the raw sentencepiece ids (every word id off by one) and
+    drops sentencepiece's NFKC normalisation. Without entities its word tokenization is XLM-R's.
+    """
+    return (type(tokenizer).__name__ == "MLukeTokenizer"
+            and tokenizer.convert_tokens_to_ids(["<s>", "<pad>", "</s>", "<unk>"]) != [0, 1, 2, 3])
 
 
 def load_tokenizer(model_name: str, mecab_dic: str = "auto", trust_remote_code: bool = False,
                    log=print) -> Any:
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer, XLMRobertaTokenizer
+    if looks_like_path(model_name) and not Path(model_name).is_dir():
+        raise UserError(f"model directory {model_name} not found: pass an existing directory or a hub name "
+                        "such as cl-tohoku/bert-base-japanese-v3")
     try:
         kwargs = mecab_override(read_tokenizer_config(model_name), mecab_dic)
         if kwargs:
             log(f"note: {model_name}: BertJapaneseTokenizer with MeCab dictionary "
                 f"{kwargs['mecab_kwargs']['mecab_dic']} (--mecab_dic to change)")
-        return AutoTokenizer.from_pretrained(model_name, trust_remote_code=trust_remote_code, **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(model_name, trust_remote_code=trust_remote_code, **kwargs)
+        if fairseq_misnumbered(tokenizer):
+            log(f"note: {model_name}: transformers' MLukeTokenizer misnumbers its sentencepiece model; using "
+                "XLMRobertaTokenizer on the same model (LUKE's pre-training ids; bertcls passes no entities)")
+            tokenizer = XLMRobertaTokenizer.from_pretrained(model_name)
+        return tokenizer
     except (OSError, ValueError) as e:
         raise UserError(f"cannot load the tokenizer of {model_name!r}: {first_line(e)} "
                         "(check the name, your network or HF_HUB_OFFLINE, or pass a local directory)") from None
@@ -229,6 +258,9 @@ def load_model(model_name: str, label2id: dict[str, int], trust_remote_code: boo
             if "sdpa" not in str(e).lower() and "attention" not in str(e).lower():
                 raise
             return AutoModelForSequenceClassification.from_pretrained(model_name, **common)
+    except pickle.UnpicklingError as e:  # transformers loads *.bin with torch.load(weights_only=True)
+        raise UserError(f"refusing to load model {model_name!r}: its pickled weights hold objects other than "
+                        "tensors, which could run code; use a checkpoint with model.safetensors") from None
     except (OSError, ValueError, KeyError) as e:
         raise UserError(f"cannot load model {model_name!r}: {first_line(e)} "
                         "(check the name, the directory's weights, your network or HF_HUB_OFFLINE)") from None
@@ -239,11 +271,15 @@ def first_line(error: BaseException) -> str:
     return text.splitlines()[0] if text else type(error).__name__
 
 
+ROBERTA_STYLE_POSITIONS = ("roberta", "xlm-roberta", "xlm-roberta-xl", "camembert", "luke", "xmod",
+                           "roberta-prelayernorm", "data2vec-text")
+
+
 def position_limit(config: Any) -> int:
     """Tokens the position embeddings can take; RoBERTa-style models reserve padding_idx + 1 positions."""
     limit = getattr(config, "max_position_embeddings", None) or 10**9
-    if config.model_type in ("roberta", "xlm-roberta", "camembert", "luke", "mluke"):
-        limit -= (config.pad_token_id or 1) + 1
+    if config.model_type in ROBERTA_STYLE_POSITIONS:  # positions start at padding_idx + 1 (create_position_ids)
+        limit -= (config.pad_token_id if config.pad_token_id is not None else 1) + 1
     return limit
 
 
@@ -320,20 +356,38 @@ def load_or_tokenize(tokenizer: Any, rows: Sequence[dict], max_len: int, with_to
     path = Path(cache_dir) / f"{key}.pt" if cache_dir else None
     if path is not None and path.is_file():
         try:
-            return torch.load(path, weights_only=True)
-        except (RuntimeError, EOFError, OSError) as e:
+            cached = torch.load(path, weights_only=True)
+            if not is_packed(cached, len(rows)):
+                raise ValueError("unexpected contents")
+            return cached
+        except (RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError) as e:
             log(f"warning: ignoring unreadable tokenization cache {path} ({first_line(e)})")
     start = time.perf_counter()
     packed = pack(tokenize_rows(tokenizer, rows, max_len, with_token_types))
     log(f"tokenized {len(rows)} examples in {time.perf_counter() - start:.1f}s")
     if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        buffer = io.BytesIO()
-        torch.save(packed, buffer)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        tmp.write_bytes(buffer.getvalue())
-        os.replace(tmp, path)
+        try:
+            write_cache(path, packed)
+        except OSError as e:  # a cache is an optimisation: never fail a run over it
+            log(f"warning: could not write the tokenization cache {path} ({first_line(e)})")
     return packed
+
+
+def is_packed(obj: Any, n_examples: int) -> bool:
+    """Whether obj has the layout pack() writes, for n_examples examples."""
+    return (isinstance(obj, dict) and isinstance(obj.get("offsets"), torch.Tensor)
+            and isinstance(obj.get("input_ids"), torch.Tensor) and len(obj["offsets"]) == n_examples + 1
+            and int(obj["offsets"][-1]) == len(obj["input_ids"]))
+
+
+def write_cache(path: Path, packed: dict[str, torch.Tensor]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        torch.save(packed, tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def rows_digest(rows: Sequence[dict]) -> str:
@@ -908,10 +962,29 @@ def write_results(run: Run, run_dir: Path, result: dict) -> None:
 
 
 def save_model(run: Run, model_dir: Path) -> None:
-    """Best weights (safetensors), tokenizer and label names, loadable by transformers alone."""
+    """Best weights (safetensors), tokenizer and label names, loadable by transformers alone.
+
+    The saved tokenizer truncates at the length used in training and returns token_type_ids when the
+    model was trained with them, so pipeline("text-classification") feeds the model what training did;
+    bertcls.json records the same for predict.py, which reproduces test-predictions.jsonl exactly.
+    """
+    import shutil
     tmp = model_dir.with_name(".model.tmp")
+    if tmp.exists():  # left by an interrupted save: save_pretrained would mix old and new files
+        shutil.rmtree(tmp)
     run.model.save_pretrained(tmp, safe_serialization=True)
     run.tokenizer.save_pretrained(tmp)
+    with_types = uses_token_type_ids(run.model.config)
+    config_path = tmp / "tokenizer_config.json"
+    tokenizer_config = json.loads(config_path.read_text(encoding="utf-8")) if config_path.is_file() else {}
+    tokenizer_config["model_max_length"] = run.max_len
+    input_names = list(tokenizer_config.get("model_input_names") or run.tokenizer.model_input_names)
+    if with_types and "token_type_ids" not in input_names:
+        input_names.insert(1, "token_type_ids")  # transformers 5 tokenizers leave them out by default
+        tokenizer_config["model_input_names"] = input_names
+    write_json(config_path, tokenizer_config)
+    write_json(tmp / "bertcls.json", {"format": 1, "base_model": run.args.model_name,
+                                      "max_seq_len": run.max_len, "token_type_ids": with_types})
     os.replace(tmp, model_dir)
 
 
@@ -932,6 +1005,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     previous_sigterm = signal.signal(signal.SIGTERM, raise_terminated)
     run_dir = None
     try:
+        if Path(args.output_dir).exists() and not Path(args.output_dir).is_dir():
+            raise UserError(f"--output_dir {args.output_dir} is a file: pass a directory")
         rank, _, world_size, device = init_distributed(args.device)
         random.seed(args.seed)
         run = Run(args, log, rank, world_size, device)
