@@ -26,6 +26,7 @@ import math
 import os
 import pickle
 import random
+import shutil
 import signal
 import sys
 import tempfile
@@ -240,6 +241,9 @@ def load_tokenizer(model_name: str, mecab_dic: str = "auto", trust_remote_code: 
             log(f"note: {model_name}: transformers' MLukeTokenizer misnumbers its sentencepiece model; using "
                 "XLMRobertaTokenizer on the same model (LUKE's pre-training ids; bertcls passes no entities)")
             tokenizer = XLMRobertaTokenizer.from_pretrained(model_name)
+            if tokenizer.convert_tokens_to_ids(["<s>", "<pad>", "</s>", "<unk>"]) != [0, 1, 2, 3]:
+                raise UserError(f"{model_name}: its tokenizer files do not give LUKE's token ids "
+                                "(<s> 0, <pad> 1, </s> 2, <unk> 3): use the original checkpoint's tokenizer files")
         return tokenizer
     except (OSError, ValueError) as e:
         raise UserError(f"cannot load the tokenizer of {model_name!r}: {first_line(e)} "
@@ -884,7 +888,8 @@ def prepare_model(run: Run) -> torch.nn.Module:
     """The model on its device, with checkpointing, DDP and compile as asked; returns what to call."""
     model = run.model.to(run.device)
     if run.args.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        # non-reentrant checkpointing works under DDP and torch.compile
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     if run.world_size > 1:
         from torch.nn.parallel import DistributedDataParallel
         model = DistributedDataParallel(model, device_ids=[run.device.index] if run.device.type == "cuda" else None)
@@ -968,7 +973,6 @@ def save_model(run: Run, model_dir: Path) -> None:
     model was trained with them, so pipeline("text-classification") feeds the model what training did;
     bertcls.json records the same for predict.py, which reproduces test-predictions.jsonl exactly.
     """
-    import shutil
     tmp = model_dir.with_name(".model.tmp")
     if tmp.exists():  # left by an interrupted save: save_pretrained would mix old and new files
         shutil.rmtree(tmp)

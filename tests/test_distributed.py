@@ -26,7 +26,8 @@ def torchrun(args: list[str], cwd: Path, script: Path = REPO / "bertcls.py") -> 
 @pytest.fixture(scope="module")
 def ddp_run(tiny_bert, tiny_dataset, tmp_path_factory) -> Path:
     output_dir = tmp_path_factory.mktemp("ddp")
-    result = torchrun(train_args(tiny_bert, tiny_dataset, output_dir, "--epochs", "3", "--save_model"), output_dir)
+    result = torchrun(train_args(tiny_bert, tiny_dataset, output_dir, "--epochs", "3", "--save_model",
+                                   "--gradient_checkpointing"), output_dir)
     assert result.returncode == 0, result.stderr[-3000:]
     (run_dir,) = finished_runs(output_dir)
     return run_dir

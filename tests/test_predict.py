@@ -1,0 +1,214 @@
+"""predict.py and bertcls.py --save_model: a saved model reproduces its run and loads with transformers alone."""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+import bertcls
+import predict
+from conftest import REPO, finished_runs, train_args
+
+LABELS = ["movie", "sports", "tech"]  # sorted category names = ids 0, 1, 2 in the tiny dataset
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory, tiny_bert, tiny_dataset) -> Path:
+    output_dir = tmp_path_factory.mktemp("predict-runs")
+    assert bertcls.main(train_args(tiny_bert, tiny_dataset, output_dir, "--save_model")) == 0
+    [run] = finished_runs(output_dir)
+    return run
+
+
+def read_lines(text: str) -> list[dict]:
+    return [json.loads(line) for line in text.splitlines()]
+
+
+def run_predict(capsys, *argv: str) -> tuple[int, list[dict], str]:
+    rc = predict.main(list(argv))
+    captured = capsys.readouterr()
+    return rc, read_lines(captured.out), captured.err
+
+
+def copy_model(run_dir: Path, tmp_path: Path) -> Path:
+    return Path(shutil.copytree(run_dir / "model", tmp_path / "model"))
+
+
+def edit_config(model_dir: Path, **changes) -> None:
+    path = model_dir / "config.json"
+    config = json.loads(path.read_text(encoding="utf-8"))
+    config.update(changes)
+    path.write_text(json.dumps(config), encoding="utf-8")
+
+
+def error_line(err: str) -> str:
+    lines = [line for line in err.splitlines() if line.startswith("predict.py:")]
+    assert len(lines) == 1, err
+    assert lines[0].startswith("predict.py: error: ")
+    return lines[0]
+
+
+def test_saved_model_directory(run_dir):
+    model_dir = run_dir / "model"
+    assert {"model.safetensors", "config.json", "tokenizer_config.json", "vocab.txt", "bertcls.json"} \
+        <= {p.name for p in model_dir.iterdir()}
+    assert not list(model_dir.glob("*.bin")) and not (run_dir / ".model.tmp").exists()
+    config = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
+    assert config["architectures"] == ["BertForSequenceClassification"]
+    assert config["id2label"] == {"0": "movie", "1": "sports", "2": "tech"}
+    assert config["label2id"] == {"movie": 0, "sports": 1, "tech": 2}
+    tokenizer_config = json.loads((model_dir / "tokenizer_config.json").read_text(encoding="utf-8"))
+    assert tokenizer_config["model_max_length"] == 64  # train_args' --max_seq_len
+    assert tokenizer_config["mecab_kwargs"] == {"mecab_dic": "unidic_lite"}
+    assert tokenizer_config["model_input_names"] == ["input_ids", "token_type_ids", "attention_mask"]
+    settings = json.loads((model_dir / "bertcls.json").read_text(encoding="utf-8"))
+    assert settings == {"format": 1, "base_model": settings["base_model"], "max_seq_len": 64, "token_type_ids": True}
+    assert json.loads((run_dir / "config.json").read_text(encoding="utf-8"))["max_seq_len_used"] == 64
+
+
+def test_predict_reproduces_test_predictions(run_dir, tiny_dataset, tmp_path, capsys):
+    out = tmp_path / "predictions.jsonl"
+    rc, stdout, err = run_predict(capsys, "--model_dir", str(run_dir / "model"), "--input",
+                                  str(tiny_dataset / "test.jsonl"), "--output", str(out), "--batch_size", "7")
+    assert rc == 0, err
+    assert stdout == []
+    predicted = read_lines(out.read_text(encoding="utf-8"))
+    expected = read_lines((run_dir / "test-predictions.jsonl").read_text(encoding="utf-8"))
+    assert len(predicted) == len(expected) == 20
+    assert [p["id"] for p in predicted] == [e["id"] for e in expected]
+    assert [p["label"] for p in predicted] == [e["predicted"] for e in expected]
+    for p, e in zip(predicted, expected):
+        assert [k["label"] for k in p["top_k"]] == sorted(LABELS, key=lambda name: -e["probabilities"][name])
+        for k in p["top_k"]:
+            assert k["probability"] == pytest.approx(e["probabilities"][k["label"]], abs=1e-5)
+        assert p["top_k"][0] == {"label": p["label"], "probability": p["probability"]}
+
+
+def test_stdin_text_and_top_k(run_dir, monkeypatch, capsys):
+    model = str(run_dir / "model")
+    text = "野球の試合で選手が得点した"
+    lines = [json.dumps({"id": 7, "text": text}, ensure_ascii=False), "",
+             json.dumps({"title": "映画の主演女優", "body": "劇場で公開された。"}, ensure_ascii=False)]
+    monkeypatch.setattr(sys, "stdin", io.StringIO("\n".join(lines) + "\n"))
+    rc, from_stdin, err = run_predict(capsys, "--model_dir", model, "--top_k", "1")
+    assert rc == 0, err
+    assert [r.get("id", "none") for r in from_stdin] == [7, "none"]
+    assert [r["label"] for r in from_stdin] == ["sports", "movie"]
+    assert all(len(r["top_k"]) == 1 for r in from_stdin)
+
+    rc, from_text, err = run_predict(capsys, "--model_dir", model, "--text", text, "--top_k", "5")
+    assert rc == 0, err
+    [record] = from_text
+    assert "id" not in record
+    assert (record["label"], record["probability"]) == (from_stdin[0]["label"], from_stdin[0]["probability"])
+    assert sorted(k["label"] for k in record["top_k"]) == LABELS  # top_k beyond the label count lists all
+    assert sum(k["probability"] for k in record["top_k"]) == pytest.approx(1, abs=1e-5)
+
+
+def test_pipeline_loads_saved_model(run_dir, tiny_rows, monkeypatch, capsys):
+    from transformers import pipeline
+    row = tiny_rows["test"][0]
+    monkeypatch.setattr(sys, "stdin", io.StringIO(json.dumps(row, ensure_ascii=False) + "\n"))
+    rc, [expected], err = run_predict(capsys, "--model_dir", str(run_dir / "model"))
+    assert rc == 0, err
+    classifier = pipeline("text-classification", model=str(run_dir / "model"), device="cpu")
+    ranked = classifier({"text": row["title"], "text_pair": row["body"]}, truncation="only_second", top_k=None)
+    assert sorted(r["label"] for r in ranked) == LABELS  # category names, not LABEL_0..
+    assert ranked[0]["label"] == expected["label"]
+    # same truncation and token types as training: the pipeline's probability is predict.py's
+    assert ranked[0]["score"] == pytest.approx(expected["probability"], abs=1e-5)
+
+
+def test_command_line_reads_stdin(run_dir):
+    result = subprocess.run([sys.executable, str(REPO / "predict.py"), "--model_dir", str(run_dir / "model")],
+                            input='{"id": "a", "text": "スマホの新しいアプリ"}\n', capture_output=True,
+                            text=True, encoding="utf-8", timeout=120)
+    assert result.returncode == 0, result.stderr
+    [record] = read_lines(result.stdout)
+    assert (record["id"], record["label"]) == ("a", "tech")
+
+
+@pytest.mark.parametrize("content, message", [
+    ('{"text": "野球"}\n{oops\n', ":2: not valid JSON"),
+    ('{"text": "野球"}\n\n[1, 2]\n', ":3: expected a JSON object, got list"),
+    ('{"id": 1, "title": "野球"}\n', ":1: needs a string 'text', or string 'title' and 'body'"),
+])
+def test_bad_line_stops_with_one_line(run_dir, tmp_path, capsys, content, message):
+    source, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    source.write_text(content, encoding="utf-8")
+    rc, stdout, err = run_predict(capsys, "--model_dir", str(run_dir / "model"), "--input", str(source),
+                                  "--output", str(out))
+    assert rc == 1 and stdout == [] and not out.exists()
+    assert f"{source}{message}" in error_line(err)
+
+
+def test_skip_bad_lines_reports_and_goes_on(run_dir, tmp_path, capsys):
+    source = tmp_path / "in.jsonl"
+    lines = ['{"id": "a", "text": "野球の試合"}', "not json", '{"id": "b"}',
+             '{"id": "c", "text": "映画の公開"}']
+    source.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    rc, stdout, err = run_predict(capsys, "--model_dir", str(run_dir / "model"), "--input", str(source),
+                                  "--skip_bad_lines")
+    assert rc == 0, err
+    assert [r["id"] for r in stdout] == ["a", "c"]
+    warnings = [line for line in err.splitlines() if line.startswith("predict.py: warning:")]
+    assert len(warnings) == 2
+    assert f"{source}:2: not valid JSON" in warnings[0] and f"{source}:3: needs a string" in warnings[1]
+
+
+def test_refuses_model_without_classification_head(tiny_bert, capsys):
+    rc, stdout, err = run_predict(capsys, "--model_dir", str(tiny_bert), "--text", "野球")
+    assert rc == 1 and stdout == []
+    assert "holds no sequence classification model (architectures: BertModel)" in error_line(err)
+
+
+def test_refuses_default_label_names(run_dir, tmp_path, capsys):
+    model_dir = copy_model(run_dir, tmp_path)
+    edit_config(model_dir, id2label={str(i): f"LABEL_{i}" for i in range(3)},
+                label2id={f"LABEL_{i}": i for i in range(3)})
+    rc, stdout, err = run_predict(capsys, "--model_dir", str(model_dir), "--text", "野球")
+    assert rc == 1 and stdout == []
+    assert "has no label names" in error_line(err)
+
+
+def test_refuses_non_safetensors_weights(run_dir, tmp_path, capsys):
+    model_dir = copy_model(run_dir, tmp_path)
+    (model_dir / "model.safetensors").rename(model_dir / "pytorch_model.bin")
+    rc, stdout, err = run_predict(capsys, "--model_dir", str(model_dir), "--text", "野球")
+    assert rc == 1 and stdout == []
+    assert "has no model.safetensors" in error_line(err)
+
+
+def test_refuses_weights_without_classifier(run_dir, tmp_path, capsys):
+    from safetensors.torch import load_file, save_file
+    model_dir = copy_model(run_dir, tmp_path)
+    weights = load_file(model_dir / "model.safetensors")
+    save_file({k: v for k, v in weights.items() if not k.startswith("classifier.")}, model_dir / "model.safetensors",
+              metadata={"format": "pt"})
+    rc, stdout, err = run_predict(capsys, "--model_dir", str(model_dir), "--text", "野球")
+    assert rc == 1 and stdout == []
+    assert "lacks weights the classifier needs (classifier.bias, classifier.weight)" in error_line(err)
+
+
+def test_save_model_replaces_stale_temporary_directory(run_dir, tmp_path, capsys):
+    from transformers import AutoModelForSequenceClassification
+    model = AutoModelForSequenceClassification.from_pretrained(run_dir / "model", use_safetensors=True)
+    tokenizer = bertcls.load_tokenizer(str(run_dir / "model"))
+    stale = tmp_path / ".model.tmp"
+    stale.mkdir()
+    (stale / "pytorch_model.bin").write_bytes(b"left by an interrupted save")
+    run = SimpleNamespace(model=model, tokenizer=tokenizer, max_len=32, args=SimpleNamespace(model_name="base"))
+    bertcls.save_model(run, tmp_path / "model")
+    assert not stale.exists() and not (tmp_path / "model" / "pytorch_model.bin").exists()
+    settings = json.loads((tmp_path / "model" / "bertcls.json").read_text(encoding="utf-8"))
+    assert (settings["max_seq_len"], settings["base_model"]) == (32, "base")
+    tokenizer_config = json.loads((tmp_path / "model" / "tokenizer_config.json").read_text(encoding="utf-8"))
+    assert tokenizer_config["model_max_length"] == 32
+    assert tokenizer_config["model_input_names"] == ["input_ids", "token_type_ids", "attention_mask"]
