@@ -442,24 +442,21 @@ def compile_buckets(max_len: int) -> list[int]:
 
 def collate(packed: dict[str, torch.Tensor], indices: Sequence[int], labels: torch.Tensor | None,
             pad_id: int, buckets: Sequence[int] | None = None) -> dict[str, torch.Tensor]:
-    offsets = packed["offsets"]
-    lengths = [int(offsets[i + 1] - offsets[i]) for i in indices]
-    width = padded_length(max(lengths), buckets=buckets)
-    input_ids = torch.full((len(indices), width), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(indices), width), dtype=torch.long)
-    token_types = packed.get("token_type_ids")
-    token_type_ids = torch.zeros((len(indices), width), dtype=torch.long) if token_types is not None else None
-    for row, (i, n) in enumerate(zip(indices, lengths)):
-        start = int(offsets[i])
-        input_ids[row, :n] = packed["input_ids"][start:start + n]
-        attention_mask[row, :n] = 1
-        if token_type_ids is not None:
-            token_type_ids[row, :n] = token_types[start:start + n]
-    batch = {"input_ids": input_ids, "attention_mask": attention_mask}
-    if token_type_ids is not None:
-        batch["token_type_ids"] = token_type_ids
+    """A padded batch built with a few tensor ops (one gather), not a Python loop over its rows."""
+    rows = torch.as_tensor(indices, dtype=torch.long)
+    starts = packed["offsets"][rows]
+    lengths = packed["offsets"][rows + 1] - starts
+    width = padded_length(int(lengths.max()), buckets=buckets)
+    positions = torch.arange(width)
+    attention_mask = (positions < lengths[:, None]).long()
+    # positions past a row's end point at other rows' tokens (clamped at the end): masked out below
+    flat = (starts[:, None] + positions).clamp_(max=max(len(packed["input_ids"]) - 1, 0))
+    batch = {"input_ids": torch.where(attention_mask.bool(), packed["input_ids"][flat].long(), pad_id),
+             "attention_mask": attention_mask}
+    if "token_type_ids" in packed:
+        batch["token_type_ids"] = packed["token_type_ids"][flat].long() * attention_mask
     if labels is not None:
-        batch["labels"] = labels[list(indices)]
+        batch["labels"] = labels[rows]
     return batch
 
 
@@ -892,7 +889,10 @@ def prepare_model(run: Run) -> torch.nn.Module:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     if run.world_size > 1:
         from torch.nn.parallel import DistributedDataParallel
-        model = DistributedDataParallel(model, device_ids=[run.device.index] if run.device.type == "cuda" else None)
+        # No buffer broadcast in forward: BERT-style models have only constant buffers, and evaluation gives
+        # ranks different numbers of batches, where a collective inside forward would deadlock.
+        model = DistributedDataParallel(model, device_ids=[run.device.index] if run.device.type == "cuda" else None,
+                                        broadcast_buffers=False)
     if run.args.compile:
         torch._dynamo.config.recompile_limit = 64  # a few length buckets x (train, eval, last batch)
         model = torch.compile(model)
