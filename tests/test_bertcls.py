@@ -314,3 +314,11 @@ def test_signal_mid_training_keeps_config_and_log_but_no_metrics(signum, exit_co
     assert (run_dir / "log.csv").is_file()
     assert_no_metrics(output_dir)
     assert not (run_dir / "test-predictions.jsonl").exists()
+
+
+def test_debug_shows_the_traceback(tiny_bert, tmp_path, monkeypatch):
+    with pytest.raises(bertcls.UserError, match="prepare.py"):
+        bertcls.main([*train_args(tiny_bert, tmp_path / "nowhere", tmp_path / "out"), "--debug"])
+    monkeypatch.setenv("BERTCLS_DEBUG", "1")
+    with pytest.raises(bertcls.UserError, match="prepare.py"):
+        bertcls.main(train_args(tiny_bert, tmp_path / "nowhere", tmp_path / "out"))
