@@ -107,3 +107,103 @@ def train_args(model: Path, dataset: Path, output_dir: Path, *extra: str) -> lis
 
 def finished_runs(output_dir: Path) -> list[Path]:
     return sorted(p.parent for p in output_dir.rglob("test-metrics.json"))
+
+
+# ------------------------------------------------------------ tiny stand-ins for each model family of the table
+
+
+def ipadic_words(texts: list[str]) -> list[str]:
+    import fugashi
+    import ipadic
+    tagger = fugashi.GenericTagger(ipadic.MECAB_ARGS)
+    return sorted({w.surface for t in texts for w in tagger(t)})
+
+
+def save_tiny_model(directory: Path, config) -> Path:
+    import torch
+    from transformers import AutoModel
+    torch.manual_seed(0)
+    AutoModel.from_config(config).save_pretrained(directory)
+    return directory
+
+
+def build_tiny_bert_japanese(directory: Path, texts: list[str], dictionary: str = "unidic_lite",
+                             subword: str = "wordpiece", names_dictionary: bool = True) -> Path:
+    """A cl-tohoku-style model. names_dictionary=False copies the v1 layout: the tokenizer config names no
+    MeCab dictionary and no tokenizer class (config.json declares BertJapaneseTokenizer)."""
+    from transformers import BertConfig
+    directory.mkdir(parents=True, exist_ok=True)
+    chars = sorted({c for t in texts for c in t if not c.isspace()})
+    if subword == "character":
+        vocab = SPECIAL_TOKENS + chars
+    else:
+        words = ipadic_words(texts) if dictionary == "ipadic" else mecab_words(texts)
+        vocab = SPECIAL_TOKENS + words + sorted(set(chars) - set(words)) + ["##" + c for c in chars]
+    (directory / "vocab.txt").write_text("\n".join(vocab) + "\n", encoding="utf-8")
+    tokenizer_config = {"do_lower_case": False, "word_tokenizer_type": "mecab", "subword_tokenizer_type": subword,
+                        "model_max_length": 512}
+    if names_dictionary:
+        tokenizer_config |= {"tokenizer_class": "BertJapaneseTokenizer", "mecab_kwargs": {"mecab_dic": dictionary}}
+    (directory / "tokenizer_config.json").write_text(json.dumps(tokenizer_config), encoding="utf-8")
+    return save_tiny_model(directory, BertConfig(
+        vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+        max_position_embeddings=128, tokenizer_class="BertJapaneseTokenizer"))
+
+
+def build_tiny_multilingual_bert(directory: Path, texts: list[str]) -> Path:
+    """bert-base-multilingual-cased style: a plain vocab.txt, a config that names no tokenizer class."""
+    from transformers import BertConfig
+    directory.mkdir(parents=True, exist_ok=True)
+    chars = sorted({c for t in texts for c in t if not c.isspace()})
+    vocab = SPECIAL_TOKENS + chars + ["##" + c for c in chars]
+    (directory / "vocab.txt").write_text("\n".join(vocab) + "\n", encoding="utf-8")
+    (directory / "tokenizer_config.json").write_text(
+        json.dumps({"do_lower_case": False, "model_max_length": 512}), encoding="utf-8")
+    return save_tiny_model(directory, BertConfig(
+        vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+        max_position_embeddings=128))
+
+
+def train_tiny_sentencepiece(texts: list[str], vocab_size: int = 120) -> bytes:
+    """A unigram sentencepiece model (<unk> 0, <s> 1, </s> 2, like XLM-R's) trained in memory on `texts`."""
+    import io
+    import sentencepiece
+    model = io.BytesIO()
+    sentencepiece.SentencePieceTrainer.train(sentence_iterator=iter(texts), model_writer=model, vocab_size=vocab_size,
+                                             character_coverage=1.0, model_type="unigram", minloglevel=2)
+    return model.getvalue()
+
+
+def build_tiny_xlm_roberta(directory: Path, spm_model: bytes, max_position_embeddings: int = 66) -> Path:
+    """xlm-roberta-base style: sentencepiece.bpe.model, a tokenizer config with only model_max_length."""
+    from transformers import XLMRobertaConfig
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "sentencepiece.bpe.model").write_bytes(spm_model)
+    (directory / "tokenizer_config.json").write_text(json.dumps({"model_max_length": 512}), encoding="utf-8")
+    return save_tiny_model(directory, XLMRobertaConfig(
+        vocab_size=spm_pieces(spm_model) + 2, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+        intermediate_size=64, max_position_embeddings=max_position_embeddings, type_vocab_size=1, pad_token_id=1))
+
+
+def build_tiny_luke(directory: Path, spm_model: bytes, max_position_embeddings: int = 66) -> Path:
+    """studio-ousia LUKE-japanese-lite / mLUKE-lite style: MLukeTokenizer over sentencepiece.bpe.model, an
+    entity vocab of the 4 special entities, type_vocab_size 1, no model_max_length."""
+    from transformers import LukeConfig
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "sentencepiece.bpe.model").write_bytes(spm_model)
+    (directory / "entity_vocab.json").write_text(
+        json.dumps({"[PAD]": 0, "[UNK]": 1, "[MASK]": 2, "[MASK2]": 3}), encoding="utf-8")
+    (directory / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "MLukeTokenizer", "task": None, "max_entity_length": 32, "max_mention_length": 30,
+        "entity_token_1": "<ent>", "entity_token_2": "<ent2>", "entity_unk_token": "[UNK]",
+        "entity_pad_token": "[PAD]", "entity_mask_token": "[MASK]", "entity_mask2_token": "[MASK2]",
+        "sp_model_kwargs": {}}), encoding="utf-8")
+    return save_tiny_model(directory, LukeConfig(
+        vocab_size=spm_pieces(spm_model) + 4, entity_vocab_size=4, entity_emb_size=16, hidden_size=32,
+        num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+        max_position_embeddings=max_position_embeddings, type_vocab_size=1, pad_token_id=1))
+
+
+def spm_pieces(spm_model: bytes) -> int:
+    import sentencepiece
+    return sentencepiece.SentencePieceProcessor(model_proto=spm_model).get_piece_size()

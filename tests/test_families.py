@@ -1,0 +1,239 @@
+"""Every model family of the tutorial's table: tiny local stand-ins, tokenized as pre-trained, trained end to end.
+
+No hub is reachable here, so each family is a random config of its model type plus a tokenizer of its class
+built from the test corpus, laid out like the hub checkpoint (which files, which configs name what).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import fugashi
+import ipadic
+import pytest
+import sentencepiece
+import unidic_lite
+
+import bertcls
+from conftest import (build_tiny_bert_japanese, build_tiny_luke, build_tiny_multilingual_bert,
+                      build_tiny_xlm_roberta, finished_runs, train_args, train_tiny_sentencepiece)
+
+# IPAdic and unidic-lite split both of these differently (東北大学 | 東北 大学, スマ ホ | スマホ)
+SENTENCES = ["東北大学で自然言語処理の研究をしています。", "新しいスマホが発表された。"]
+FAMILIES = ["v3", "char_v3", "v1", "char_v1", "mbert", "xlmr", "luke"]
+
+
+def ipadic_surfaces(text: str) -> list[str]:
+    return [w.surface for w in fugashi.GenericTagger(ipadic.MECAB_ARGS)(text)]
+
+
+def unidic_lite_surfaces(text: str) -> list[str]:
+    rc = os.path.join(unidic_lite.DICDIR, "mecabrc")
+    return [w.surface for w in fugashi.GenericTagger(f'-d "{unidic_lite.DICDIR}" -r "{rc}"')(text)]
+
+
+@pytest.fixture(scope="session")
+def corpus_texts(tiny_rows) -> list[str]:
+    return [r[f] for rows in tiny_rows.values() for r in rows for f in ("title", "body")]
+
+
+@pytest.fixture(scope="session")
+def spm_model(corpus_texts) -> bytes:
+    return train_tiny_sentencepiece(corpus_texts)
+
+
+@pytest.fixture(scope="session")
+def family_models(tmp_path_factory, corpus_texts, spm_model):
+    """Builds each family's stand-in on first use."""
+    root = tmp_path_factory.mktemp("families")
+    builders = {
+        "v3": lambda: build_tiny_bert_japanese(root / "v3", corpus_texts),
+        "char_v3": lambda: build_tiny_bert_japanese(root / "char_v3", corpus_texts, subword="character"),
+        "v1": lambda: build_tiny_bert_japanese(root / "v1", corpus_texts, "ipadic", names_dictionary=False),
+        "char_v1": lambda: build_tiny_bert_japanese(root / "char_v1", corpus_texts, "ipadic", "character",
+                                                    names_dictionary=False),
+        "mbert": lambda: build_tiny_multilingual_bert(root / "mbert", corpus_texts),
+        "xlmr": lambda: build_tiny_xlm_roberta(root / "xlmr", spm_model),
+        "luke": lambda: build_tiny_luke(root / "luke", spm_model),
+    }
+    built = {}
+
+    def get(family: str):
+        if family not in built:
+            built[family] = builders[family]()
+        return built[family]
+    return get
+
+
+# ------------------------------------------------------------------------------ MeCab dictionaries
+
+
+def test_v1_config_is_detected_from_config_json(family_models):
+    v1 = family_models("v1")
+    on_disk = json.loads((v1 / "tokenizer_config.json").read_text(encoding="utf-8"))
+    assert "tokenizer_class" not in on_disk and "mecab_kwargs" not in on_disk  # the hub's v1 layout
+    config = bertcls.read_tokenizer_config(str(v1))
+    assert config["tokenizer_class"] == "BertJapaneseTokenizer"
+    assert bertcls.mecab_override(config, "auto") == {"mecab_kwargs": {"mecab_dic": "ipadic"}}
+
+
+def test_mecab_override_only_for_mecab_configs_without_a_dictionary():
+    v1 = {"tokenizer_class": "BertJapaneseTokenizer", "word_tokenizer_type": "mecab"}
+    v3 = {**v1, "mecab_kwargs": {"mecab_dic": "unidic_lite"}}
+    assert bertcls.mecab_override(v3, "auto") == {}
+    assert bertcls.mecab_override(v3, "ipadic") == {"mecab_kwargs": {"mecab_dic": "ipadic"}}
+    assert bertcls.mecab_override(v1, "unidic") == {"mecab_kwargs": {"mecab_dic": "unidic"}}
+    assert bertcls.mecab_override({"tokenizer_class": "BertJapaneseTokenizer"}, "auto") == {}  # basic, no MeCab
+    assert bertcls.mecab_override({"word_tokenizer_type": "mecab"}, "ipadic") == {}  # not a BertJapaneseTokenizer
+
+
+def test_v1_models_segment_with_ipadic(family_models):
+    notes = []
+    tokenizer = bertcls.load_tokenizer(str(family_models("v1")), log=notes.append)
+    assert notes == [f"note: {family_models('v1')}: BertJapaneseTokenizer with MeCab dictionary ipadic "
+                     "(--mecab_dic to change)"]
+    for sentence in SENTENCES:
+        assert ipadic_surfaces(sentence) != unidic_lite_surfaces(sentence)
+        assert tokenizer.word_tokenizer.tokenize(sentence) == ipadic_surfaces(sentence)
+    # every IPAdic word of the corpus is in the vocab: WordPiece keeps them whole
+    assert tokenizer.tokenize(SENTENCES[1]) == ipadic_surfaces(SENTENCES[1]) == \
+        ["新しい", "スマ", "ホ", "が", "発表", "さ", "れ", "た", "。"]
+
+
+def test_mecab_dic_flag_overrides_the_v1_default(family_models):
+    notes = []
+    tokenizer = bertcls.load_tokenizer(str(family_models("v1")), mecab_dic="unidic_lite", log=notes.append)
+    assert notes[0].endswith("MeCab dictionary unidic_lite (--mecab_dic to change)")
+    assert tokenizer.word_tokenizer.tokenize(SENTENCES[0]) == unidic_lite_surfaces(SENTENCES[0])
+
+
+def test_v3_models_keep_unidic_lite_without_a_notice(family_models):
+    notes = []
+    tokenizer = bertcls.load_tokenizer(str(family_models("v3")), log=notes.append)
+    assert notes == []
+    assert tokenizer.tokenize(SENTENCES[1]) == unidic_lite_surfaces(SENTENCES[1])
+
+
+@pytest.mark.parametrize("family, segment", [("char_v3", unidic_lite_surfaces), ("char_v1", ipadic_surfaces)])
+def test_character_models_split_mecab_words_into_characters(family_models, family, segment):
+    tokenizer = bertcls.load_tokenizer(str(family_models(family)), log=lambda message: None)
+    assert tokenizer.word_tokenizer.tokenize(SENTENCES[0]) == segment(SENTENCES[0])
+    assert tokenizer.tokenize(SENTENCES[1]) == list(SENTENCES[1])
+
+
+# ------------------------------------------------------------------------- sentencepiece families
+
+
+def fairseq_ids(spm_model: bytes, text: str) -> list[int]:
+    """XLM-R / LUKE pre-training ids: <s> 0, <pad> 1, </s> 2, <unk> 3, a piece = its sentencepiece id + 1."""
+    processor = sentencepiece.SentencePieceProcessor(model_proto=spm_model)
+    pieces = [processor.PieceToId(p) for p in processor.encode(text, out_type=str)]
+    return [0] + [i + 1 if i != processor.unk_id() else 3 for i in pieces] + [2]
+
+
+@pytest.mark.parametrize("family", ["xlmr", "luke"])
+def test_sentencepiece_families_get_pretraining_ids(family_models, spm_model, family):
+    from transformers import AutoConfig
+    text = "野球の試合でｽﾏﾎの[MASK]が優勝した"  # half-width katakana: NFKC-normalised by sentencepiece
+    tokenizer = bertcls.load_tokenizer(str(family_models(family)), log=lambda message: None)
+    ids = tokenizer(text)["input_ids"]
+    assert ids == fairseq_ids(spm_model, text)
+    # sentencepiece's NFKC: half-width katakana gets the full-width pieces, not <unk>
+    assert tokenizer("ｽﾏﾎ")["input_ids"] == tokenizer("スマホ")["input_ids"] and 3 not in tokenizer("ｽﾏﾎ")["input_ids"]
+    assert max(ids) < AutoConfig.from_pretrained(family_models(family)).vocab_size
+    assert tokenizer.pad_token_id == 1
+
+
+def test_luke_tokenizer_swap_is_announced(family_models):
+    # fails once transformers' MLukeTokenizer numbers sentencepiece models right: the swap can then go
+    notes = []
+    bertcls.load_tokenizer(str(family_models("luke")), log=notes.append)
+    assert len(notes) == 1 and "XLMRobertaTokenizer" in notes[0]
+
+
+@pytest.mark.parametrize("family, with_types", [("xlmr", False), ("luke", False), ("mbert", True)])
+def test_token_type_ids_only_for_models_with_segment_embeddings(family_models, tiny_rows, family, with_types):
+    from transformers import AutoConfig
+    model_dir = family_models(family)
+    tokenizer = bertcls.load_tokenizer(str(model_dir), log=lambda message: None)
+    assert bertcls.uses_token_type_ids(AutoConfig.from_pretrained(model_dir)) is with_types
+    rows = tiny_rows["train"][:4]
+    packed = bertcls.pack(bertcls.tokenize_rows(tokenizer, rows, 64, with_types))
+    batch = bertcls.collate(packed, [0, 1, 2, 3], None, tokenizer.pad_token_id)
+    if with_types:
+        assert batch["token_type_ids"].max() == 1  # the body is segment B
+    else:
+        assert "token_type_ids" not in batch
+        model = bertcls.load_model(str(model_dir), {"a": 0, "b": 1, "c": 2})
+        assert model(**batch).logits.shape == (4, 3)  # LUKE without entity inputs: words only
+
+
+# -------------------------------------------------------------------------------- sequence length
+
+
+class HugeLimitTokenizer:
+    model_max_length = int(1e30)  # transformers' sentinel for "no limit"
+
+
+def test_max_len_capped_by_roberta_style_positions_with_a_notice():
+    from transformers import RobertaConfig, XLMRobertaConfig
+    notes = []
+    config = XLMRobertaConfig(max_position_embeddings=34, pad_token_id=1)
+    assert bertcls.effective_max_len(512, HugeLimitTokenizer(), config, log=notes.append) == 32
+    assert notes == ["note: max_seq_len capped at 32 by the model's position embeddings"]
+    assert bertcls.effective_max_len(16, HugeLimitTokenizer(), config, log=notes.append) == 16
+    assert len(notes) == 1
+    assert bertcls.position_limit(RobertaConfig(max_position_embeddings=514, pad_token_id=0)) == 513
+
+
+def test_max_len_capped_by_bert_positions_and_tokenizer():
+    from transformers import BertConfig
+    notes = []
+    assert bertcls.effective_max_len(512, HugeLimitTokenizer(), BertConfig(max_position_embeddings=40),
+                                     log=notes.append) == 40
+    tokenizer = HugeLimitTokenizer()
+    tokenizer.model_max_length = 24
+    assert bertcls.effective_max_len(512, tokenizer, BertConfig(max_position_embeddings=40), log=notes.append) == 24
+    assert notes == ["note: max_seq_len capped at 40 by the model's position embeddings",
+                     "note: max_seq_len capped at 24 by the tokenizer's model_max_length"]
+
+
+# ------------------------------------------------------------------------------------ end to end
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_family_trains_and_evaluates(family_models, tiny_dataset, tmp_path, capsys, family):
+    model_dir = family_models(family)
+    # LUKE's 66 positions hold 64 tokens: ask for more to see the cap
+    max_seq_len = "128" if family == "luke" else "64"
+    assert bertcls.main(train_args(model_dir, tiny_dataset, tmp_path, "--epochs", "1",
+                                   "--max_seq_len", max_seq_len)) == 0
+    [run_dir] = finished_runs(tmp_path)
+    config = json.loads((run_dir / "config.json").read_text(encoding="utf-8"))
+    assert config["max_seq_len_used"] == 64
+    metrics = json.loads((run_dir / "test-metrics.json").read_text(encoding="utf-8"))
+    assert sum(map(sum, metrics["confusion_matrix"]["matrix"])) == 20
+    err = capsys.readouterr().err
+    assert ("capped at 64 by the model's position embeddings" in err) is (family == "luke")
+    assert ("MeCab dictionary ipadic" in err) is (family in ("v1", "char_v1"))
+
+
+def test_luke_cap_matters(family_models, tiny_rows):
+    tokenizer = bertcls.load_tokenizer(str(family_models("luke")), log=lambda message: None)
+    lengths = [len(ids) for ids in bertcls.tokenize_rows(tokenizer, tiny_rows["train"], 128, False)["input_ids"]]
+    assert max(lengths) > 64  # uncapped, some examples would index past the 66 position embeddings
+
+
+# ------------------------------------------------------------------------------------- bad names
+
+
+@pytest.mark.parametrize("name, message", [
+    ("nobody/no-such-model", "bertcls.py: error: cannot load the tokenizer of 'nobody/no-such-model': "),
+    ("./no/such/model", "bertcls.py: error: model directory ./no/such/model not found: "),
+])
+def test_unknown_model_is_a_one_line_error(tiny_dataset, tmp_path, capsys, name, message):
+    assert os.environ["HF_HUB_OFFLINE"] == "1"
+    assert bertcls.main(train_args(name, tiny_dataset, tmp_path)) == 1
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(message)
