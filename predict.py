@@ -27,6 +27,7 @@ import torch
 from bertcls import (UserError, atomic_write_text, autocast_context, example_text, first_line, load_tokenizer,
                      pack, pick_device, position_limit, positive_int, predict, resolve_dtype, tokenize_rows,
                      uses_token_type_ids)
+from prepare import parse_json_object
 
 DEFAULT_LABEL = re.compile(r"LABEL_\d+")  # the names transformers makes up for a config without labels
 
@@ -86,12 +87,7 @@ def read_input(source: str, stdin: TextIO) -> tuple[str, str]:
 
 def parse_line(line: str) -> dict:
     """One input object with a usable text; ValueError says what is wrong with it."""
-    try:
-        row = json.loads(line)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"not valid JSON ({e.msg})") from None
-    if not isinstance(row, dict):
-        raise ValueError(f"expected a JSON object, got {type(row).__name__}")
+    row = parse_json_object(line)
     example_text(row)
     return row
 

@@ -130,6 +130,17 @@ def read_bytes(path: Path) -> bytes:
         raise UserError(f"cannot read {path}: {e.strerror}") from None
 
 
+def parse_json_object(line: str) -> dict:
+    """One JSONL line as an object; ValueError says what is wrong with it."""
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"not valid JSON ({e.msg}); fix or remove that line") from None
+    if not isinstance(row, dict):
+        raise ValueError(f"expected a JSON object, got {type(row).__name__}")
+    return row
+
+
 def iter_jsonl(path: Path) -> Iterator[tuple[int, dict]]:
     """Yield (line number, object) for each non-empty line."""
     text = decode_utf8(read_bytes(path), str(path))
@@ -138,12 +149,9 @@ def iter_jsonl(path: Path) -> Iterator[tuple[int, dict]]:
         if not line.strip():
             continue
         try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise UserError(f"{path}:{lineno}: not valid JSON ({e.msg}); fix or remove that line") from None
-        if not isinstance(row, dict):
-            raise UserError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
-        yield lineno, row
+            yield lineno, parse_json_object(line)
+        except ValueError as e:
+            raise UserError(f"{path}:{lineno}: {e}") from None
 
 
 def read_jsonl(path: Path) -> list[dict]:
