@@ -1,0 +1,254 @@
+"""Training throughput of bertcls.py's own loop: examples/s, tokens/s, padding, peak memory and MFU.
+
+    python bench.py --model_name cl-tohoku/bert-base-japanese-v3 --steps 20 --warmup 3
+    python bench.py --model_name DIR --dataset_dir DIR --max_seq_len 256 --batch_size 16 --device cpu
+    python bench.py ... --compile            # torch.compile with length buckets, as bertcls.py --compile
+    python bench.py ... --tutorial_style     # random batches, tokenizer called in every collate step
+
+Builds the same `bertcls.Run` (tokenization cache included) and calls the same `train_epoch` that
+bertcls.py trains with, on the first --warmup + --steps optimizer steps of its length-grouped epochs;
+only the last --steps are timed. Every flag of bertcls.py is accepted (--dtype, --compile,
+--grad_accum_steps, ...). MFU = training FLOPs per non-pad token (6 x non-embedding parameters +
+12 x layers x hidden x sequence length) x non-pad tokens/s, over this device's peak, measured here: the
+best of a large bf16 matmul on CUDA, float32 on the CPU (or --peak_flops). The last line of stdout is
+one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import random
+import resource
+import sys
+import time
+from typing import Any, Callable, Sequence
+
+import torch
+
+import bertcls
+from prepare import UserError
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="All other flags are bertcls.py's (see python bertcls.py -h).")
+    p.add_argument("--steps", type=bertcls.positive_int, default=20,
+                   help="timed optimizer steps (default: %(default)s)")
+    p.add_argument("--warmup", type=int, default=3,
+                   help="untimed optimizer steps first: compilation, allocator, caches (default: %(default)s)")
+    p.add_argument("--tutorial_style", action="store_true",
+                   help="the tutorial's loop for comparison: random batches, tokenized in every collate step "
+                        "(default: off)")
+    p.add_argument("--peak_flops", type=bertcls.positive_float, default=None,
+                   help="the device's peak FLOP/s for MFU (default: measured with a large matmul)")
+    own, rest = p.parse_known_args(argv)
+    if own.warmup < 0:
+        p.error(f"argument --warmup: must be >= 0, got {own.warmup}")
+    args = bertcls.parse_args(rest)
+    for name, value in vars(own).items():
+        setattr(args, name, value)
+    return args
+
+
+def flops_per_token(params_non_embedding: int, layers: int, hidden: int, seq_len: float) -> float:
+    """Training FLOPs per token: 6N for the weights (forward + backward) + 12 L H T for attention scores."""
+    return 6 * params_non_embedding + 12 * layers * hidden * seq_len
+
+
+def model_shape(config: Any) -> tuple[int, int]:
+    """(layers, hidden size) of a transformers config, whatever the model family calls them."""
+    layers = next(getattr(config, k) for k in ("num_hidden_layers", "n_layer", "num_layers") if hasattr(config, k))
+    hidden = next(getattr(config, k) for k in ("hidden_size", "n_embd", "d_model", "dim") if hasattr(config, k))
+    return layers, hidden
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure_peak_flops(device: torch.device, reps: int = 10) -> tuple[float, str]:
+    """Best FLOP/s of a large square matmul: bf16 on CUDA (tensor cores), float32 on the CPU."""
+    n, dtype = (8192, torch.bfloat16) if device.type == "cuda" else (2048, torch.float32)
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    c = torch.empty(n, n, device=device, dtype=dtype)
+    best = float("inf")
+    for rep in range(reps + 2):
+        synchronize(device)
+        start = time.perf_counter()
+        torch.matmul(a, b, out=c)
+        synchronize(device)
+        if rep >= 2:  # the first two warm up the kernel choice and the caches
+            best = min(best, time.perf_counter() - start)
+    return 2 * n ** 3 / best, f"{str(dtype).removeprefix('torch.')} matmul {n}x{n}"
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """CUDA: most memory allocated by tensors; CPU: the process's peak resident set size."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    with contextlib.suppress(OSError):
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return f"{line.split(':', 1)[1].strip()}, {os.cpu_count()} CPUs"
+    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs"
+
+
+def grouped_batches(run: bertcls.Run, n_batches: int) -> list[list[int]]:
+    """The first n_batches of bertcls.py's own epochs (length-grouped), continuing into later epochs."""
+    batches: list[list[int]] = []
+    epoch = 1
+    while len(batches) < n_batches:
+        batches += bertcls.train_batches(run, epoch)
+        epoch += 1
+    return batches[:n_batches]
+
+
+def random_batches(n_examples: int, batch_size: int, n_batches: int, rng: random.Random) -> list[list[int]]:
+    """The tutorial's DataLoader(shuffle=True): a fresh permutation per epoch, cut into batches."""
+    batches: list[list[int]] = []
+    while len(batches) < n_batches:
+        order = list(range(n_examples))
+        rng.shuffle(order)
+        batches += [order[i:i + batch_size] for i in range(0, n_examples, batch_size)]
+    return batches[:n_batches]
+
+
+def tutorial_collate(tokenizer: Any, rows: Sequence[dict], max_len: int, with_token_types: bool) -> Callable:
+    """A collate step that tokenizes its batch's texts, as the tutorial's collate_fn does every epoch."""
+
+    def collate(packed: Any, indices: Sequence[int], labels: torch.Tensor | None, pad_id: int,
+                buckets: Sequence[int] | None = None) -> dict[str, torch.Tensor]:
+        texts = [bertcls.example_text(rows[i]) for i in indices]
+        kwargs = dict(max_length=max_len, padding=True, return_tensors="pt",
+                      return_token_type_ids=with_token_types)
+        if all(second is not None for _, second in texts):
+            enc = tokenizer([f for f, _ in texts], [s for _, s in texts], truncation="only_second", **kwargs)
+        else:
+            enc = tokenizer([f if s is None else f + "\n" + s for f, s in texts], truncation=True, **kwargs)
+        batch = dict(enc)
+        if labels is not None:
+            batch["labels"] = labels[list(indices)]
+        return batch
+
+    return collate
+
+
+def counting(collate_fn: Callable, counts: dict[str, int]) -> Callable:
+    """collate_fn that also adds its batches' examples, non-pad tokens and padded slots to `counts`."""
+
+    def collate(*args: Any, **kwargs: Any) -> dict[str, torch.Tensor]:
+        batch = collate_fn(*args, **kwargs)
+        mask = batch["attention_mask"]  # still on the host: counting costs no device sync
+        counts["examples"] += mask.shape[0]
+        counts["tokens"] += int(mask.sum())
+        counts["slots"] += mask.numel()
+        return batch
+
+    return collate
+
+
+def measure(run: bertcls.Run, steps: int, warmup: int, tutorial_style: bool) -> dict[str, Any]:
+    """Train warmup + steps optimizer steps with bertcls.train_epoch; time and count the last `steps`."""
+    args, device = run.args, run.device
+    n_batches = (warmup + steps) * args.grad_accum_steps
+    if tutorial_style:
+        batches = random_batches(len(run.rows["train"]), args.batch_size, n_batches, random.Random(args.seed))
+        collate_fn = tutorial_collate(run.tokenizer, run.rows["train"], run.max_len,
+                                      bertcls.uses_token_type_ids(run.model.config))
+    else:
+        batches = grouped_batches(run, n_batches)
+        collate_fn = bertcls.collate
+    counts = {"examples": 0, "tokens": 0, "slots": 0}
+    dtype = bertcls.resolve_dtype(args.dtype, device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    model = bertcls.prepare_model(run)
+    optimizer = bertcls.build_optimizer(run.model, args, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    common = dict(ctx=bertcls.autocast_context(device, dtype), device=device, pad_id=run.pad_id,
+                  total_steps=warmup + steps, warmup_steps=0, max_lr=args.lr,
+                  grad_accum_steps=args.grad_accum_steps, max_grad_norm=args.max_grad_norm,
+                  log_interval=args.log_interval, epoch=1, buckets=run.buckets,
+                  collate_fn=counting(collate_fn, counts))
+    split = warmup * args.grad_accum_steps
+    step = 0
+    if split:
+        step, _ = bertcls.train_epoch(model, optimizer, scaler, run.packed["train"], run.labels["train"],
+                                      batches[:split], step=step, **common)
+    for key in counts:
+        counts[key] = 0
+    synchronize(device)
+    start = time.perf_counter()
+    step, loss = bertcls.train_epoch(model, optimizer, scaler, run.packed["train"], run.labels["train"],
+                                     batches[split:], step=step, **common)
+    synchronize(device)
+    return {"seconds": time.perf_counter() - start, "loss": loss, "dtype": dtype, **counts}
+
+
+def report(run: bertcls.Run, measured: dict[str, Any], peak_flops: float, peak_source: str) -> dict[str, Any]:
+    args, seconds = run.args, measured["seconds"]
+    layers, hidden = model_shape(run.model.config)
+    mean_len = measured["slots"] / measured["examples"]
+    per_token = flops_per_token(run.params_non_embedding, layers, hidden, mean_len)
+    tokens_per_s = measured["tokens"] / seconds
+    return {
+        "mode": "tutorial_style" if args.tutorial_style else "bertcls",
+        "model_name": args.model_name, "device": str(run.device), "device_name": device_name(run.device),
+        "dtype": str(measured["dtype"]).removeprefix("torch."), "compile": args.compile,
+        "threads": torch.get_num_threads(), "batch_size": args.batch_size,
+        "grad_accum_steps": args.grad_accum_steps, "max_seq_len": run.max_len, "steps": args.steps,
+        "warmup": args.warmup, "examples": measured["examples"], "seconds": round(seconds, 3),
+        "examples_per_s": round(measured["examples"] / seconds, 3), "tokens_per_s": round(tokens_per_s, 1),
+        "padding_fraction": round(1 - measured["tokens"] / measured["slots"], 5),
+        "mean_padded_len": round(mean_len, 2), "params_non_embedding": run.params_non_embedding,
+        "flops_per_token": round(per_token), "achieved_flops": round(per_token * tokens_per_s),
+        "peak_flops": round(peak_flops), "peak_flops_source": peak_source,
+        "mfu": round(per_token * tokens_per_s / peak_flops, 4),
+        "peak_mem_mb": round(peak_memory_mb(run.device), 1), "train_loss": round(measured["loss"], 5),
+    }
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    debug = args.debug or os.environ.get("BERTCLS_DEBUG") == "1"
+
+    def log(message: str) -> None:
+        print(message, file=sys.stderr, flush=True)
+
+    try:
+        run = bertcls.Run(args, log, device=bertcls.pick_device(args.device, None))
+        measured = measure(run, args.steps, args.warmup, args.tutorial_style)
+        if args.peak_flops:
+            peak_flops, peak_source = args.peak_flops, "--peak_flops"
+        else:
+            peak_flops, peak_source = measure_peak_flops(run.device)
+        result = report(run, measured, peak_flops, peak_source)
+    except UserError as e:
+        if debug:
+            raise
+        print(f"bench.py: error: {e}", file=sys.stderr, flush=True)
+        return 1
+    print(f"{result['mode']} on {result['device']} ({result['device_name']}), {result['dtype']}"
+          f"{', compiled' if result['compile'] else ''}, {result['threads']} threads: {result['steps']} steps, "
+          f"{result['examples']} examples in {result['seconds']:.1f} s | {result['examples_per_s']:.2f} examples/s | "
+          f"{result['tokens_per_s']:.0f} non-pad tokens/s | padding {100 * result['padding_fraction']:.1f}% | "
+          f"peak memory {result['peak_mem_mb']:.0f} MB | MFU {100 * result['mfu']:.1f}% of "
+          f"{result['peak_flops'] / 1e9:.0f} GFLOP/s ({peak_source})")
+    print(json.dumps(result), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
