@@ -4,6 +4,7 @@
     python bench.py --model_name DIR --dataset_dir DIR --max_seq_len 256 --batch_size 16 --device cpu
     python bench.py ... --compile            # torch.compile with length buckets, as bertcls.py --compile
     python bench.py ... --tutorial_style     # random batches, tokenizer called in every collate step
+    python bench.py ... --torch_dropout      # torch's own dropout on the CPU, as in the stock model
 
 Builds the same `bertcls.Run` (tokenization cache included) and calls the same `train_epoch` that
 bertcls.py trains with, on the first --warmup + --steps optimizer steps of its length-grouped epochs;
@@ -51,6 +52,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args = bertcls.parse_args(rest)
     for name, value in vars(own).items():
         setattr(args, name, value)
+    if args.tutorial_style:
+        args.torch_dropout = True  # the tutorial trains the stock model
     return args
 
 
@@ -207,7 +210,7 @@ def report(run: bertcls.Run, measured: dict[str, Any], peak_flops: float, peak_s
         "mode": "tutorial_style" if args.tutorial_style else "bertcls",
         "model_name": args.model_name, "device": str(run.device), "device_name": device_name(run.device),
         "dtype": str(measured["dtype"]).removeprefix("torch."), "compile": args.compile,
-        "threads": torch.get_num_threads(), "batch_size": args.batch_size,
+        "torch_dropout": args.torch_dropout, "threads": torch.get_num_threads(), "batch_size": args.batch_size,
         "grad_accum_steps": args.grad_accum_steps, "max_seq_len": run.max_len, "steps": args.steps,
         "warmup": args.warmup, "examples": measured["examples"], "seconds": round(seconds, 3),
         "examples_per_s": round(measured["examples"] / seconds, 3), "tokens_per_s": round(tokens_per_s, 1),
@@ -215,7 +218,7 @@ def report(run: bertcls.Run, measured: dict[str, Any], peak_flops: float, peak_s
         "mean_padded_len": round(mean_len, 2), "params_non_embedding": run.params_non_embedding,
         "flops_per_token": round(per_token), "achieved_flops": round(per_token * tokens_per_s),
         "peak_flops": round(peak_flops), "peak_flops_source": peak_source,
-        "mfu": round(per_token * tokens_per_s / peak_flops, 4),
+        "mfu": round(per_token * tokens_per_s / peak_flops, 6),
         "peak_mem_mb": round(peak_memory_mb(run.device), 1), "train_loss": round(measured["loss"], 5),
     }
 

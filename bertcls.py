@@ -94,6 +94,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dtype", choices=("auto", "bf16", "fp16", "fp32"), default="auto",
                    help="autocast dtype; auto = bf16 on CUDA when supported, else fp16, fp32 on CPU (default: auto)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model (default: off)")
+    p.add_argument("--torch_dropout", action="store_true",
+                   help="keep torch's own dropout on the CPU too; by default eager CPU training draws dropout masks "
+                        "from 15-bit integers, about 1.2x faster (default: off)")
     p.add_argument("--seed", type=int, default=42, help="(default: %(default)s)")
     p.add_argument("--output_dir", default="outputs", help="(default: %(default)s)")
     p.add_argument("--cache_dir", default=".cache/bertcls",
@@ -910,11 +913,80 @@ def keep_freed_memory() -> None:
     mallopt(m_trim_threshold, 2**31 - 1)
 
 
+DROPOUT_MASK_LEVELS = 1 << 15
+
+
+def fast_dropout(x: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:
+    """Inverted dropout with its keep mask drawn from 15-bit random integers, for the CPU.
+
+    torch's CPU dropout draws one random float per element, which made it 18% of a training step of a
+    4-layer BERT; one 64-bit random word gives four 15-bit draws, at about a quarter of the cost. The drop
+    probability is rounded to a multiple of 1/32768 (0.1 -> 0.100006) and kept values are scaled by the
+    exact inverse of the keep probability used, so the expected output is still x.
+    """
+    if not training or p == 0.0:
+        return x
+    n = x.numel()
+    words = torch.empty((n + 3) // 4, dtype=torch.int64, device=x.device).random_()  # uniform in [0, 2**63)
+    draws = words.view(torch.int16)[:n].view(x.shape) & (DROPOUT_MASK_LEVELS - 1)
+    threshold = round(p * DROPOUT_MASK_LEVELS)
+    mask = (draws >= threshold).to(x.dtype).mul_(DROPOUT_MASK_LEVELS / (DROPOUT_MASK_LEVELS - threshold))
+    return x * mask  # autograd keeps only the mask for the backward pass
+
+
+class FastDropout(torch.nn.Dropout):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return fast_dropout(x, self.p, self.training)
+
+
+FAST_DROPOUT_ATTENTION = "bertcls_sdpa_fast_dropout"
+
+
+def attention_with_fast_dropout(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
+                                value: torch.Tensor, attention_mask: torch.Tensor | None, dropout: float = 0.0,
+                                scaling: float | None = None, **kwargs: Any) -> tuple[torch.Tensor, None]:
+    """transformers' SDPA attention, except that dropout on the attention probabilities is fast_dropout."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    plain = (kwargs.get("is_causal") or getattr(module, "is_causal", False) or kwargs.get("position_bias") is not None
+             or getattr(module, "num_key_value_groups", 1) > 1 or query.shape[-1] != value.shape[-1])
+    if dropout == 0.0 or plain:  # evaluation, or a variant this short path does not cover
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      **kwargs)
+    scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
+    scores = torch.matmul(query * scaling, key.transpose(-2, -1))  # scaling q is 1/L of the work of scaling q k^T
+    if attention_mask is not None:
+        scores = (scores.masked_fill(~attention_mask, torch.finfo(scores.dtype).min)
+                  if attention_mask.dtype == torch.bool else scores + attention_mask)
+    probs = fast_dropout(torch.softmax(scores, dim=-1), dropout)
+    return torch.matmul(probs, value).transpose(1, 2).contiguous(), None
+
+
+def use_fast_dropout(model: torch.nn.Module) -> None:
+    """Swap every torch dropout of the model, attention probabilities included, for fast_dropout.
+
+    Only for eager CPU training: CUDA fuses dropout into its kernels, and torch.compile generates its own.
+    The weights and the saved config are unchanged.
+    """
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) is torch.nn.Dropout:
+                setattr(parent, name, FastDropout(child.p, child.inplace).train(child.training))
+    config = getattr(model, "config", None)
+    if getattr(model, "_supports_attention_backend", False) and getattr(config, "_attn_implementation", "") == "sdpa":
+        from transformers import AttentionInterface
+        from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+        AttentionInterface.register(FAST_DROPOUT_ATTENTION, attention_with_fast_dropout)
+        AttentionMaskInterface.register(FAST_DROPOUT_ATTENTION, sdpa_mask)
+        model.set_attn_implementation(FAST_DROPOUT_ATTENTION)
+
+
 def prepare_model(run: Run) -> torch.nn.Module:
     """The model on its device, with checkpointing, DDP and compile as asked; returns what to call."""
     model = run.model.to(run.device)
     if run.device.type == "cpu":
         keep_freed_memory()
+        if not run.args.compile and not run.args.torch_dropout:
+            use_fast_dropout(model)
     if run.args.gradient_checkpointing:
         # non-reentrant checkpointing works under DDP and torch.compile
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
@@ -975,14 +1047,17 @@ def train_and_evaluate(run: Run, run_dir: Path | None) -> dict:
                "examples_per_s": round(sum(map(len, batches)) * run.world_size / seconds, 2)}
         history.append(row)
         if best is None or val["f1"] > best["f1"]:  # the first epoch always counts
-            best = {"epoch": epoch, "f1": val["f1"],
+            best = {"epoch": epoch, "f1": val["f1"], "val": val,
                     "state": {k: v.detach().to("cpu", copy=True) for k, v in run.model.state_dict().items()}}
         log(f"epoch {epoch}/{args.epochs}: train loss {train_loss:.4f} | val loss {val['loss']:.4f} "
             f"acc {val['accuracy']:.4f} f1 {val['f1']:.4f} | {row['examples_per_s']:.1f} ex/s")
         if run_dir is not None:
             write_log_csv(run_dir / "log.csv", history)
-    run.model.load_state_dict(best["state"])
-    val, _ = evaluate(model, run.packed["val"], run.labels["val"], run.id2label, **eval_kwargs)
+    if best["epoch"] == args.epochs:  # the weights in hand are the best ones: their val metrics are known
+        val = best["val"]
+    else:
+        run.model.load_state_dict(best["state"])
+        val, _ = evaluate(model, run.packed["val"], run.labels["val"], run.id2label, **eval_kwargs)
     test, test_probs = evaluate(model, run.packed["test"], run.labels["test"], run.id2label, **eval_kwargs)
     return {"best_epoch": best["epoch"], "val": val, "test": test, "test_probs": test_probs, "history": history,
             "train_seconds": train_seconds}

@@ -126,13 +126,18 @@ def test_pipeline_loads_saved_model(run_dir, tiny_rows, monkeypatch, capsys):
     assert ranked[0]["score"] == pytest.approx(expected["probability"], abs=1e-5)
 
 
-def test_command_line_reads_stdin(run_dir):
+def test_command_line_reads_stdin(run_dir, tiny_rows):
+    # a test article whose gold label the run got right, sent as bertcls.py reads it: id + title + body
+    predictions = read_lines((run_dir / "test-predictions.jsonl").read_text(encoding="utf-8"))
+    rows = {row["id"]: row for row in tiny_rows["test"]}
+    hit = next(p for p in predictions if p["gold"] == p["predicted"])
+    row = rows[hit["id"]]
+    line = json.dumps({"id": row["id"], "title": row["title"], "body": row["body"]}, ensure_ascii=False) + "\n"
     result = subprocess.run([sys.executable, str(REPO / "predict.py"), "--model_dir", str(run_dir / "model")],
-                            input='{"id": "a", "text": "スマホの新しいアプリ"}\n', capture_output=True,
-                            text=True, encoding="utf-8", timeout=120)
+                            input=line, capture_output=True, text=True, encoding="utf-8", timeout=120)
     assert result.returncode == 0, result.stderr
     [record] = read_lines(result.stdout)
-    assert (record["id"], record["label"]) == ("a", "tech")
+    assert (record["id"], record["label"]) == (row["id"], hit["gold"])
 
 
 @pytest.mark.parametrize("content, message", [
