@@ -1046,8 +1046,8 @@ def train_and_evaluate(run: Run, run_dir: Path | None) -> dict:
                "lr": optimizer.param_groups[0]["lr"], "seconds": round(seconds, 3),
                "examples_per_s": round(sum(map(len, batches)) * run.world_size / seconds, 2)}
         history.append(row)
-        if best is None or val["f1"] > best["f1"]:  # the first epoch always counts
-            best = {"epoch": epoch, "f1": val["f1"], "val": val,
+        if best is None or val["f1"] > best["val"]["f1"]:  # the first epoch always counts
+            best = {"epoch": epoch, "val": val,
                     "state": {k: v.detach().to("cpu", copy=True) for k, v in run.model.state_dict().items()}}
         log(f"epoch {epoch}/{args.epochs}: train loss {train_loss:.4f} | val loss {val['loss']:.4f} "
             f"acc {val['accuracy']:.4f} f1 {val['f1']:.4f} | {row['examples_per_s']:.1f} ex/s")
