@@ -129,7 +129,11 @@ def random_batches(n_examples: int, batch_size: int, n_batches: int, rng: random
 
 
 def tutorial_collate(tokenizer: Any, rows: Sequence[dict], max_len: int, with_token_types: bool) -> Callable:
-    """A collate step that tokenizes its batch's texts, as the tutorial's collate_fn does every epoch."""
+    """A collate step that tokenizes its batch's texts, as the tutorial's collate_fn does every epoch.
+
+    It makes the tutorial's one batched tokenizer call (padding=True, return_tensors="pt") rather than reuse
+    bertcls.tokenize_rows: that call is the cost being measured (bertcls.py's per-row path ran 9-16% faster here).
+    """
 
     def collate(packed: Any, indices: Sequence[int], labels: torch.Tensor | None, pad_id: int,
                 buckets: Sequence[int] | None = None) -> dict[str, torch.Tensor]:
