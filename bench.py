@@ -4,15 +4,15 @@
     python bench.py --model_name DIR --dataset_dir DIR --max_seq_len 256 --batch_size 16 --device cpu
     python bench.py ... --compile            # torch.compile with length buckets, as bertcls.py --compile
     python bench.py ... --tutorial_style     # random batches, tokenizer called in every collate step
-    python bench.py ... --torch_dropout      # torch's own dropout on the CPU, as in the stock model
+    python bench.py ... --dtype fp32         # full precision (auto: bf16 on CUDA and on CPUs with bf16 units)
 
 Builds the same `bertcls.Run` (tokenization cache included) and calls the same `train_epoch` that
 bertcls.py trains with, on the first --warmup + --steps optimizer steps of its length-grouped epochs;
 only the last --steps are timed. Every flag of bertcls.py is accepted (--dtype, --compile,
 --grad_accum_steps, ...). MFU = training FLOPs per non-pad token (6 x non-embedding parameters +
 12 x layers x hidden x sequence length) x non-pad tokens/s, over this device's peak, measured here: the
-best of a large bf16 matmul on CUDA, float32 on the CPU (or --peak_flops). The last line of stdout is
-one JSON object.
+best of a large matmul in the run's autocast dtype (bf16 on CUDA and on CPUs with bf16 units, float32
+otherwise; or --peak_flops). The last line of stdout is one JSON object.
 """
 
 from __future__ import annotations
@@ -31,20 +31,21 @@ from typing import Any, Callable, Sequence
 import torch
 
 import bertcls
-from prepare import UserError
+from common import dtype_name, log, pick_device, positive_float, positive_int, run_cli
+from families import uses_token_type_ids
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="All other flags are bertcls.py's (see python bertcls.py -h).")
-    p.add_argument("--steps", type=bertcls.positive_int, default=20,
+    p.add_argument("--steps", type=positive_int, default=20,
                    help="timed optimizer steps (default: %(default)s)")
     p.add_argument("--warmup", type=int, default=3,
                    help="untimed optimizer steps first: compilation, allocator, caches (default: %(default)s)")
     p.add_argument("--tutorial_style", action="store_true",
                    help="the tutorial's loop for comparison: random batches, tokenized in every collate step "
                         "(default: off)")
-    p.add_argument("--peak_flops", type=bertcls.positive_float, default=None,
+    p.add_argument("--peak_flops", type=positive_float, default=None,
                    help="the device's peak FLOP/s for MFU (default: measured with a large matmul)")
     own, rest = p.parse_known_args(argv)
     if own.warmup < 0:
@@ -52,8 +53,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args = bertcls.parse_args(rest)
     for name, value in vars(own).items():
         setattr(args, name, value)
-    if args.tutorial_style:
-        args.torch_dropout = True  # the tutorial trains the stock model
     return args
 
 
@@ -74,9 +73,10 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def measure_peak_flops(device: torch.device, reps: int = 10) -> tuple[float, str]:
-    """Best FLOP/s of a large square matmul: bf16 on CUDA (tensor cores), float32 on the CPU."""
-    n, dtype = (8192, torch.bfloat16) if device.type == "cuda" else (2048, torch.float32)
+def measure_peak_flops(device: torch.device, dtype: torch.dtype, reps: int = 10) -> tuple[float, str]:
+    """Best FLOP/s of a large square matmul in the dtype the run computes in (bf16 for bf16 autocast)."""
+    dtype = torch.float32 if dtype == torch.float32 else dtype
+    n = 8192 if device.type == "cuda" else 2048
     a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
     c = torch.empty(n, n, device=device, dtype=dtype)
     best = float("inf")
@@ -87,7 +87,7 @@ def measure_peak_flops(device: torch.device, reps: int = 10) -> tuple[float, str
         synchronize(device)
         if rep >= 2:  # the first two warm up the kernel choice and the caches
             best = min(best, time.perf_counter() - start)
-    return 2 * n ** 3 / best, f"{str(dtype).removeprefix('torch.')} matmul {n}x{n}"
+    return 2 * n ** 3 / best, f"{dtype_name(dtype)} matmul {n}x{n}"
 
 
 def peak_memory_mb(device: torch.device) -> float:
@@ -173,48 +173,42 @@ def measure(run: bertcls.Run, steps: int, warmup: int, tutorial_style: bool) -> 
     if tutorial_style:
         batches = random_batches(len(run.rows["train"]), args.batch_size, n_batches, random.Random(args.seed))
         collate_fn = tutorial_collate(run.tokenizer, run.rows["train"], run.max_len,
-                                      bertcls.uses_token_type_ids(run.model.config))
+                                      uses_token_type_ids(run.raw_model.config))
     else:
         batches = grouped_batches(run, n_batches)
         collate_fn = bertcls.collate
     counts = {"examples": 0, "tokens": 0, "slots": 0}
-    dtype = bertcls.resolve_dtype(args.dtype, device)
+    collate_fn = counting(collate_fn, counts)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    model = bertcls.prepare_model(run)
-    optimizer = bertcls.build_optimizer(run.model, args, device)
-    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-    common = dict(ctx=bertcls.autocast_context(device, dtype), device=device, pad_id=run.pad_id,
-                  total_steps=warmup + steps, warmup_steps=0, max_lr=args.lr,
-                  grad_accum_steps=args.grad_accum_steps, max_grad_norm=args.max_grad_norm,
-                  log_interval=args.log_interval, epoch=1, buckets=run.buckets,
-                  collate_fn=counting(collate_fn, counts))
+    model = bertcls.wrap_model(run)
+    optimizer = bertcls.build_optimizer(run.raw_model, args, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=run.dtype == torch.float16)
+    run.total_steps, run.warmup_steps = warmup + steps, 0  # decay over the measured steps, no warmup
     split = warmup * args.grad_accum_steps
     step = 0
     if split:
-        step, _ = bertcls.train_epoch(model, optimizer, scaler, run.packed["train"], run.labels["train"],
-                                      batches[:split], step=step, **common)
+        step, _ = bertcls.train_epoch(model, optimizer, scaler, run, batches[:split], step, 1, collate_fn=collate_fn)
     for key in counts:
         counts[key] = 0
     synchronize(device)
     start = time.perf_counter()
-    step, loss = bertcls.train_epoch(model, optimizer, scaler, run.packed["train"], run.labels["train"],
-                                     batches[split:], step=step, **common)
+    step, loss = bertcls.train_epoch(model, optimizer, scaler, run, batches[split:], step, 1, collate_fn=collate_fn)
     synchronize(device)
-    return {"seconds": time.perf_counter() - start, "loss": loss, "dtype": dtype, **counts}
+    return {"seconds": time.perf_counter() - start, "loss": loss, **counts}
 
 
 def report(run: bertcls.Run, measured: dict[str, Any], peak_flops: float, peak_source: str) -> dict[str, Any]:
     args, seconds = run.args, measured["seconds"]
-    layers, hidden = model_shape(run.model.config)
+    layers, hidden = model_shape(run.raw_model.config)
     mean_len = measured["slots"] / measured["examples"]
     per_token = flops_per_token(run.params_non_embedding, layers, hidden, mean_len)
     tokens_per_s = measured["tokens"] / seconds
     return {
         "mode": "tutorial_style" if args.tutorial_style else "bertcls",
         "model_name": args.model_name, "device": str(run.device), "device_name": device_name(run.device),
-        "dtype": str(measured["dtype"]).removeprefix("torch."), "compile": args.compile,
-        "torch_dropout": args.torch_dropout, "threads": torch.get_num_threads(), "batch_size": args.batch_size,
+        "dtype": dtype_name(run.dtype), "compile": args.compile,
+        "threads": torch.get_num_threads(), "batch_size": args.batch_size,
         "grad_accum_steps": args.grad_accum_steps, "max_seq_len": run.max_len, "steps": args.steps,
         "warmup": args.warmup, "examples": measured["examples"], "seconds": round(seconds, 3),
         "examples_per_s": round(measured["examples"] / seconds, 3), "tokens_per_s": round(tokens_per_s, 1),
@@ -227,26 +221,14 @@ def report(run: bertcls.Run, measured: dict[str, Any], peak_flops: float, peak_s
     }
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(argv)
-    debug = args.debug or os.environ.get("BERTCLS_DEBUG") == "1"
-
-    def log(message: str) -> None:
-        print(message, file=sys.stderr, flush=True)
-
-    try:
-        run = bertcls.Run(args, log, device=bertcls.pick_device(args.device, None))
-        measured = measure(run, args.steps, args.warmup, args.tutorial_style)
-        if args.peak_flops:
-            peak_flops, peak_source = args.peak_flops, "--peak_flops"
-        else:
-            peak_flops, peak_source = measure_peak_flops(run.device)
-        result = report(run, measured, peak_flops, peak_source)
-    except UserError as e:
-        if debug:
-            raise
-        print(f"bench.py: error: {e}", file=sys.stderr, flush=True)
-        return 1
+def bench(args: argparse.Namespace) -> int:
+    run = bertcls.Run(args, log, device=pick_device(args.device))
+    measured = measure(run, args.steps, args.warmup, args.tutorial_style)
+    if args.peak_flops:
+        peak_flops, peak_source = args.peak_flops, "--peak_flops"
+    else:
+        peak_flops, peak_source = measure_peak_flops(run.device, run.dtype)
+    result = report(run, measured, peak_flops, peak_source)
     print(f"{result['mode']} on {result['device']} ({result['device_name']}), {result['dtype']}"
           f"{', compiled' if result['compile'] else ''}, {result['threads']} threads: {result['steps']} steps, "
           f"{result['examples']} examples in {result['seconds']:.1f} s | {result['examples_per_s']:.2f} examples/s | "
@@ -255,6 +237,11 @@ def main(argv: Sequence[str] | None = None) -> int:
           f"{result['peak_flops'] / 1e9:.0f} GFLOP/s ({peak_source})")
     print(json.dumps(result), flush=True)
     return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    return run_cli("bench.py", lambda: bench(args), args.debug, oom_advice=bertcls.OOM_ADVICE)
 
 
 if __name__ == "__main__":

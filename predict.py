@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 import sys
 from pathlib import Path
@@ -24,10 +23,10 @@ from typing import Any, Sequence, TextIO
 
 import torch
 
-from bertcls import (UserError, atomic_write_text, autocast_context, example_text, first_line, load_tokenizer,
-                     pack, pick_device, position_limit, positive_int, predict, resolve_dtype, tokenize_rows,
-                     uses_token_type_ids)
-from prepare import parse_json_object
+from bertcls import example_text, pack, predict, tokenize_rows
+from common import (UserError, atomic_write_text, autocast_context, first_line, log, parse_json_object, pick_device,
+                    positive_int, resolve_dtype, run_cli)
+from families import load_tokenizer, position_limit, uses_token_type_ids
 
 DEFAULT_LABEL = re.compile(r"LABEL_\d+")  # the names transformers makes up for a config without labels
 
@@ -55,10 +54,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--debug", action="store_true",
                    help="show tracebacks for errors (default: off; env BERTCLS_DEBUG=1 does the same)")
     return p.parse_args(argv)
-
-
-def log(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
 
 
 # --------------------------------------------------------------------------------------------- input
@@ -215,7 +210,7 @@ def classify(args: argparse.Namespace, rows: list[dict]) -> list[dict]:
     model = load_classifier(model_dir, args.trust_remote_code)
     tokenizer = load_tokenizer(str(model_dir), "auto", args.trust_remote_code, log)
     max_len, with_types = input_settings(settings, args.max_seq_len, model, tokenizer)
-    device = pick_device(args.device, None)
+    device = pick_device(args.device)
     ctx = autocast_context(device, resolve_dtype(args.dtype, device))
     packed = pack(tokenize_rows(tokenizer, rows, max_len, with_types))
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -224,27 +219,20 @@ def classify(args: argparse.Namespace, rows: list[dict]) -> list[dict]:
     return [prediction_record(row, p, id2label, args.top_k) for row, p in zip(rows, probs.tolist())]
 
 
+def run_predict(args: argparse.Namespace) -> int:
+    if args.text is not None:
+        rows = [{"text": args.text}]
+    else:
+        rows = parse_jsonl(*read_input(args.input, sys.stdin), args.skip_bad_lines)
+    records = classify(args, rows)
+    write_output(args.output, [json.dumps(r, ensure_ascii=False) for r in records])
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    debug = args.debug or os.environ.get("BERTCLS_DEBUG") == "1"
-    try:
-        if args.text is not None:
-            rows = [{"text": args.text}]
-        else:
-            rows = parse_jsonl(*read_input(args.input, sys.stdin), args.skip_bad_lines)
-        records = classify(args, rows)
-        write_output(args.output, [json.dumps(r, ensure_ascii=False) for r in records])
-        return 0
-    except torch.OutOfMemoryError:
-        if debug:
-            raise
-        log("predict.py: error: out of GPU memory: lower --batch_size or --max_seq_len, or use --device cpu")
-        return 1
-    except UserError as e:
-        if debug:
-            raise
-        log(f"predict.py: error: {e}")
-        return 1
+    return run_cli("predict.py", lambda: run_predict(args), args.debug, stopped=lambda: "no output was written",
+                   oom_advice="lower --batch_size or --max_seq_len, or use --device cpu")
 
 
 if __name__ == "__main__":

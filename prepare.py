@@ -27,7 +27,6 @@ import shutil
 import sys
 import tarfile
 import time
-import traceback
 import unicodedata
 import urllib.error
 import urllib.parse
@@ -36,6 +35,9 @@ import zlib
 from collections import Counter, defaultdict
 from pathlib import Path, PurePosixPath
 from typing import BinaryIO, Iterator
+
+from common import (UserError, atomic_write_text, check_output_dir, decode_utf8, iter_jsonl, jsonl_line, read_bytes,
+                    run_cli)
 
 CORPUS_URL = "https://www.rondhuit.com/download/ldcc-20140209.tar.gz"
 N_CATEGORIES = 9
@@ -56,10 +58,6 @@ DOWNLOAD_TIMEOUT_S = 60.0
 DOWNLOAD_ATTEMPTS = 4
 RETRY_BACKOFF_S = 2.0
 PROGRESS_EVERY_S = 10.0  # when stderr is not a terminal (CI logs), one line this often
-
-
-class UserError(Exception):
-    """A problem the user can fix: main() prints it as one line and exits non-zero."""
 
 
 class DownloadInterrupted(Exception):
@@ -90,79 +88,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--debug", action="store_true",
                    help="show a traceback on errors (default: off; env BERTCLS_DEBUG=1 does the same)")
     return p.parse_args(argv)
-
-
-# ---------------------------------------------------------------- small shared helpers
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write text to path so that readers see either the old file or the whole new one."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    try:
-        with open(tmp, "w", encoding="utf-8", newline="\n") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def decode_utf8(data: bytes, where: str) -> str:
-    """Decode UTF-8 (a leading BOM is dropped); a bad byte is a UserError naming the line."""
-    try:
-        return data.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        line = data.count(b"\n", 0, e.start) + 1
-        raise UserError(f"{where}:{line}: not UTF-8 (byte 0x{data[e.start]:02x}); "
-                        f"convert the file to UTF-8 or remove it") from None
-
-
-def read_bytes(path: Path) -> bytes:
-    try:
-        return Path(path).read_bytes()
-    except FileNotFoundError:
-        raise UserError(f"{path} does not exist; check the path") from None
-    except IsADirectoryError:
-        raise UserError(f"{path} is a directory; expected a file") from None
-    except OSError as e:
-        raise UserError(f"cannot read {path}: {e.strerror}") from None
-
-
-def parse_json_object(line: str) -> dict:
-    """One JSONL line as an object; ValueError says what is wrong with it."""
-    try:
-        row = json.loads(line)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"not valid JSON ({e.msg}); fix or remove that line") from None
-    if not isinstance(row, dict):
-        raise ValueError(f"expected a JSON object, got {type(row).__name__}")
-    return row
-
-
-def iter_jsonl(path: Path) -> Iterator[tuple[int, dict]]:
-    """Yield (line number, object) for each non-empty line."""
-    text = decode_utf8(read_bytes(path), str(path))
-    # split on "\n" only: JSON strings may hold U+2028 and other characters str.splitlines() breaks at
-    for lineno, line in enumerate(text.split("\n"), 1):
-        if not line.strip():
-            continue
-        try:
-            yield lineno, parse_json_object(line)
-        except ValueError as e:
-            raise UserError(f"{path}:{lineno}: {e}") from None
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    """Read one JSON object per non-empty line; a bad line is a UserError naming file:line."""
-    return [row for _, row in iter_jsonl(path)]
-
-
-def jsonl_line(row: dict) -> str:
-    # these three survive ensure_ascii=False unescaped, and str.splitlines() would break a line at them
-    line = json.dumps(row, ensure_ascii=False)
-    return line.replace("\x85", "\\u0085").replace("\u2028", "\\u2028").replace("\u2029", "\\u2029") + "\n"
 
 
 # ---------------------------------------------------------------- livedoor articles
@@ -460,18 +385,14 @@ def rare_label_warning(splits: dict[str, list[dict]], label2id: dict[str, int]) 
 
 # ---------------------------------------------------------------- output
 
-def check_output_dir(output_dir: Path) -> None:
+def check_dataset_dir(output_dir: Path) -> None:
     """Fail before any work if the output cannot be written without clobbering something else."""
-    if output_dir.exists() and not output_dir.is_dir():
-        raise UserError(f"output path {output_dir} is a file; pass a directory with --output_dir")
+    check_output_dir(output_dir)
     if output_dir.is_dir():
         foreign = sorted(p.name for p in output_dir.iterdir() if p.name not in OUTPUT_FILES)
         if foreign:
             raise UserError(f"{output_dir} holds files prepare.py did not write ({', '.join(foreign[:3])}); "
                             f"pass a new or empty --output_dir")
-    for parent in output_dir.parents:
-        if parent.exists() and not parent.is_dir():
-            raise UserError(f"output path {output_dir}: {parent} is a file; pass a directory with --output_dir")
 
 
 def write_dataset(output_dir: Path, splits: dict[str, list[dict]], label2id: dict[str, int]) -> None:
@@ -621,27 +542,19 @@ def load(args: argparse.Namespace) -> tuple[list[dict], dict[str, int], str]:
     return rows, label2id, f"read {len(rows)} articles in {len(label2id)} categories from {source}, {checked}"
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    debug = args.debug or os.environ.get("BERTCLS_DEBUG") == "1"
+def prepare(args: argparse.Namespace) -> int:
     started = time.perf_counter()
-    try:
-        default_dir = f"datasets/{Path(args.input).stem}" if is_own_data(args) else "datasets/livedoor"
-        output_dir = Path(args.output_dir or default_dir)
-        check_output_dir(output_dir)
-        rows, label2id, source_line = load(args)
-        print(source_line)
-        groups = duplicate_groups(rows)
-        if args.dedupe:
-            rows = drop_duplicates(rows, groups)
-        train, val, test = split(rows, args.seed)
-        splits = {"train": train, "val": val, "test": test, "all": rows}
-        write_dataset(output_dir, splits, label2id)
-    except UserError as e:
-        if debug:
-            traceback.print_exc()
-        print(f"prepare.py: error: {e}", file=sys.stderr)
-        return 1
+    default_dir = f"datasets/{Path(args.input).stem}" if is_own_data(args) else "datasets/livedoor"
+    output_dir = Path(args.output_dir or default_dir)
+    check_dataset_dir(output_dir)
+    rows, label2id, source_line = load(args)
+    print(source_line)
+    groups = duplicate_groups(rows)
+    if args.dedupe:
+        rows = drop_duplicates(rows, groups)
+    train, val, test = split(rows, args.seed)
+    splits = {"train": train, "val": val, "test": test, "all": rows}
+    write_dataset(output_dir, splits, label2id)
     split_of = {r["id"]: name for name in SPLIT_NAMES for r in splits[name]}
     print(summary(splits, label2id))
     print(duplicate_report(groups, split_of, args.dedupe))
@@ -654,6 +567,12 @@ def main(argv: list[str] | None = None) -> int:
     print(f"wrote {output_dir}/{{all,train,val,test}}.jsonl and label2id.json (seed {args.seed}) "
           f"in {time.perf_counter() - started:.1f} s")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    return run_cli("prepare.py", lambda: prepare(args), args.debug,
+                   stopped=lambda: "nothing was written (a dataset is swapped into place only when complete)")
 
 
 if __name__ == "__main__":

@@ -34,7 +34,6 @@ import io
 import json
 import math
 import os
-import signal
 import socket
 import statistics
 import subprocess
@@ -44,7 +43,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import bertcls
-from prepare import UserError, atomic_write_text
+from common import UserError, atomic_write_text, first_line, log, positive_float, run_cli, safe_name
 
 try:
     import fcntl
@@ -85,7 +84,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--model_names", nargs="+", metavar="MODEL",
                    help="models to fine-tune (default: the 17 models of the tutorial's results table; "
                         "with --no_run: every model found)")
-    p.add_argument("--lrs", nargs="+", type=bertcls.positive_float, metavar="LR",
+    p.add_argument("--lrs", nargs="+", type=positive_float, metavar="LR",
                    help="peak learning rates (default: 1e-5 3e-5 5e-5; with --no_run: every lr found)")
     p.add_argument("--seeds", nargs="+", type=int, metavar="SEED",
                    help="seeds (default: 42; with --no_run: every seed found)")
@@ -182,11 +181,6 @@ class Combination:
         return f"{self.model_name} lr {self.lr:g} seed {self.seed}"
 
 
-def safe_name(model_name: str) -> str:
-    """The directory name bertcls.make_run_dir gives a model."""
-    return model_name.strip("/").removeprefix("./").replace("/", "__")
-
-
 def combinations(models: Sequence[str], lrs: Sequence[float], seeds: Sequence[int], passed: Sequence[str],
                  output_dir: Path) -> list[Combination]:
     combos, seen = [], []
@@ -232,7 +226,7 @@ def read_json_object(path: Path) -> dict:
     except FileNotFoundError:
         raise ValueError(f"{path.name} is missing") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path.name} cannot be read ({bertcls.first_line(e)})") from None
+        raise ValueError(f"{path.name} cannot be read ({first_line(e)})") from None
     if not isinstance(obj, dict):
         raise ValueError(f"{path.name} is not a JSON object")
     return obj
@@ -601,27 +595,8 @@ def sweep(args: argparse.Namespace, log: Callable[[str], None]) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    debug = args.debug or os.environ.get("BERTCLS_DEBUG") == "1"
-
-    def log(message: str) -> None:
-        print(message, file=sys.stderr, flush=True)
-
-    previous_sigterm = signal.signal(signal.SIGTERM, bertcls.raise_terminated)
-    try:
-        return sweep(args, log)
-    except KeyboardInterrupt:
-        log("sweep.py: interrupted; run the same command again to resume")
-        return bertcls.EXIT_SIGINT
-    except bertcls.Terminated:
-        log("sweep.py: terminated; run the same command again to resume")
-        return bertcls.EXIT_SIGTERM
-    except UserError as e:
-        if debug:
-            raise
-        print(f"sweep.py: error: {e}", file=sys.stderr, flush=True)
-        return 1
-    finally:
-        signal.signal(signal.SIGTERM, previous_sigterm)
+    return run_cli("sweep.py", lambda: sweep(args, log), args.debug,
+                   stopped=lambda: "run the same command again to resume")
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ import torch
 
 import bench
 import bertcls
+import common
 from conftest import train_args, write_dataset
 
 REQUIRED_KEYS = {"examples_per_s", "tokens_per_s", "padding_fraction", "peak_mem_mb", "mfu", "peak_flops", "device"}
@@ -31,7 +32,10 @@ def test_bench_prints_one_json_line_with_sane_figures(mode, tiny_bert, tiny_data
                         *mode)
     assert REQUIRED_KEYS <= set(result)
     assert result["mode"] == ("tutorial_style" if mode else "bertcls")
-    assert result["device"] == "cpu" and result["dtype"] == "float32"
+    # --dtype auto: bf16 on a CPU with bf16 matrix units (AVX512-BF16, AMX), else fp32; the peak in the same dtype
+    expected = common.dtype_name(common.resolve_dtype("auto", torch.device("cpu")))
+    assert result["device"] == "cpu" and result["dtype"] == expected
+    assert result["peak_flops_source"].startswith(f"{expected} matmul")
     assert result["examples"] == 3 * 8  # only the timed steps are counted
     assert result["examples_per_s"] > 0 and result["tokens_per_s"] > 0
     assert 0 <= result["padding_fraction"] < 1

@@ -19,6 +19,8 @@ import pytest
 import torch
 
 import bertcls
+import common
+import families
 from conftest import REPO, finished_runs, train_args, write_dataset
 
 # ------------------------------------------------------------------------------------ pure functions
@@ -76,89 +78,8 @@ def test_weight_decay_groups_on_real_bert_parameter_names():
     assert len(decayed) + len(not_decayed) == len(names)
 
 
-def test_fast_dropout_rate_scale_and_gradient():
-    torch.manual_seed(0)
-    n, p = 400_000, 0.1
-    x = torch.ones(n, requires_grad=True)
-    y = bertcls.fast_dropout(x, p)
-    dropped = y == 0
-    threshold = round(p * bertcls.DROPOUT_MASK_LEVELS)
-    scale = bertcls.DROPOUT_MASK_LEVELS / (bertcls.DROPOUT_MASK_LEVELS - threshold)
-    assert torch.equal(y[~dropped], torch.full_like(y[~dropped], scale))  # kept values scaled, nothing else
-    # each of the four 15-bit draws taken from a 64-bit word drops at rate p (5 sigma: 0.0024)
-    assert dropped.view(-1, 4).float().mean(0).sub(p).abs().max() < 0.0024
-    assert abs(y.mean().item() - 1.0) < 0.003  # inverted dropout keeps the expectation
-    y.backward(torch.full_like(y, 2.0))
-    assert torch.equal(x.grad, 2.0 * y.detach())  # the gradient flows through the same mask
-    same = torch.randn(3, 5)
-    assert bertcls.fast_dropout(same, p, training=False) is same and bertcls.fast_dropout(same, 0.0) is same
-
-
-def test_fast_dropout_attention_equals_sdpa_with_padding():
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-    torch.manual_seed(0)
-    module = torch.nn.Module()
-    module.is_causal = False
-    query, key, value = (torch.randn(2, 3, 10, 8) for _ in range(3))
-    keep = torch.ones(2, 1, 10, 10, dtype=torch.bool)
-    keep[1, ..., 6:] = False  # the second example's last 4 tokens are padding
-    additive = torch.zeros(2, 1, 10, 10).masked_fill(~keep, torch.finfo(torch.float32).min)
-    for mask in (keep, additive, None):
-        expected, _ = sdpa_attention_forward(module, query, key, value, mask, dropout=0.0, scaling=0.3)
-        # a drop probability that rounds to 0/32768 takes the fast path with an all-keep mask
-        got, _ = bertcls.attention_with_fast_dropout(module, query, key, value, mask, dropout=1e-9, scaling=0.3)
-        torch.testing.assert_close(got, expected)
-
-
-def test_fast_dropout_swaps_every_dropout_and_saves_a_stock_model(tiny_bert, tmp_path):
-    from transformers import AutoModelForSequenceClassification
-    model = AutoModelForSequenceClassification.from_pretrained(tiny_bert, num_labels=3).eval()
-    ids = torch.tensor([[2, 10, 11, 12, 3, 0], [2, 13, 14, 3, 0, 0]])
-    mask = (ids != 0).long()
-    before = model(input_ids=ids, attention_mask=mask).logits
-    n_dropouts = sum(type(m) is torch.nn.Dropout for m in model.modules())
-    bertcls.use_fast_dropout(model)
-    assert sum(type(m) is torch.nn.Dropout for m in model.modules()) == 0
-    assert sum(type(m) is bertcls.FastDropout for m in model.modules()) == n_dropouts > 0
-    assert model.config._attn_implementation == bertcls.FAST_DROPOUT_ATTENTION
-    torch.testing.assert_close(model(input_ids=ids, attention_mask=mask).logits, before, rtol=0, atol=0)
-    model.save_pretrained(tmp_path)
-    assert bertcls.FAST_DROPOUT_ATTENTION not in (tmp_path / "config.json").read_text()
-
-
-def test_fast_dropout_is_replayed_by_gradient_checkpointing(tiny_bert):
-    from transformers import AutoModelForSequenceClassification
-    ids = torch.tensor([[2, 10, 11, 12, 3, 0], [2, 13, 14, 3, 0, 0]])
-    batch = dict(input_ids=ids, attention_mask=(ids != 0).long(), labels=torch.tensor([0, 2]))
-
-    def first_layer_grad(checkpointing: bool, seed: int) -> torch.Tensor:
-        torch.manual_seed(0)  # the same classifier head every time
-        model = AutoModelForSequenceClassification.from_pretrained(tiny_bert, num_labels=3).train()
-        bertcls.use_fast_dropout(model)
-        if checkpointing:  # the backward pass recomputes each layer: its masks must be drawn again identically
-            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        torch.manual_seed(seed)
-        model(**batch).loss.backward()
-        return model.bert.encoder.layer[0].attention.self.query.weight.grad
-
-    plain = first_layer_grad(False, seed=1)
-    torch.testing.assert_close(first_layer_grad(True, seed=1), plain, rtol=0, atol=0)
-    assert not torch.allclose(first_layer_grad(False, seed=2), plain)  # other masks, other gradients
-
-
-def test_torch_dropout_flag_keeps_the_stock_dropout(tiny_bert):
-    from types import SimpleNamespace
-    from transformers import AutoModelForSequenceClassification
-    for flags, fast in (([], True), (["--torch_dropout"], False)):
-        model = AutoModelForSequenceClassification.from_pretrained(tiny_bert, num_labels=3)
-        run = SimpleNamespace(model=model, device=torch.device("cpu"), world_size=1,
-                              args=bertcls.parse_args(["--model_name", str(tiny_bert), *flags]))
-        bertcls.prepare_model(run)
-        assert any(type(m) is bertcls.FastDropout for m in model.modules()) == fast
-
-
 def test_pair_truncation_keeps_the_title(tiny_bert):
-    tokenizer = bertcls.load_tokenizer(str(tiny_bert))
+    tokenizer = families.load_tokenizer(str(tiny_bert))
     title, body = "野球の試合", "選手、監督、サッカー、得点が発表された。" * 20
     title_ids = tokenizer(title, add_special_tokens=False)["input_ids"]
     enc = bertcls.encode_one(tokenizer, title, body, max_len=24, with_token_types=True)
@@ -227,7 +148,8 @@ def test_training_learns_and_writes_every_output(two_runs, tiny_rows, tiny_bert)
     accuracy = sum(p["gold"] == p["predicted"] for p in run["predictions"]) / len(run["predictions"])
     assert accuracy == pytest.approx(run["test"]["accuracy"])
     config = run["config"]
-    assert config["args"]["lr"] == 3e-3 and config["device"] == "cpu" and config["dtype"] == "float32"
+    auto_dtype = common.dtype_name(common.resolve_dtype("auto", torch.device("cpu")))  # bf16 on CPUs with bf16 units
+    assert config["args"]["lr"] == 3e-3 and config["device"] == "cpu" and config["dtype"] == auto_dtype
     assert config["params"] > config["params_non_embedding"] > 0
     assert config["total_optimizer_steps"] == 6 * math.ceil(80 / 8)
     assert len(config["dataset_digest"]) == 64
@@ -399,8 +321,8 @@ def test_signal_mid_training_keeps_config_and_log_but_no_metrics(signum, exit_co
 
 
 def test_debug_shows_the_traceback(tiny_bert, tmp_path, monkeypatch):
-    with pytest.raises(bertcls.UserError, match="prepare.py"):
+    with pytest.raises(common.UserError, match="prepare.py"):
         bertcls.main([*train_args(tiny_bert, tmp_path / "nowhere", tmp_path / "out"), "--debug"])
     monkeypatch.setenv("BERTCLS_DEBUG", "1")
-    with pytest.raises(bertcls.UserError, match="prepare.py"):
+    with pytest.raises(common.UserError, match="prepare.py"):
         bertcls.main(train_args(tiny_bert, tmp_path / "nowhere", tmp_path / "out"))

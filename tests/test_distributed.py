@@ -8,11 +8,14 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 import bertcls
+import common
+import families
 from conftest import REPO, finished_runs, train_args
 
 
@@ -51,17 +54,20 @@ def test_distributed_test_metrics_equal_single_process_evaluation(ddp_run, tiny_
 
     model_dir = ddp_run / "model"
     model = AutoModelForSequenceClassification.from_pretrained(model_dir)
-    tokenizer = bertcls.load_tokenizer(str(model_dir))
+    tokenizer = families.load_tokenizer(str(model_dir))
     label2id = bertcls.load_label2id(tiny_dataset)
     rows = bertcls.load_split(tiny_dataset, "test", label2id)
-    packed = bertcls.pack(bertcls.tokenize_rows(tokenizer, rows, 64, bertcls.uses_token_type_ids(model.config)))
+    packed = bertcls.pack(bertcls.tokenize_rows(tokenizer, rows, 64, families.uses_token_type_ids(model.config)))
     labels = torch.tensor([r["label"] for r in rows])
+    dtype = getattr(torch, json.loads((ddp_run / "config.json").read_text(encoding="utf-8"))["dtype"])  # as the run
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as each torchrun worker ran, so the float sums are the same
     try:
-        metrics, _ = bertcls.evaluate(model, packed, labels, {i: n for n, i in label2id.items()},
-                                      batch_size=16, device=torch.device("cpu"),
-                                      ctx=bertcls.autocast_context(torch.device("cpu"), torch.float32), pad_id=0)
+        run = SimpleNamespace(packed={"test": packed}, labels={"test": labels}, id2label={i: n for n, i in label2id.items()},
+                              args=SimpleNamespace(eval_batch_size=16), device=torch.device("cpu"),
+                              ctx=common.autocast_context(torch.device("cpu"), dtype), pad_id=0, rank=0,
+                              world_size=1, buckets=None)
+        metrics, _ = bertcls.evaluate(model, run, "test")
     finally:
         torch.set_num_threads(threads)
     recorded = json.loads((ddp_run / "test-metrics.json").read_text(encoding="utf-8"))
@@ -111,7 +117,7 @@ def test_accumulated_gradients_equal_one_large_batch(tiny_bert, tiny_dataset):
 
     label2id = bertcls.load_label2id(tiny_dataset)
     rows = bertcls.load_split(tiny_dataset, "train", label2id)[:13]
-    tokenizer = bertcls.load_tokenizer(str(tiny_bert))
+    tokenizer = families.load_tokenizer(str(tiny_bert))
     packed = bertcls.pack(bertcls.tokenize_rows(tokenizer, rows, 64, True))
     labels = torch.tensor([r["label"] for r in rows])
     states = []
@@ -122,10 +128,13 @@ def test_accumulated_gradients_equal_one_large_batch(tiny_bert, tiny_dataset):
             tiny_bert, num_labels=3, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
         # plain SGD: the step is proportional to the gradient (Adam's first step is ~sign(gradient))
         optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
-        bertcls.train_epoch(model, optimizer, torch.amp.GradScaler("cpu", enabled=False), packed, labels, batches,
-                            ctx=bertcls.autocast_context(torch.device("cpu"), torch.float32),
-                            device=torch.device("cpu"), pad_id=0, step=0, total_steps=2, warmup_steps=0,
-                            max_lr=0.5, grad_accum_steps=accumulation, max_grad_norm=1.0, log_interval=1, epoch=1)
+        run = SimpleNamespace(packed={"train": packed}, labels={"train": labels}, device=torch.device("cpu"),
+                              ctx=common.autocast_context(torch.device("cpu"), torch.float32), pad_id=0, buckets=None,
+                              total_steps=2, warmup_steps=0,
+                              args=SimpleNamespace(lr=0.5, grad_accum_steps=accumulation, max_grad_norm=1.0,
+                                                   log_interval=1))
+        bertcls.train_epoch(model, optimizer, torch.amp.GradScaler("cpu", enabled=False), run, batches, step=0,
+                            epoch=1)
         states.append({k: v.clone() for k, v in model.state_dict().items()})
     initial = AutoModelForSequenceClassification.from_pretrained(tiny_bert, num_labels=3).state_dict()
     moved = [k for k in states[0] if not torch.equal(states[0][k], initial[k]) and "classifier" not in k]

@@ -16,6 +16,7 @@ import sentencepiece
 import unidic_lite
 
 import bertcls
+import families
 from conftest import (build_tiny_bert_japanese, build_tiny_luke, build_tiny_multilingual_bert,
                       build_tiny_xlm_roberta, finished_runs, train_args, train_tiny_sentencepiece)
 
@@ -73,24 +74,24 @@ def test_v1_config_is_detected_from_config_json(family_models):
     v1 = family_models("v1")
     on_disk = json.loads((v1 / "tokenizer_config.json").read_text(encoding="utf-8"))
     assert "tokenizer_class" not in on_disk and "mecab_kwargs" not in on_disk  # the hub's v1 layout
-    config = bertcls.read_tokenizer_config(str(v1))
+    config = families.read_tokenizer_config(str(v1))
     assert config["tokenizer_class"] == "BertJapaneseTokenizer"
-    assert bertcls.mecab_override(config, "auto") == {"mecab_kwargs": {"mecab_dic": "ipadic"}}
+    assert families.mecab_override(config, "auto") == {"mecab_kwargs": {"mecab_dic": "ipadic"}}
 
 
 def test_mecab_override_only_for_mecab_configs_without_a_dictionary():
     v1 = {"tokenizer_class": "BertJapaneseTokenizer", "word_tokenizer_type": "mecab"}
     v3 = {**v1, "mecab_kwargs": {"mecab_dic": "unidic_lite"}}
-    assert bertcls.mecab_override(v3, "auto") == {}
-    assert bertcls.mecab_override(v3, "ipadic") == {"mecab_kwargs": {"mecab_dic": "ipadic"}}
-    assert bertcls.mecab_override(v1, "unidic") == {"mecab_kwargs": {"mecab_dic": "unidic"}}
-    assert bertcls.mecab_override({"tokenizer_class": "BertJapaneseTokenizer"}, "auto") == {}  # basic, no MeCab
-    assert bertcls.mecab_override({"word_tokenizer_type": "mecab"}, "ipadic") == {}  # not a BertJapaneseTokenizer
+    assert families.mecab_override(v3, "auto") == {}
+    assert families.mecab_override(v3, "ipadic") == {"mecab_kwargs": {"mecab_dic": "ipadic"}}
+    assert families.mecab_override(v1, "unidic") == {"mecab_kwargs": {"mecab_dic": "unidic"}}
+    assert families.mecab_override({"tokenizer_class": "BertJapaneseTokenizer"}, "auto") == {}  # basic, no MeCab
+    assert families.mecab_override({"word_tokenizer_type": "mecab"}, "ipadic") == {}  # not a BertJapaneseTokenizer
 
 
 def test_v1_models_segment_with_ipadic(family_models):
     notes = []
-    tokenizer = bertcls.load_tokenizer(str(family_models("v1")), log=notes.append)
+    tokenizer = families.load_tokenizer(str(family_models("v1")), log=notes.append)
     assert notes == [f"note: {family_models('v1')}: BertJapaneseTokenizer with MeCab dictionary ipadic "
                      "(--mecab_dic to change)"]
     for sentence in SENTENCES:
@@ -103,21 +104,21 @@ def test_v1_models_segment_with_ipadic(family_models):
 
 def test_mecab_dic_flag_overrides_the_v1_default(family_models):
     notes = []
-    tokenizer = bertcls.load_tokenizer(str(family_models("v1")), mecab_dic="unidic_lite", log=notes.append)
+    tokenizer = families.load_tokenizer(str(family_models("v1")), mecab_dic="unidic_lite", log=notes.append)
     assert notes[0].endswith("MeCab dictionary unidic_lite (--mecab_dic to change)")
     assert tokenizer.word_tokenizer.tokenize(SENTENCES[0]) == unidic_lite_surfaces(SENTENCES[0])
 
 
 def test_v3_models_keep_unidic_lite_without_a_notice(family_models):
     notes = []
-    tokenizer = bertcls.load_tokenizer(str(family_models("v3")), log=notes.append)
+    tokenizer = families.load_tokenizer(str(family_models("v3")), log=notes.append)
     assert notes == []
     assert tokenizer.tokenize(SENTENCES[1]) == unidic_lite_surfaces(SENTENCES[1])
 
 
 @pytest.mark.parametrize("family, segment", [("char_v3", unidic_lite_surfaces), ("char_v1", ipadic_surfaces)])
 def test_character_models_split_mecab_words_into_characters(family_models, family, segment):
-    tokenizer = bertcls.load_tokenizer(str(family_models(family)), log=lambda message: None)
+    tokenizer = families.load_tokenizer(str(family_models(family)), log=lambda message: None)
     assert tokenizer.word_tokenizer.tokenize(SENTENCES[0]) == segment(SENTENCES[0])
     assert tokenizer.tokenize(SENTENCES[1]) == list(SENTENCES[1])
 
@@ -136,7 +137,7 @@ def fairseq_ids(spm_model: bytes, text: str) -> list[int]:
 def test_sentencepiece_families_get_pretraining_ids(family_models, spm_model, family):
     from transformers import AutoConfig
     text = "野球の試合でｽﾏﾎの[MASK]が優勝した"  # half-width katakana: NFKC-normalised by sentencepiece
-    tokenizer = bertcls.load_tokenizer(str(family_models(family)), log=lambda message: None)
+    tokenizer = families.load_tokenizer(str(family_models(family)), log=lambda message: None)
     ids = tokenizer(text)["input_ids"]
     assert ids == fairseq_ids(spm_model, text)
     # sentencepiece's NFKC: half-width katakana gets the full-width pieces, not <unk>
@@ -148,7 +149,7 @@ def test_sentencepiece_families_get_pretraining_ids(family_models, spm_model, fa
 def test_luke_tokenizer_swap_is_announced(family_models):
     # fails once transformers' MLukeTokenizer numbers sentencepiece models right: the swap can then go
     notes = []
-    bertcls.load_tokenizer(str(family_models("luke")), log=notes.append)
+    families.load_tokenizer(str(family_models("luke")), log=notes.append)
     assert len(notes) == 1 and "XLMRobertaTokenizer" in notes[0]
 
 
@@ -156,8 +157,8 @@ def test_luke_tokenizer_swap_is_announced(family_models):
 def test_token_type_ids_only_for_models_with_segment_embeddings(family_models, tiny_rows, family, with_types):
     from transformers import AutoConfig
     model_dir = family_models(family)
-    tokenizer = bertcls.load_tokenizer(str(model_dir), log=lambda message: None)
-    assert bertcls.uses_token_type_ids(AutoConfig.from_pretrained(model_dir)) is with_types
+    tokenizer = families.load_tokenizer(str(model_dir), log=lambda message: None)
+    assert families.uses_token_type_ids(AutoConfig.from_pretrained(model_dir)) is with_types
     rows = tiny_rows["train"][:4]
     packed = bertcls.pack(bertcls.tokenize_rows(tokenizer, rows, 64, with_types))
     batch = bertcls.collate(packed, [0, 1, 2, 3], None, tokenizer.pad_token_id)
@@ -165,7 +166,7 @@ def test_token_type_ids_only_for_models_with_segment_embeddings(family_models, t
         assert batch["token_type_ids"].max() == 1  # the body is segment B
     else:
         assert "token_type_ids" not in batch
-        model = bertcls.load_model(str(model_dir), {"a": 0, "b": 1, "c": 2})
+        model = families.load_model(str(model_dir), {"a": 0, "b": 1, "c": 2})
         assert model(**batch).logits.shape == (4, 3)  # LUKE without entity inputs: words only
 
 
@@ -180,21 +181,21 @@ def test_max_len_capped_by_roberta_style_positions_with_a_notice():
     from transformers import RobertaConfig, XLMRobertaConfig
     notes = []
     config = XLMRobertaConfig(max_position_embeddings=34, pad_token_id=1)
-    assert bertcls.effective_max_len(512, HugeLimitTokenizer(), config, log=notes.append) == 32
+    assert families.effective_max_len(512, HugeLimitTokenizer(), config, log=notes.append) == 32
     assert notes == ["note: max_seq_len capped at 32 by the model's position embeddings"]
-    assert bertcls.effective_max_len(16, HugeLimitTokenizer(), config, log=notes.append) == 16
+    assert families.effective_max_len(16, HugeLimitTokenizer(), config, log=notes.append) == 16
     assert len(notes) == 1
-    assert bertcls.position_limit(RobertaConfig(max_position_embeddings=514, pad_token_id=0)) == 513
+    assert families.position_limit(RobertaConfig(max_position_embeddings=514, pad_token_id=0)) == 513
 
 
 def test_max_len_capped_by_bert_positions_and_tokenizer():
     from transformers import BertConfig
     notes = []
-    assert bertcls.effective_max_len(512, HugeLimitTokenizer(), BertConfig(max_position_embeddings=40),
+    assert families.effective_max_len(512, HugeLimitTokenizer(), BertConfig(max_position_embeddings=40),
                                      log=notes.append) == 40
     tokenizer = HugeLimitTokenizer()
     tokenizer.model_max_length = 24
-    assert bertcls.effective_max_len(512, tokenizer, BertConfig(max_position_embeddings=40), log=notes.append) == 24
+    assert families.effective_max_len(512, tokenizer, BertConfig(max_position_embeddings=40), log=notes.append) == 24
     assert notes == ["note: max_seq_len capped at 40 by the model's position embeddings",
                      "note: max_seq_len capped at 24 by the tokenizer's model_max_length"]
 
@@ -220,7 +221,7 @@ def test_family_trains_and_evaluates(family_models, tiny_dataset, tmp_path, caps
 
 
 def test_luke_cap_matters(family_models, tiny_rows):
-    tokenizer = bertcls.load_tokenizer(str(family_models("luke")), log=lambda message: None)
+    tokenizer = families.load_tokenizer(str(family_models("luke")), log=lambda message: None)
     lengths = [len(ids) for ids in bertcls.tokenize_rows(tokenizer, tiny_rows["train"], 128, False)["input_ids"]]
     assert max(lengths) > 64  # uncapped, some examples would index past the 66 position embeddings
 

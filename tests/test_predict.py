@@ -13,6 +13,7 @@ from types import SimpleNamespace
 import pytest
 
 import bertcls
+import families
 import predict
 from conftest import REPO, finished_runs, train_args
 
@@ -116,7 +117,8 @@ def test_pipeline_loads_saved_model(run_dir, tiny_rows, monkeypatch, capsys):
     from transformers import pipeline
     row = tiny_rows["test"][0]
     monkeypatch.setattr(sys, "stdin", io.StringIO(json.dumps(row, ensure_ascii=False) + "\n"))
-    rc, [expected], err = run_predict(capsys, "--model_dir", str(run_dir / "model"))
+    # the pipeline computes in fp32; predict.py's default on a CPU with bf16 units is bf16 autocast
+    rc, [expected], err = run_predict(capsys, "--model_dir", str(run_dir / "model"), "--dtype", "fp32")
     assert rc == 0, err
     classifier = pipeline("text-classification", model=str(run_dir / "model"), device="cpu")
     ranked = classifier({"text": row["title"], "text_pair": row["body"]}, truncation="only_second", top_k=None)
@@ -205,11 +207,11 @@ def test_refuses_weights_without_classifier(run_dir, tmp_path, capsys):
 def test_save_model_replaces_stale_temporary_directory(run_dir, tmp_path, capsys):
     from transformers import AutoModelForSequenceClassification
     model = AutoModelForSequenceClassification.from_pretrained(run_dir / "model", use_safetensors=True)
-    tokenizer = bertcls.load_tokenizer(str(run_dir / "model"))
+    tokenizer = families.load_tokenizer(str(run_dir / "model"))
     stale = tmp_path / ".model.tmp"
     stale.mkdir()
     (stale / "pytorch_model.bin").write_bytes(b"left by an interrupted save")
-    run = SimpleNamespace(model=model, tokenizer=tokenizer, max_len=32, args=SimpleNamespace(model_name="base"))
+    run = SimpleNamespace(raw_model=model, tokenizer=tokenizer, max_len=32, args=SimpleNamespace(model_name="base"))
     bertcls.save_model(run, tmp_path / "model")
     assert not stale.exists() and not (tmp_path / "model" / "pytorch_model.bin").exists()
     settings = json.loads((tmp_path / "model" / "bertcls.json").read_text(encoding="utf-8"))

@@ -1,0 +1,291 @@
+"""Things every bertcls script keeps doing: errors, files, flags, devices, run directories, the command-line tail.
+
+What this module is not about: BERT, tokenizers, models, datasets or training. It imports only the standard
+library and torch, and every other file of the project may import it (nothing here imports them back).
+
+- errors: `UserError` (a problem the user can fix, printed as one line) and `run_cli`, the one place that turns
+  a UserError, an out-of-memory error, Ctrl-C or SIGTERM into a one-line message and an exit code
+- files: atomic writes, and JSON / JSONL reading whose errors name the file and line
+- flags: argparse validators
+- devices: torchrun's environment, the device and the autocast dtype
+- run directories: outputs/<model>/<date>/<time>/
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import json
+import math
+import os
+import secrets
+import signal
+import sys
+from pathlib import Path
+from typing import Any, Callable, Iterator, NamedTuple
+
+import torch
+
+EXIT_ERROR, EXIT_SIGINT, EXIT_SIGTERM = 1, 130, 143
+
+
+# ------------------------------------------------------------------------------------------- errors
+
+
+class UserError(Exception):
+    """A problem the user can fix: run_cli prints it as one line and exits non-zero."""
+
+
+class Terminated(Exception):
+    """Raised by the SIGTERM handler so that a run unwinds like a Ctrl-C."""
+
+
+def first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def log(message: str) -> None:
+    """Progress and warnings go to stderr, so that stdout carries only a script's result (a table, JSON)."""
+    print(message, file=sys.stderr, flush=True)
+
+
+def debug_requested(flag: bool = False) -> bool:
+    """--debug, or BERTCLS_DEBUG=1 in the environment (which also reaches sweep.py's child runs)."""
+    return flag or os.environ.get("BERTCLS_DEBUG") == "1"
+
+
+def raise_terminated(signum: int, frame: Any) -> None:
+    raise Terminated()
+
+
+def run_cli(script: str, work: Callable[[], int], debug: bool = False, stopped: Callable[[], str] | None = None,
+            oom_advice: str = "lower --batch_size or --max_seq_len", who: str = "") -> int:
+    """Run a script's work and turn the ways it can end into one line on stderr and an exit code.
+
+    UserError -> its message, exit 1; out of memory -> oom_advice, exit 1; Ctrl-C -> 130 and SIGTERM -> 143,
+    each with the line `stopped()` returns (what was kept). With debug (--debug or BERTCLS_DEBUG=1) errors
+    are re-raised, so Python prints the traceback. `who` (e.g. " [rank 1]") is added after the script name.
+    """
+    debug = debug_requested(debug)
+
+    def say(message: str) -> None:
+        print(f"{script}{who}: {message}", file=sys.stderr, flush=True)
+
+    previous_sigterm = signal.signal(signal.SIGTERM, raise_terminated)
+    try:
+        return work()
+    except (KeyboardInterrupt, Terminated) as e:
+        name = "interrupted" if isinstance(e, KeyboardInterrupt) else "terminated"
+        say(f"{name}; {stopped()}" if stopped else name)
+        return EXIT_SIGINT if isinstance(e, KeyboardInterrupt) else EXIT_SIGTERM
+    except torch.OutOfMemoryError:
+        if debug:
+            raise
+        say(f"error: out of memory: {oom_advice}")
+        return EXIT_ERROR
+    except UserError as e:
+        if debug:
+            raise
+        say(f"error: {e}")
+        return EXIT_ERROR
+    finally:
+        signal.signal(signal.SIGTERM, previous_sigterm)
+
+
+# -------------------------------------------------------------------------------------------- flags
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    value = float(text)
+    if not (value > 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
+    return value
+
+
+def non_negative_float(text: str) -> float:
+    value = float(text)
+    if not (value >= 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"must be a non-negative number, got {text}")
+    return value
+
+
+# -------------------------------------------------------------------------------------------- files
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write text to path so that readers see either the old file or the whole new one."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    try:
+        with open(tmp, "w", encoding="utf-8", newline="\n") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_json(path: Path, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(obj, ensure_ascii=False, indent=2) + "\n")
+
+
+def decode_utf8(data: bytes, where: str) -> str:
+    """Decode UTF-8 (a leading BOM is dropped); a bad byte is a UserError naming the line."""
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise UserError(f"{where}:{line}: not UTF-8 (byte 0x{data[e.start]:02x}); "
+                        f"convert the file to UTF-8 or remove it") from None
+
+
+def read_bytes(path: Path) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except FileNotFoundError:
+        raise UserError(f"{path} does not exist; check the path") from None
+    except IsADirectoryError:
+        raise UserError(f"{path} is a directory; expected a file") from None
+    except OSError as e:
+        raise UserError(f"cannot read {path}: {e.strerror}") from None
+
+
+def read_json(path: Path, hint: str = "") -> Any:
+    """A JSON file's value; unreadable, non-UTF-8 or invalid JSON is a UserError naming file and line."""
+    text = decode_utf8(read_bytes(path), str(path))
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path}:{e.lineno}: not valid JSON ({e.msg}){'; ' + hint if hint else ''}") from None
+
+
+def parse_json_object(line: str) -> dict:
+    """One JSONL line as an object; ValueError says what is wrong with it."""
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"not valid JSON ({e.msg}); fix or remove that line") from None
+    if not isinstance(row, dict):
+        raise ValueError(f"expected a JSON object, got {type(row).__name__}")
+    return row
+
+
+def iter_jsonl(path: Path) -> Iterator[tuple[int, dict]]:
+    """Yield (line number, object) for each non-empty line."""
+    text = decode_utf8(read_bytes(path), str(path))
+    # split on "\n" only: JSON strings may hold U+2028 and other characters str.splitlines() breaks at
+    for lineno, line in enumerate(text.split("\n"), 1):
+        if not line.strip():
+            continue
+        try:
+            yield lineno, parse_json_object(line)
+        except ValueError as e:
+            raise UserError(f"{path}:{lineno}: {e}") from None
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    """Read one JSON object per non-empty line; a bad line is a UserError naming file:line."""
+    return [row for _, row in iter_jsonl(path)]
+
+
+def jsonl_line(row: dict) -> str:
+    # these three survive ensure_ascii=False unescaped, and str.splitlines() would break a line at them
+    line = json.dumps(row, ensure_ascii=False)
+    return line.replace("\x85", "\\u0085").replace("\u2028", "\\u2028").replace("\u2029", "\\u2029") + "\n"
+
+
+# ------------------------------------------------------------------------------------------ devices
+
+
+class DistEnv(NamedTuple):
+    """What torchrun tells a process about itself (rank 0 of 1 when not under torchrun)."""
+    rank: int
+    local_rank: int
+    world_size: int
+
+
+def dist_env() -> DistEnv:
+    return DistEnv(int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0")),
+                   int(os.environ.get("WORLD_SIZE", "1")))
+
+
+def pick_device(requested: str | None, local_rank: int | None = None) -> torch.device:
+    """The device to use: --device, else cuda when available; under torchrun, cuda:LOCAL_RANK."""
+    if requested is None:
+        requested = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(requested)
+    except RuntimeError:
+        raise UserError(f"unknown --device {requested!r}: use cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError("--device cuda was asked for but CUDA is not available here: use --device cpu")
+        if local_rank is not None:
+            device = torch.device("cuda", local_rank)
+        if (device.index or 0) >= torch.cuda.device_count():
+            raise UserError(f"--device {device} does not exist: this machine has {torch.cuda.device_count()} GPU(s)")
+    elif device.type != "cpu":
+        raise UserError(f"--device {requested!r} is not supported: use cpu or cuda")
+    return device
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU multiplies bf16 in hardware (AVX512-BF16 or AMX), where bf16 autocast pays off."""
+    capabilities = getattr(torch.cpu, "get_capabilities", dict)()  # absent before torch 2.5: assume none
+    return bool(capabilities.get("avx512_bf16") or capabilities.get("amx_bf16"))
+
+
+def resolve_dtype(requested: str, device: torch.device) -> torch.dtype:
+    """--dtype auto: bf16 on CUDA when supported (else fp16); bf16 on a CPU with bf16 units; else fp32."""
+    if requested == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.bfloat16 if cpu_has_native_bf16() else torch.float32
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[requested]
+
+
+def autocast_context(device: torch.device, dtype: torch.dtype) -> contextlib.AbstractContextManager:
+    """The one autocast context of a run, to wrap forward + loss only; a no-op for fp32."""
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+# ---------------------------------------------------------------------------------- run directories
+
+
+def safe_name(model_name: str) -> str:
+    """A model's directory name under the output directory: '/' becomes '__'."""
+    return model_name.strip("/").removeprefix("./").replace("/", "__")
+
+
+def check_output_dir(output_dir: Path, flag: str = "--output_dir") -> None:
+    """Fail before any expensive work when output_dir cannot be a directory."""
+    for path in (output_dir, *output_dir.parents):
+        if path.exists() and not path.is_dir():
+            where = "is a file" if path == output_dir else f"is under {path}, which is a file"
+            raise UserError(f"{flag} {output_dir} {where}: pass a directory")
+
+
+def make_run_dir(output_dir: Path, model_name: str, now: datetime.datetime | None = None) -> Path:
+    """A new outputs/<model>/<YYYY-MM-DD>/<HH-MM-SS.ffffff>/ directory."""
+    now = now or datetime.datetime.now()
+    check_output_dir(output_dir)
+    run_dir = output_dir / safe_name(model_name) / now.strftime("%Y-%m-%d") / now.strftime("%H-%M-%S.%f")
+    run_dir.mkdir(parents=True, exist_ok=False)
+    return run_dir
