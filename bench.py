@@ -32,7 +32,6 @@ import torch
 
 import bertcls
 from common import dtype_name, log, pick_device, positive_float, positive_int, run_cli
-from families import uses_token_type_ids
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -128,7 +127,7 @@ def random_batches(n_examples: int, batch_size: int, n_batches: int, rng: random
     return batches[:n_batches]
 
 
-def tutorial_collate(tokenizer: Any, rows: Sequence[dict], max_len: int, with_token_types: bool) -> Callable:
+def tutorial_collate(tokenizer: Any, rows: Sequence[dict], spec: bertcls.InputSpec) -> Callable:
     """A collate step that tokenizes its batch's texts, as the tutorial's collate_fn does every epoch.
 
     It makes the tutorial's one batched tokenizer call (padding=True, return_tensors="pt") rather than reuse
@@ -138,8 +137,8 @@ def tutorial_collate(tokenizer: Any, rows: Sequence[dict], max_len: int, with_to
     def collate(packed: Any, indices: Sequence[int], labels: torch.Tensor | None, pad_id: int,
                 buckets: Sequence[int] | None = None) -> dict[str, torch.Tensor]:
         texts = [bertcls.example_text(rows[i]) for i in indices]
-        kwargs = dict(max_length=max_len, padding=True, return_tensors="pt",
-                      return_token_type_ids=with_token_types)
+        kwargs = dict(max_length=spec.max_len, padding=True, return_tensors="pt",
+                      return_token_type_ids=spec.token_type_ids)
         if all(second is not None for _, second in texts):
             enc = tokenizer([f for f, _ in texts], [s for _, s in texts], truncation="only_second", **kwargs)
         else:
@@ -172,8 +171,7 @@ def measure(run: bertcls.Run, steps: int, warmup: int, tutorial_style: bool) -> 
     n_batches = (warmup + steps) * args.grad_accum_steps
     if tutorial_style:
         batches = random_batches(len(run.rows["train"]), args.batch_size, n_batches, random.Random(args.seed))
-        collate_fn = tutorial_collate(run.tokenizer, run.rows["train"], run.max_len,
-                                      uses_token_type_ids(run.raw_model.config))
+        collate_fn = tutorial_collate(run.tokenizer, run.rows["train"], run.spec)
     else:
         batches = grouped_batches(run, n_batches)
         collate_fn = bertcls.collate
@@ -209,7 +207,7 @@ def report(run: bertcls.Run, measured: dict[str, Any], peak_flops: float, peak_s
         "model_name": args.model_name, "device": str(run.device), "device_name": device_name(run.device),
         "dtype": dtype_name(run.dtype), "compile": args.compile,
         "threads": torch.get_num_threads(), "batch_size": args.batch_size,
-        "grad_accum_steps": args.grad_accum_steps, "max_seq_len": run.max_len, "steps": args.steps,
+        "grad_accum_steps": args.grad_accum_steps, "max_seq_len": run.spec.max_len, "steps": args.steps,
         "warmup": args.warmup, "examples": measured["examples"], "seconds": round(seconds, 3),
         "examples_per_s": round(measured["examples"] / seconds, 3), "tokens_per_s": round(tokens_per_s, 1),
         "padding_fraction": round(1 - measured["tokens"] / measured["slots"], 5),

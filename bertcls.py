@@ -46,7 +46,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -436,25 +436,31 @@ def classification_metrics(gold: Sequence[int], pred: Sequence[int], loss_sum: f
 # ------------------------------------------------------------------------------- tokenization cache
 
 
-def tokenize_rows(tokenizer: Any, rows: Sequence[dict], max_len: int, with_token_types: bool,
+class InputSpec(NamedTuple):
+    """How texts become model inputs: what the cache key, config.json and a saved model record."""
+    max_len: int  # tokens per example, special tokens included
+    token_type_ids: bool  # feed the body as segment B (BERT-style pre-training)
+
+
+def tokenize_rows(tokenizer: Any, rows: Sequence[dict], spec: InputSpec,
                   chunk_size: int = 256) -> dict[str, list[list[int]]]:
     """Token ids of every row: a (title, body) pair truncates the body only, so the title is always seen."""
     out: dict[str, list[list[int]]] = {"input_ids": [], "token_type_ids": []}
     for start in range(0, len(rows), chunk_size):
         texts = [example_text(r) for r in rows[start:start + chunk_size]]
         for first, second in texts:
-            enc = encode_one(tokenizer, first, second, max_len, with_token_types)
+            enc = encode_one(tokenizer, first, second, spec)
             out["input_ids"].append(enc["input_ids"])
             out["token_type_ids"].append(enc.get("token_type_ids") or [])
     return out
 
 
-def encode_one(tokenizer: Any, first: str, second: str | None, max_len: int, with_token_types: bool) -> dict:
-    kwargs = dict(max_length=max_len, return_token_type_ids=with_token_types, return_attention_mask=False)
+def encode_one(tokenizer: Any, first: str, second: str | None, spec: InputSpec) -> dict:
+    kwargs = dict(max_length=spec.max_len, return_token_type_ids=spec.token_type_ids, return_attention_mask=False)
     if second is None:
         return tokenizer(first, truncation=True, **kwargs)
     enc = tokenizer(first, second, truncation="only_second", **kwargs)
-    if len(enc["input_ids"]) > max_len:  # the title alone is too long: only_second cannot help
+    if len(enc["input_ids"]) > spec.max_len:  # the title alone is too long: only_second cannot help
         enc = tokenizer(first, second, truncation="longest_first", **kwargs)
     return enc
 
@@ -482,11 +488,10 @@ def pack(encoded: dict[str, list[list[int]]]) -> dict[str, torch.Tensor]:
     return packed
 
 
-def load_or_tokenize(tokenizer: Any, rows: Sequence[dict], max_len: int, with_token_types: bool,
-                     cache_dir: str, fingerprint: str, data_digest: str, log=print) -> dict[str, torch.Tensor]:
-    """Tokenize once per (tokenizer, max_len, data); a sweep over learning rates and seeds reuses it."""
-    key = hashlib.sha256(json.dumps([CACHE_FORMAT, fingerprint, max_len, with_token_types, data_digest])
-                         .encode()).hexdigest()[:32]
+def load_or_tokenize(tokenizer: Any, rows: Sequence[dict], spec: InputSpec, cache_dir: str, fingerprint: str,
+                     data_digest: str, log=print) -> dict[str, torch.Tensor]:
+    """Tokenize once per (tokenizer, input spec, data); a sweep over learning rates and seeds reuses it."""
+    key = hashlib.sha256(json.dumps([CACHE_FORMAT, fingerprint, *spec, data_digest]).encode()).hexdigest()[:32]
     path = Path(cache_dir) / f"{key}.pt" if cache_dir else None
     if path is not None and path.is_file():
         try:
@@ -497,7 +502,7 @@ def load_or_tokenize(tokenizer: Any, rows: Sequence[dict], max_len: int, with_to
         except (RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError) as e:
             log(f"warning: ignoring unreadable tokenization cache {path} ({first_line(e)})")
     start = time.perf_counter()
-    packed = pack(tokenize_rows(tokenizer, rows, max_len, with_token_types))
+    packed = pack(tokenize_rows(tokenizer, rows, spec))
     log(f"tokenized {len(rows)} examples in {time.perf_counter() - start:.1f}s")
     if path is not None:
         try:
@@ -673,17 +678,16 @@ def save_model(run: Run, model_dir: Path) -> None:
         shutil.rmtree(tmp)
     run.raw_model.save_pretrained(tmp, safe_serialization=True)
     run.tokenizer.save_pretrained(tmp)
-    with_types = uses_token_type_ids(run.raw_model.config)
     config_path = tmp / "tokenizer_config.json"
     tokenizer_config = json.loads(config_path.read_text(encoding="utf-8")) if config_path.is_file() else {}
-    tokenizer_config["model_max_length"] = run.max_len
+    tokenizer_config["model_max_length"] = run.spec.max_len
     input_names = list(tokenizer_config.get("model_input_names") or run.tokenizer.model_input_names)
-    if with_types and "token_type_ids" not in input_names:
+    if run.spec.token_type_ids and "token_type_ids" not in input_names:
         input_names.insert(1, "token_type_ids")  # transformers 5 tokenizers leave them out by default
         tokenizer_config["model_input_names"] = input_names
     write_json(config_path, tokenizer_config)
     write_json(tmp / "bertcls.json", {"format": 1, "base_model": run.args.model_name,
-                                      "max_seq_len": run.max_len, "token_type_ids": with_types})
+                                      "max_seq_len": run.spec.max_len, "token_type_ids": run.spec.token_type_ids})
     os.replace(tmp, model_dir)
 
 
@@ -729,9 +733,10 @@ class Run:
         self.tokenizer = load_tokenizer(args.model_name, args.mecab_dic, args.trust_remote_code, log)
         self.raw_model = load_model(args.model_name, self.label2id, args.trust_remote_code)
         self.params, self.params_non_embedding = count_parameters(self.raw_model)
-        self.max_len = effective_max_len(args.max_seq_len, self.tokenizer, self.raw_model.config, log)
+        self.spec = InputSpec(effective_max_len(args.max_seq_len, self.tokenizer, self.raw_model.config, log),
+                              uses_token_type_ids(self.raw_model.config))
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        self.buckets = compile_buckets(self.max_len) if args.compile else None
+        self.buckets = compile_buckets(self.spec.max_len) if args.compile else None
         self.packed = self.tokenize_all()
         self.labels = {s: torch.tensor([r["label"] for r in self.rows[s]]) for s in SPLITS}
         steps_per_epoch = optimizer_steps_per_epoch(len(train_batches(self, 1)), args.grad_accum_steps)
@@ -739,14 +744,13 @@ class Run:
         self.warmup_steps = round(steps_per_epoch * args.num_warmup_epochs)
 
     def tokenize_all(self) -> dict[str, dict[str, torch.Tensor]]:
-        with_types = uses_token_type_ids(self.raw_model.config)
         fingerprint = tokenizer_fingerprint(self.tokenizer) if self.args.cache_dir else ""
         packed = {}
         for rank_turn in ([0, 1] if self.world_size > 1 else [self.rank]):
             # rank 0 tokenizes and fills the cache first; the other ranks then read it
             if (rank_turn == 0) == (self.rank == 0):
                 for split in SPLITS:
-                    packed[split] = load_or_tokenize(self.tokenizer, self.rows[split], self.max_len, with_types,
+                    packed[split] = load_or_tokenize(self.tokenizer, self.rows[split], self.spec,
                                                      self.args.cache_dir, fingerprint,
                                                      rows_digest(self.rows[split]), self.log)
             if self.world_size > 1 and rank_turn == 0:
@@ -759,7 +763,7 @@ class Run:
                 "world_size": self.world_size,
                 "effective_batch_size": self.args.batch_size * self.args.grad_accum_steps * self.world_size,
                 "total_optimizer_steps": self.total_steps, "warmup_steps": self.warmup_steps,
-                "max_seq_len_used": self.max_len, "params": self.params,
+                "max_seq_len_used": self.spec.max_len, "params": self.params,
                 "params_non_embedding": self.params_non_embedding, "dataset_digest": self.dataset_digest,
                 "examples": {s: len(self.rows[s]) for s in SPLITS},
                 "versions": {"python": sys.version.split()[0], "torch": torch.__version__,
@@ -788,7 +792,7 @@ def train_and_evaluate(run: Run, run_dir: Path | None) -> dict:
         f"epochs {args.epochs} | per-device batch {args.batch_size} x world size {run.world_size} x accumulation "
         f"{args.grad_accum_steps} = effective batch {args.batch_size * run.world_size * args.grad_accum_steps} | "
         f"optimizer steps {run.total_steps} (warmup {run.warmup_steps}) | device {run.device} {run.dtype} | "
-        f"params {run.params / 1e6:.2f}M | max_seq_len {run.max_len}")
+        f"params {run.params / 1e6:.2f}M | max_seq_len {run.spec.max_len}")
     from tqdm.auto import tqdm
     quiet = run.rank != 0 or not sys.stderr.isatty()
     step, best, history, train_seconds = 0, None, [], 0.0

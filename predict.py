@@ -23,7 +23,7 @@ from typing import Any, Sequence, TextIO
 
 import torch
 
-from bertcls import example_text, pack, predict, tokenize_rows
+from bertcls import InputSpec, example_text, pack, predict, tokenize_rows
 from common import (UserError, atomic_write_text, autocast_context, first_line, log, parse_json_object, pick_device,
                     positive_int, resolve_dtype, run_cli)
 from families import load_tokenizer, position_limit, uses_token_type_ids
@@ -164,8 +164,8 @@ def load_classifier(model_dir: Path, trust_remote_code: bool) -> torch.nn.Module
 
 
 def input_settings(settings: dict | None, requested: int | None, model: torch.nn.Module,
-                   tokenizer: Any) -> tuple[int, bool]:
-    """(max_len, with_token_types) exactly as in training, unless --max_seq_len asks for another length."""
+                   tokenizer: Any) -> InputSpec:
+    """The inputs exactly as in training, unless --max_seq_len asks for another length."""
     if settings is None:
         log("note: no bertcls.json in the model directory: using the tokenizer's model_max_length and the "
             "model's token types, which may differ from training")
@@ -177,7 +177,7 @@ def input_settings(settings: dict | None, requested: int | None, model: torch.nn
     limit = position_limit(model.config)
     if max_len > limit:
         log(f"note: max_seq_len capped at {limit} by the model's position embeddings")
-    return min(max_len, limit), with_types
+    return InputSpec(min(max_len, limit), with_types)
 
 
 # ---------------------------------------------------------------------------------------------- output
@@ -209,10 +209,10 @@ def classify(args: argparse.Namespace, rows: list[dict]) -> list[dict]:
     settings = read_saved_settings(model_dir)
     model = load_classifier(model_dir, args.trust_remote_code)
     tokenizer = load_tokenizer(str(model_dir), "auto", args.trust_remote_code, log)
-    max_len, with_types = input_settings(settings, args.max_seq_len, model, tokenizer)
+    spec = input_settings(settings, args.max_seq_len, model, tokenizer)
     device = pick_device(args.device)
     ctx = autocast_context(device, resolve_dtype(args.dtype, device))
-    packed = pack(tokenize_rows(tokenizer, rows, max_len, with_types))
+    packed = pack(tokenize_rows(tokenizer, rows, spec))
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     probs, _ = predict(model.to(device), packed, args.batch_size, device, ctx, pad_id)
     id2label = {int(i): name for i, name in model.config.id2label.items()}

@@ -82,13 +82,13 @@ def test_pair_truncation_keeps_the_title(tiny_bert):
     tokenizer = families.load_tokenizer(str(tiny_bert))
     title, body = "野球の試合", "選手、監督、サッカー、得点が発表された。" * 20
     title_ids = tokenizer(title, add_special_tokens=False)["input_ids"]
-    enc = bertcls.encode_one(tokenizer, title, body, max_len=24, with_token_types=True)
+    enc = bertcls.encode_one(tokenizer, title, body, bertcls.InputSpec(max_len=24, token_type_ids=True))
     assert len(enc["input_ids"]) == 24
     assert enc["input_ids"][1:1 + len(title_ids)] == title_ids  # [CLS] title [SEP] body... [SEP]
     assert enc["token_type_ids"][:len(title_ids) + 2] == [0] * (len(title_ids) + 2)
     assert enc["token_type_ids"][-1] == 1
     # a title longer than the budget alone still fits, by truncating both
-    long = bertcls.encode_one(tokenizer, title * 20, body, max_len=24, with_token_types=False)
+    long = bertcls.encode_one(tokenizer, title * 20, body, bertcls.InputSpec(max_len=24, token_type_ids=False))
     assert len(long["input_ids"]) == 24
 
 

@@ -57,7 +57,7 @@ def test_distributed_test_metrics_equal_single_process_evaluation(ddp_run, tiny_
     tokenizer = families.load_tokenizer(str(model_dir))
     label2id = bertcls.load_label2id(tiny_dataset)
     rows = bertcls.load_split(tiny_dataset, "test", label2id)
-    packed = bertcls.pack(bertcls.tokenize_rows(tokenizer, rows, 64, families.uses_token_type_ids(model.config)))
+    packed = bertcls.pack(bertcls.tokenize_rows(tokenizer, rows, bertcls.InputSpec(64, families.uses_token_type_ids(model.config))))
     labels = torch.tensor([r["label"] for r in rows])
     dtype = getattr(torch, json.loads((ddp_run / "config.json").read_text(encoding="utf-8"))["dtype"])  # as the run
     threads = torch.get_num_threads()
@@ -118,7 +118,7 @@ def test_accumulated_gradients_equal_one_large_batch(tiny_bert, tiny_dataset):
     label2id = bertcls.load_label2id(tiny_dataset)
     rows = bertcls.load_split(tiny_dataset, "train", label2id)[:13]
     tokenizer = families.load_tokenizer(str(tiny_bert))
-    packed = bertcls.pack(bertcls.tokenize_rows(tokenizer, rows, 64, True))
+    packed = bertcls.pack(bertcls.tokenize_rows(tokenizer, rows, bertcls.InputSpec(64, True)))
     labels = torch.tensor([r["label"] for r in rows])
     states = []
     for batches, accumulation in [([list(range(8)), list(range(8, 13))], 1),

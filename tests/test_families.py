@@ -160,7 +160,7 @@ def test_token_type_ids_only_for_models_with_segment_embeddings(family_models, t
     tokenizer = families.load_tokenizer(str(model_dir), log=lambda message: None)
     assert families.uses_token_type_ids(AutoConfig.from_pretrained(model_dir)) is with_types
     rows = tiny_rows["train"][:4]
-    packed = bertcls.pack(bertcls.tokenize_rows(tokenizer, rows, 64, with_types))
+    packed = bertcls.pack(bertcls.tokenize_rows(tokenizer, rows, bertcls.InputSpec(64, with_types)))
     batch = bertcls.collate(packed, [0, 1, 2, 3], None, tokenizer.pad_token_id)
     if with_types:
         assert batch["token_type_ids"].max() == 1  # the body is segment B
@@ -222,7 +222,7 @@ def test_family_trains_and_evaluates(family_models, tiny_dataset, tmp_path, caps
 
 def test_luke_cap_matters(family_models, tiny_rows):
     tokenizer = families.load_tokenizer(str(family_models("luke")), log=lambda message: None)
-    lengths = [len(ids) for ids in bertcls.tokenize_rows(tokenizer, tiny_rows["train"], 128, False)["input_ids"]]
+    lengths = [len(ids) for ids in bertcls.tokenize_rows(tokenizer, tiny_rows["train"], bertcls.InputSpec(128, False))["input_ids"]]
     assert max(lengths) > 64  # uncapped, some examples would index past the 66 position embeddings
 
 

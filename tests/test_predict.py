@@ -211,7 +211,8 @@ def test_save_model_replaces_stale_temporary_directory(run_dir, tmp_path, capsys
     stale = tmp_path / ".model.tmp"
     stale.mkdir()
     (stale / "pytorch_model.bin").write_bytes(b"left by an interrupted save")
-    run = SimpleNamespace(raw_model=model, tokenizer=tokenizer, max_len=32, args=SimpleNamespace(model_name="base"))
+    run = SimpleNamespace(raw_model=model, tokenizer=tokenizer, spec=bertcls.InputSpec(32, True),
+                          args=SimpleNamespace(model_name="base"))
     bertcls.save_model(run, tmp_path / "model")
     assert not stale.exists() and not (tmp_path / "model" / "pytorch_model.bin").exists()
     settings = json.loads((tmp_path / "model" / "bertcls.json").read_text(encoding="utf-8"))
