@@ -7,6 +7,12 @@
     python sweep.py --no_run --best > results/best.csv     # train nothing: best lr per model, mean +- std
     python sweep.py --no_run --markdown > results/best.md  # the same as a Markdown table
 
+On a cluster (see the README): a Slurm job array, one combination and one GPU per task, or one sweep per node
+    python sweep.py --list                                 # the grid: index, model, lr, seed, state (--list tsv|json)
+    python sweep.py --slurm --max_running 8 --sbatch="--partition gpu --time 4:00:00" > sweep.sbatch
+    sbatch sweep.sbatch                                    # task I runs `sweep.py --task_index I` (same flags)
+    srun --nodes 4 --ntasks-per-node 1 python sweep.py --devices 0,1,2,3 > /dev/null  # 4 nodes share the grid
+
 Every flag sweep.py does not know is passed to each bertcls.py run, which runs in its own process (so
 GPU memory is freed in between) with its output in <output_dir>/sweep-logs/. The table goes to stdout,
 progress to stderr.
@@ -16,8 +22,12 @@ Resuming: a combination (model, lr, seed and the passed-through flags) that alre
 Combinations are matched on config.json "args": every bertcls.py setting except those that do not change
 results (IGNORED_FIELDS), numbers compared numerically. Of several finished runs of one combination the
 newest counts, once. A combination being run holds <output_dir>/.locks/<combination>.lock (the pids of
-the sweep and its child), so two sweeps on one directory never run it twice; a lock whose processes are
-all gone is stale and taken over.
+the sweep and its child, and the host), so sweeps sharing a directory, on one host or many, never run it
+twice. The lock is a lease: its sweep refreshes it every few seconds. A lock is stale and taken over (with a
+line in the log) when its host is this one and its processes are all gone, or when it is another host's and
+has not been refreshed for --lease_timeout seconds (a dead node, a killed sweep). A sweep waits for the
+combinations other sweeps hold, so none is lost when one of them dies. BERTCLS_HOSTNAME overrides the host
+name (for tests, and for containers that share a host name but not their process ids).
 
 --best: per model, the lr with the highest mean best-val-f1 over seeds (ties: the smaller lr), with the
 mean and the sample standard deviation (n - 1) over seeds of each metric; the std is empty for one seed.
@@ -29,26 +39,25 @@ import argparse
 import contextlib
 import csv
 import dataclasses
+import errno
 import hashlib
 import io
 import json
 import math
 import os
+import secrets
+import shlex
 import socket
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, NamedTuple, Sequence
 
 import bertcls
-from common import UserError, atomic_write_text, first_line, log, positive_float, run_cli, safe_name
-
-try:
-    import fcntl
-except ImportError:  # Windows: lock takeover is then not guarded against a simultaneous takeover
-    fcntl = None
+from common import UserError, atomic_write_text, first_line, log, positive_float, positive_int, run_cli, safe_name
 
 BERTCLS = Path(__file__).resolve().with_name("bertcls.py")
 DEFAULT_MODELS = [
@@ -78,6 +87,14 @@ def device_list(text: str) -> list[str]:
     return devices
 
 
+def task_index(text: str) -> int | str:
+    if text == "slurm":
+        return text
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"expected a combination index (0, 1, ...) or slurm, got {text!r}")
+    return int(text)
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                                 allow_abbrev=False)  # an abbreviation could swallow a bertcls.py flag
@@ -100,8 +117,37 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--best", action="store_true",
                    help="one row per model: its best lr, mean and std over seeds (default: one row per run)")
     p.add_argument("--markdown", action="store_true", help="print the --best table as Markdown (default: off)")
+    p.add_argument("--list", nargs="?", const="table", choices=("table", "tsv", "json"), metavar="FORMAT",
+                   help="train nothing: print the grid in its fixed order, one combination per line (index, grid "
+                        "values, state: finished / running / to do, run_dir, holder), as a table for people or "
+                        "as tsv or json for scripts (FORMAT: table, tsv or json; default: table)")
+    p.add_argument("--task_index", type=task_index, metavar="I",
+                   help="run only combination I of the grid (numbered from 0 as --list shows), or, with "
+                        "`--task_index slurm`, the one SLURM_ARRAY_TASK_ID names; a finished one exits 0 at once "
+                        "(default: the whole grid)")
+    p.add_argument("--slurm", action="store_true",
+                   help="train nothing: print an sbatch script that runs the grid as a Slurm job array, one "
+                        "combination and one GPU per array task, with the same flags (default: off)")
+    p.add_argument("--max_running", type=positive_int, metavar="P",
+                   help="with --slurm: at most P array tasks at once (--array=0-(N-1)%%P; default: no limit)")
+    p.add_argument("--sbatch", action="append", default=[], metavar="OPTIONS",
+                   help='with --slurm: sbatch options for the script, e.g. --sbatch="--partition gpu --time 4:00:00" '
+                        "(repeatable; they come last, so they override the script's own)")
+    p.add_argument("--lease_timeout", type=positive_float, default=LEASE_TIMEOUT_S, metavar="SECONDS",
+                   help="a lock held by a sweep on another host that has not been refreshed for this long is stale "
+                        "(that host or sweep is taken as dead) and its combination is taken over; sweeps refresh "
+                        "their locks every min(10, SECONDS / 5) s (default: %(default)g)")
     p.add_argument("--debug", action="store_true", help="show tracebacks for errors (default: off)")
     args, args.bertcls_flags = p.parse_known_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
+    modes = [flag for flag, on in (("--no_run", args.no_run), ("--list", args.list is not None),
+                                   ("--slurm", args.slurm), ("--task_index", args.task_index is not None)) if on]
+    if len(modes) > 1:
+        p.error(f"{modes[0]} and {modes[1]} cannot be used together")
+    if (args.sbatch or args.max_running) and not args.slurm:
+        p.error("--sbatch and --max_running go with --slurm")
+    if args.slurm and args.devices:
+        p.error("--slurm gives each array task one GPU of its own (CUDA_VISIBLE_DEVICES set by Slurm): drop --devices")
     for field in sorted(named_fields(args.bertcls_flags, bertcls_fields()) & GRID_FLAGS.keys()):
         p.error(f"--{field} is set by the sweep: use {GRID_FLAGS[field]} (spelled in full)")
     return args
@@ -180,6 +226,10 @@ class Combination:
     def describe(self) -> str:
         return f"{self.model_name} lr {self.lr:g} seed {self.seed}"
 
+    def axes(self) -> dict[str, Any]:
+        """Its grid values: every field but the command line and the settings it resolves to."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in ("flags", "wanted")}
+
 
 def combinations(models: Sequence[str], lrs: Sequence[float], seeds: Sequence[int], passed: Sequence[str],
                  output_dir: Path) -> list[Combination]:
@@ -194,6 +244,12 @@ def combinations(models: Sequence[str], lrs: Sequence[float], seeds: Sequence[in
                     seen.append(wanted)
                     combos.append(Combination(model, lr, seed, flags, wanted))
     return combos
+
+
+def grid(args: argparse.Namespace, output_dir: Path) -> list[Combination]:
+    """The combinations of this sweep, in the order --list numbers them and --task_index picks them."""
+    return combinations(args.model_names or DEFAULT_MODELS, args.lrs or DEFAULT_LRS, args.seeds or DEFAULT_SEEDS,
+                        args.bertcls_flags, output_dir)
 
 
 # ----------------------------------------------------------------------------------------- runs
@@ -294,6 +350,24 @@ def select_runs(runs: Sequence[FinishedRun], models: Sequence[str] | None, lrs: 
 
 
 # ---------------------------------------------------------------------------------------- locks
+#
+# A combination being run holds the lock <output_dir>/.locks/<stem>.lock, a lease: {"pids": [sweep, child],
+# "host": ...}, whose mtime its sweep refreshes every refresh_interval() seconds from a background thread. A
+# lock is stale, and taken over, when it cannot be read, when it is this host's and all its processes are
+# gone (at once), or when it is another host's and has not been refreshed for --lease_timeout seconds (its
+# processes cannot be seen from here: no refresh is how a dead host or a killed sweep shows).
+
+LEASE_TIMEOUT_S = 300.0
+REFRESH_MAX_S = 10.0
+
+
+def host_name() -> str:
+    """This machine's name in locks; BERTCLS_HOSTNAME overrides it (tests, containers sharing a host name)."""
+    return os.environ.get("BERTCLS_HOSTNAME") or socket.gethostname()
+
+
+def refresh_interval(lease_timeout: float) -> float:
+    return min(REFRESH_MAX_S, lease_timeout / 5)
 
 
 def pid_alive(pid: int) -> bool:
@@ -313,56 +387,226 @@ def pid_alive(pid: int) -> bool:
 
 
 def lock_record(*pids: int) -> str:
-    return json.dumps({"pids": list(pids), "host": socket.gethostname()}) + "\n"
+    return json.dumps({"pids": list(pids), "host": host_name()}) + "\n"
 
 
-def lock_holder(path: Path) -> str | None:
-    """Who holds a lock file, or None when it is stale (unreadable, or all its processes are gone)."""
+@dataclasses.dataclass(frozen=True)
+class LockFile:
+    """A lock file as read once: its text, its inode and its mtime (the time of its last refresh)."""
+    text: str
+    inode: int
+    mtime_ns: int
+
+
+def read_lock(path: Path) -> LockFile | None:
+    """The lock at path, or None when there is none.
+
+    Text and attributes come from one open file: on NFS, open() fetches fresh attributes (close-to-open
+    consistency), so the mtime is not a cached one up to a minute old."""
     try:
-        record = json.loads(path.read_text(encoding="utf-8"))
-        pids, host = [int(p) for p in record["pids"]], str(record["host"])
-    except (OSError, ValueError, KeyError, TypeError):
+        with open(path, "rb") as f:
+            stat = os.fstat(f.fileno())
+            data = f.read(65536)
+    except FileNotFoundError:
         return None
-    if host != socket.gethostname():  # another machine's pids cannot be checked from here
-        return f"pid {', '.join(map(str, pids))} on {host}"
-    alive = [p for p in pids if pid_alive(p)]
-    return f"pid {', '.join(map(str, alive))}" if alive else None
-
-
-@contextlib.contextmanager
-def locks_mutex(locks_dir: Path) -> Iterator[None]:
-    """Serializes taking locks, so that two sweeps cannot both take over one stale lock."""
-    if fcntl is None:
-        yield
-        return
-    with open(locks_dir / ".mutex", "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        yield
-
-
-def create_lock(path: Path) -> bool:
-    """Create path only if it does not exist (O_EXCL), holding our pid."""
-    try:
-        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-    except FileExistsError:
-        return False
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(lock_record(os.getpid()))
-    return True
-
-
-def acquire_lock(path: Path, log: Callable[[str], None]) -> str | None:
-    """Take the lock at path; returns None on success, else who holds it."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with locks_mutex(path.parent):
-        if create_lock(path):
+    except OSError as e:
+        if e.errno == errno.ESTALE:  # NFS: another host renamed or removed it while we opened it
             return None
-        holder = lock_holder(path)
-        if holder is not None:
-            return holder
-        log(f"sweep.py: taking over stale lock {path}")
-        path.unlink(missing_ok=True)
-        return None if create_lock(path) else "a process that took it just now"
+        raise
+    return LockFile(data.decode("utf-8", errors="replace"), stat.st_ino, stat.st_mtime_ns)
+
+
+def lock_owner(lock: LockFile) -> tuple[list[int], str]:
+    """The pids and host a lock names; ValueError when it holds no valid record."""
+    try:
+        record = json.loads(lock.text)
+        return [int(p) for p in record["pids"]], str(record["host"])
+    except (ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"no valid lock record in it ({type(e).__name__}: {first_line(e)})") from None
+
+
+class Verdict(NamedTuple):
+    holder: str | None  # who holds the lock; None when it is stale
+    why: str = ""  # why it is stale
+    unreadable: bool = False
+
+
+def judge_lock(lock: LockFile, now: float, lease_timeout: float) -> Verdict:
+    try:
+        pids, host = lock_owner(lock)
+    except ValueError as e:
+        return Verdict(None, str(e), unreadable=True)
+    listed = ", ".join(map(str, pids))
+    if host == host_name():
+        alive = [p for p in pids if pid_alive(p)]
+        return Verdict(f"pid {', '.join(map(str, alive))}") if alive else Verdict(None, f"pid {listed}: its "
+                                                                                      "processes are gone")
+    age = now - lock.mtime_ns / 1e9
+    if age > lease_timeout:
+        return Verdict(None, f"pid {listed} on {host}: not refreshed for {age:.0f} s (--lease_timeout "
+                             f"{lease_timeout:g})")
+    return Verdict(f"pid {listed} on {host}")
+
+
+def lock_holder(path: Path, lease_timeout: float) -> str | None:
+    """Who holds the lock at path now, or None when there is none or it is stale (on this host's clock)."""
+    lock = read_lock(path)
+    return None if lock is None else judge_lock(lock, time.time(), lease_timeout).holder
+
+
+def lock_path(output_dir: Path, combo: Combination) -> Path:
+    return output_dir / ".locks" / f"{combo.stem}.lock"
+
+
+def mine(pids: list[int], host: str) -> bool:
+    """Whether a lock naming pids on host is this process's (its sweep pid comes first)."""
+    return host == host_name() and pids[:1] == [os.getpid()]
+
+
+def release_lock(path: Path) -> None:
+    """Remove the lock at path if it is still this process's (not one taken over after its lease lapsed)."""
+    lock = read_lock(path)
+    with contextlib.suppress(ValueError):
+        if lock is not None and mine(*lock_owner(lock)):
+            path.unlink(missing_ok=True)
+
+
+def writable_dir(path: Path) -> Path:
+    """mkdir -p path, as a UserError when it cannot be made (a read-only file system, no permission)."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create {path} ({e.strerror}): --output_dir must be on a writable file system") \
+            from None
+    return path
+
+
+def write_private(path: Path, text: str) -> Path:
+    """A new file next to path, named for this process alone, holding text."""
+    private = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
+    try:
+        with open(private, "x", encoding="utf-8") as f:
+            f.write(text)
+    except OSError as e:
+        with contextlib.suppress(OSError):  # made but not written (a full disk), if made at all
+            private.unlink(missing_ok=True)
+        raise UserError(f"cannot write in {path.parent} ({e.strerror}): --output_dir must be on a writable "
+                        "file system") from None
+    return private
+
+
+def link_lock(private: Path, path: Path) -> bool:
+    """Make the complete file private the lock at path, only if there is none (link(2) does not replace)."""
+    try:
+        os.link(private, path)
+        return True
+    except FileExistsError:
+        # NFS: when the reply to a link that worked is lost, the retried request fails; our link count tells
+        return os.stat(private).st_nlink == 2
+    except OSError as e:
+        raise UserError(f"cannot create lock {path} ({e.strerror}): sweep.py takes locks with hard links; put "
+                        "--output_dir on a file system that has them (local disks, NFS, Lustre, GPFS)") from None
+
+
+def remove_stale(path: Path, judged: LockFile) -> bool:
+    """Remove the stale lock judged, unless another sweep got there first or it has been refreshed since.
+
+    rename(2) is atomic on NFS too: of several sweeps renaming one stale lock at once, exactly one gets it.
+    That one then checks it got the very lease it judged; a lock refreshed or re-created meanwhile is live,
+    and is put back."""
+    grave = path.with_name(f".{path.name}.{secrets.token_hex(6)}.stale")
+    try:
+        os.rename(path, grave)
+    except FileNotFoundError:
+        return False
+    if read_lock(grave) == judged:
+        grave.unlink()
+        return True
+    with contextlib.suppress(FileExistsError):
+        os.link(grave, path)
+    grave.unlink()
+    return False
+
+
+def acquire_lock(path: Path, log: Callable[[str], None], lease_timeout: float = LEASE_TIMEOUT_S) -> str | None:
+    """Take the lock at path; returns None on success, else who holds it.
+
+    Atomic on local file systems and on NFS (any version) alike: the record is written to a private file
+    which link(2) makes the lock, so a lock appears whole, and no sweep can read a half-written one and take
+    it for garbage (as after an O_EXCL create and a write). Lease ages are measured on the clock that stamps
+    files (on NFS the server's: the mtime of the private file just written), so hosts' clocks need not agree.
+    """
+    writable_dir(path.parent)
+    private = write_private(path, lock_record(os.getpid()))
+    try:
+        now = private.stat().st_mtime_ns / 1e9
+        for _ in range(3):
+            if link_lock(private, path):
+                return None
+            lock = read_lock(path)
+            if lock is None:
+                continue  # released just now
+            verdict = judge_lock(lock, now, lease_timeout)
+            if verdict.holder is not None:
+                return verdict.holder
+            if remove_stale(path, lock):
+                log(f"sweep.py: {'warning: ' if verdict.unreadable else ''}taking over stale lock {path}: "
+                    f"{verdict.why}")
+        return "another sweep, which took it just now"
+    finally:
+        private.unlink(missing_ok=True)
+
+
+def refresh_lock(path: Path) -> str | None:
+    """Renew this process's lease on the lock at path (its mtime becomes now); returns who holds the lock
+    instead when it is no longer this process (its lease lapsed and another sweep took it over)."""
+    lock = read_lock(path)
+    if lock is None:  # released, or a sweep taking over stale locks is checking it: it comes back if live
+        return None
+    try:
+        pids, host = lock_owner(lock)
+    except ValueError as e:
+        return str(e)
+    if not mine(pids, host):
+        return f"pid {', '.join(map(str, pids))} on {host}"
+    with contextlib.suppress(FileNotFoundError):
+        os.utime(path)  # no times given: on NFS the server stamps its own time
+    return None
+
+
+class LeaseKeeper:
+    """Refreshes the locks of the running runs every `interval` seconds from a background thread.
+
+    A thread rather than the poll loop: the loop can be kept busy for minutes (scanning a large output
+    directory on a slow file system, waiting for children to stop), and a lease must not lapse while its run
+    goes on. The thread ends with the process, which is exactly when its leases should start to age."""
+
+    def __init__(self, locks: Callable[[], list[Path]], interval: float, log: Callable[[str], None]):
+        self.locks, self.interval, self.log = locks, interval, log
+        self.told: set[Path] = set()  # locks already warned about, once each
+        self.stopped = threading.Event()
+        self.thread = threading.Thread(target=self.loop, name="sweep-lease-keeper", daemon=True)
+
+    def start(self) -> LeaseKeeper:
+        self.thread.start()
+        return self
+
+    def stop(self) -> None:
+        self.stopped.set()
+        self.thread.join()
+
+    def loop(self) -> None:
+        while not self.stopped.wait(self.interval):
+            for path in self.locks():
+                try:
+                    holder = refresh_lock(path)
+                    problem = holder and f"lost lock {path} to {holder}: its lease lapsed and another sweep " \
+                                         "took it over, so this combination may run twice (the newest run counts)"
+                except OSError as e:
+                    problem = f"cannot refresh lock {path} ({e.strerror}); will try again"
+                if problem and path not in self.told:
+                    self.told.add(path)
+                    self.log(f"sweep.py: warning: {problem}")
 
 
 # ------------------------------------------------------------------------------------- running
@@ -394,30 +638,44 @@ class Sweep:
     """The runs of one sweep: which are running, on which device, and how many failed."""
 
     def __init__(self, output_dir: Path, devices: Sequence[str] | None, defaults: dict[str, Any],
-                 log: Callable[[str], None]):
+                 log: Callable[[str], None], lease_timeout: float = LEASE_TIMEOUT_S):
         self.output_dir, self.defaults, self.log = output_dir, defaults, log
         self.free_devices: list[str | None] = list(devices) if devices else [None]
         self.running: list[Running] = []
         self.failed = self.locked = self.done = 0
+        self.lease_timeout = lease_timeout
+        self.waiting: set[str] = set()  # stems of the combinations found held by another sweep
 
     def finished(self, combo: Combination) -> FinishedRun | None:
         runs, _ = scan_runs(self.output_dir / safe_name(combo.model_name))
         return newest_match(runs, combo.wanted, self.defaults)
 
-    def start(self, combo: Combination, position: str) -> None:
-        lock = self.output_dir / ".locks" / f"{combo.stem}.lock"
-        holder = acquire_lock(lock, self.log)
-        if holder is not None:
+    def start(self, combo: Combination, position: str) -> str | None:
+        """Run combo unless it is finished; returns who holds it when another sweep is running it."""
+        lock = lock_path(self.output_dir, combo)
+        if combo.stem in self.waiting and not lock.exists():  # the sweep we waited for is done with it
+            self.waiting.discard(combo.stem)
             self.locked += 1
-            self.log(f"{position} skipped {combo.describe()}: another sweep ({holder}) is running it "
-                     f"(lock {lock})")
-            return
+            if (run := self.finished(combo)) is not None:
+                self.log(f"{position} finished by another sweep: {combo.describe()} -> {run.run_dir}")
+            else:
+                self.log(f"sweep.py: warning: another sweep ended {combo.describe()} without a result (its log: "
+                         f"{self.output_dir / 'sweep-logs' / f'{combo.stem}.log'}); run the sweep again to retry it")
+            return None
+        holder = acquire_lock(lock, self.log, self.lease_timeout)
+        if holder is not None:
+            if combo.stem not in self.waiting:
+                self.waiting.add(combo.stem)
+                self.log(f"{position} waiting for another sweep ({holder}) running {combo.describe()} "
+                         f"(lock {lock})")
+            return holder
+        self.waiting.discard(combo.stem)
         try:
             # another sweep may have finished it since we looked
             if (run := self.finished(combo)) is not None:
                 self.log(f"{position} already finished: {combo.describe()} -> {run.run_dir}")
-                lock.unlink(missing_ok=True)
-                return
+                release_lock(lock)
+                return None
             device = self.free_devices.pop(0)
             log_path = self.output_dir / "sweep-logs" / f"{combo.stem}.log"
             log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -426,12 +684,13 @@ class Sweep:
                                            stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                            env=child_env(dict(os.environ), device))
         except BaseException:
-            lock.unlink(missing_ok=True)
+            release_lock(lock)
             raise
         atomic_write_text(lock, lock_record(os.getpid(), process.pid))
         self.running.append(Running(combo, process, lock, log_path, device, time.monotonic()))
         on = "" if device is None else f" on GPU {device}"
         self.log(f"{position} running {combo.describe()}{on}: log {log_path}")
+        return None
 
     def reap(self) -> None:
         """Report and release every run that has ended."""
@@ -450,7 +709,7 @@ class Sweep:
                 detail = last_line(item.log_path)
                 self.log(f"sweep.py: FAILED {item.combo.describe()} ({why}){': ' + detail if detail else ''}; "
                          f"log: {item.log_path}")
-            item.lock.unlink(missing_ok=True)
+            release_lock(item.lock)
 
     def stop(self) -> None:
         """On Ctrl-C or SIGTERM: let the children stop as interrupted runs, then release their locks."""
@@ -463,22 +722,32 @@ class Sweep:
             except subprocess.TimeoutExpired:
                 item.process.kill()
                 item.process.wait()
-            item.lock.unlink(missing_ok=True)
+            release_lock(item.lock)
         self.running.clear()
 
     def run(self, combos: Sequence[Combination]) -> None:
+        """Run combos; one another sweep holds is looked at again until it is finished or its lock is stale."""
         pending = list(enumerate(combos, 1))
+        waiting: list[tuple[int, Combination]] = []
+        interval = refresh_interval(self.lease_timeout)
+        keeper = LeaseKeeper(lambda: [r.lock for r in list(self.running)], interval, self.log).start()
+        look_again = time.monotonic() + interval
         try:
-            while pending or self.running:
+            while pending or self.running or waiting:
                 while pending and self.free_devices:
                     i, combo = pending.pop(0)
-                    self.start(combo, f"[{i}/{len(combos)}]")
-                if self.running:
-                    time.sleep(POLL_S)
-                    self.reap()
+                    if self.start(combo, f"[{i}/{len(combos)}]") is not None:
+                        waiting.append((i, combo))
+                if waiting and not pending and time.monotonic() >= look_again:
+                    pending, waiting = waiting, []
+                    look_again = time.monotonic() + interval
+                time.sleep(POLL_S)
+                self.reap()
         except BaseException:
             self.stop()
             raise
+        finally:
+            keeper.stop()
 
 
 # ------------------------------------------------------------------------------------- tables
@@ -551,7 +820,131 @@ def render(runs: Sequence[FinishedRun], best: bool, markdown: bool) -> str:
     return csv_text(run_rows(runs), RUN_COLUMNS)
 
 
+# --------------------------------------------------- clusters: job arrays (--list, --task_index, --slurm)
+
+SLURM_FLAGS = {"--slurm": False, "--sbatch": True, "--max_running": True}  # sweep.py's flags for --slurm: takes a value
+GRID_STATES = ("finished", "running", "to do")
+
+
+def grid_rows(combos: Sequence[Combination], output_dir: Path, defaults: dict[str, Any],
+              lease_timeout: float) -> list[dict[str, Any]]:
+    """--list: per combination its index, grid values, state, finished run directory and lock holder."""
+    runs, _ = scan_runs(output_dir)
+    rows = []
+    for index, combo in enumerate(combos):
+        run = newest_match(runs, combo.wanted, defaults)
+        holder = None if run else lock_holder(lock_path(output_dir, combo), lease_timeout)
+        state = "finished" if run else "running" if holder else "to do"
+        rows.append({"index": index, **combo.axes(), "state": state, "run_dir": str(run.run_dir) if run else None,
+                     "holder": holder})
+    return rows
+
+
+def cell(value: Any) -> str:
+    return "" if value is None else f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def grid_text(rows: Sequence[dict[str, Any]], form: str) -> str:
+    """The --list rows as an aligned table, tab-separated values with a header line, or a JSON list."""
+    if form == "json":
+        return "[\n" + ",\n".join(json.dumps(r) for r in rows) + "\n]\n"  # one combination per line
+    columns = list(rows[0]) if rows else []
+    if form == "tsv":
+        out = io.StringIO()
+        writer = csv.writer(out, dialect="excel-tab", lineterminator="\n")
+        writer.writerow(columns)
+        writer.writerows([("" if r[c] is None else r[c]) for c in columns] for r in rows)
+        return out.getvalue()
+    table = [columns, *[[cell(r[c]) for c in columns] for r in rows]]
+    widths = [max(len(line[i]) for line in table) for i in range(len(columns))]
+    return "".join("  ".join(text.ljust(w) for text, w in zip(line, widths)).rstrip() + "\n" for line in table)
+
+
+def pick_task(task: int | str, size: int, environ: dict[str, str]) -> int:
+    """The grid index --task_index names (`slurm`: SLURM_ARRAY_TASK_ID's)."""
+    where = "--task_index"
+    if task == "slurm":
+        text, where = environ.get("SLURM_ARRAY_TASK_ID"), "SLURM_ARRAY_TASK_ID"
+        if text is None:
+            raise UserError("--task_index slurm: SLURM_ARRAY_TASK_ID is not set; run it as a task of an sbatch "
+                            "--array job (see --slurm), or pass an index")
+        if not text.strip().isdigit():
+            raise UserError(f"SLURM_ARRAY_TASK_ID={text!r} is not a combination index")
+        task = int(text)
+    if task >= size:
+        raise UserError(f"{where} {task} is out of range: the grid has {size} combinations (0-{size - 1}); "
+                        "see them with --list")
+    return task
+
+
+def task_argv(argv: Sequence[str]) -> list[str]:
+    """The command line an array task repeats: this one without --slurm and its options."""
+    kept, tokens = [], iter(argv)
+    for token in tokens:
+        name, has_value = token.split("=", 1)[0], "=" in token
+        if name in SLURM_FLAGS:
+            if SLURM_FLAGS[name] and not has_value:
+                next(tokens, None)
+            continue
+        kept.append(token)
+    return kept
+
+
+def slurm_script(argv: Sequence[str], size: int, output_dir: Path, max_running: int | None,
+                 sbatch: Sequence[str], cwd: Path) -> str:
+    """An sbatch script running the grid as a job array: task I runs combination I, on one GPU."""
+    passed = task_argv(argv)
+    for token in [*passed, *sbatch]:
+        if "\n" in token or "\r" in token:
+            raise UserError(f"--slurm: {token!r} has a line break, which cannot go into a batch script")
+    try:
+        options = [shlex.split(text) for text in sbatch]
+    except ValueError as e:
+        raise UserError(f"--sbatch: {e}") from None
+    sweep_py = [sys.executable, str(Path(__file__).resolve())]
+    logs = str(cwd / output_dir / "sweep-logs").replace("%", "%%") + "/slurm-%A_%a.log"  # %% is a literal %
+    array = f"0-{size - 1}" + (f"%{max_running}" if max_running else "")
+    lines = [
+        "#!/bin/bash",
+        f"# bertcls sweep as a Slurm job array: task I runs combination I of {size} (one GPU each). Written by",
+        "# sweep.py --slurm; submit with `sbatch FILE`. Resubmitting is safe: a finished combination exits at once.",
+        f"# The grid and its state: {shlex.join([*sweep_py, '--list', *passed])}",
+        f"# After the array: {shlex.join([*sweep_py, '--no_run', '--best', *passed])}",
+        "#SBATCH --job-name=bertcls-sweep",
+        f"#SBATCH --array={array}",
+        "#SBATCH --ntasks=1",
+        "#SBATCH --gres=gpu:1",
+        "#SBATCH " + shlex.quote(f"--chdir={cwd}"),
+        "#SBATCH " + shlex.quote(f"--output={logs}"),
+        *("#SBATCH " + shlex.join(option) for option in options if option),
+        "",
+        "exec " + shlex.join([*sweep_py, "--task_index", "slurm", *passed]),
+    ]
+    return "\n".join(lines) + "\n"
+
+
 # ---------------------------------------------------------------------------------------- main
+
+
+def show_grid(args: argparse.Namespace, combos: Sequence[Combination], output_dir: Path, defaults: dict[str, Any],
+              log: Callable[[str], None]) -> int:
+    """--list: the grid and its state; --slurm: an sbatch script running it as a job array."""
+    if args.list:
+        rows = grid_rows(combos, output_dir, defaults, args.lease_timeout)
+        sys.stdout.write(grid_text(rows, args.list))
+        log(f"sweep.py: {len(rows)} combinations: " + ", ".join(
+            f"{sum(r['state'] == state for r in rows)} {state}" for state in GRID_STATES))
+    else:
+        script = slurm_script(args.argv, len(combos), output_dir, args.max_running, args.sbatch, Path.cwd())
+        writable_dir(output_dir / "sweep-logs")  # Slurm does not create the directory of a task's log
+        sys.stdout.write(script)
+        log(f"sweep.py: sbatch script for {len(combos)} combinations (array 0-{len(combos) - 1}); task logs in "
+            f"{output_dir / 'sweep-logs'}")
+        if len(combos) > 1001:
+            log("sweep.py: warning: Slurm's default MaxArraySize is 1001 (see `scontrol show config`): split the "
+                "grid, e.g. by --model_names, if sbatch refuses the array")
+    sys.stdout.flush()
+    return 0
 
 
 def sweep(args: argparse.Namespace, log: Callable[[str], None]) -> int:
@@ -561,6 +954,8 @@ def sweep(args: argparse.Namespace, log: Callable[[str], None]) -> int:
     defaults = resolve_bertcls_args([])
     passed = resolve_bertcls_args(args.bertcls_flags)  # also rejects bad flags before anything runs
     failed = 0
+    if args.list or args.slurm:
+        return show_grid(args, grid(args, output_dir), output_dir, defaults, log)
     if args.no_run:
         if not output_dir.is_dir():
             raise UserError(f"--output_dir {output_dir} does not exist: nothing to aggregate "
@@ -572,14 +967,17 @@ def sweep(args: argparse.Namespace, log: Callable[[str], None]) -> int:
         chosen = select_runs(runs, args.model_names, args.lrs, args.seeds, wanted, defaults, log)
         log(f"sweep.py: {len(chosen)} finished runs selected of {len(runs)} in {output_dir}")
     else:
-        combos = combinations(args.model_names or DEFAULT_MODELS, args.lrs or DEFAULT_LRS,
-                              args.seeds or DEFAULT_SEEDS, args.bertcls_flags, output_dir)
+        combos = grid(args, output_dir)
+        if args.task_index is not None:
+            index = pick_task(args.task_index, len(combos), dict(os.environ))
+            log(f"sweep.py: task {index} of 0-{len(combos) - 1}: {combos[index].describe()}")
+            combos = [combos[index]]
         runs, _ = scan_runs(output_dir)
         todo = [c for c in combos if newest_match(runs, c.wanted, defaults) is None]
         log(f"sweep.py: {len(combos)} combinations, {len(combos) - len(todo)} already finished, {len(todo)} to run "
             f"(logs in {output_dir / 'sweep-logs'})")
-        output_dir.mkdir(parents=True, exist_ok=True)
-        runner = Sweep(output_dir, args.devices, defaults, log)
+        writable_dir(output_dir)
+        runner = Sweep(output_dir, args.devices, defaults, log, args.lease_timeout)
         runner.run(todo)
         failed = runner.failed
         runs, problems = scan_runs(output_dir)

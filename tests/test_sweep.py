@@ -11,8 +11,10 @@ import math
 import os
 import shutil
 import signal
+import re
 import subprocess
 import sys
+import threading
 import time
 import types
 from pathlib import Path
@@ -95,7 +97,7 @@ def test_sweep_prints_one_row_per_run(swept):
     logs = sorted((swept.out / "sweep-logs").glob("*.log"))
     assert len(logs) == 4 and all(str(log) in swept.stderr for log in logs)
     assert "on GPU a" in swept.stderr and "on GPU b" in swept.stderr
-    assert list((swept.out / ".locks").glob("*.lock")) == []  # released
+    assert list((swept.out / ".locks").iterdir()) == []  # released, and no private files left behind
 
 
 def test_second_sweep_runs_nothing_and_prints_the_same_table(swept, monkeypatch, capsys):
@@ -161,41 +163,88 @@ def test_killed_run_is_run_again_and_an_unknown_model_fails_alone(swept, tmp_pat
     assert list((out / ".locks").glob("*.lock")) == []
 
 
-def test_combination_locked_by_a_live_process_is_not_run(swept, tmp_path, tiny_bert, tiny_dataset, monkeypatch,
-                                                          capsys):
+@pytest.mark.parametrize("other_finishes", [True, False], ids=["other-finishes", "other-fails"])
+def test_combination_held_by_a_live_sweep_is_waited_for_not_run(swept, tmp_path, tiny_bert, tiny_dataset, monkeypatch,
+                                                                capsys, other_finishes):
     out = shutil.copytree(swept.out, tmp_path / "outputs")
     flags = bertcls_flags(tiny_bert, tiny_dataset, out)
     corrupt = run_of(out, 3e-3, 2)
+    metrics = (corrupt / "test-metrics.json").read_text()
     (corrupt / "test-metrics.json").write_text("{not json")  # a corrupt run does not count: it must run again
     [combo] = sweep.combinations([str(tiny_bert)], [3e-3], [2], flags, out)
-    lock = out / ".locks" / f"{combo.stem}.lock"
+    lock = sweep.lock_path(out, combo)
+    before = run_dirs(out)
+    held, start = threading.Event(), sweep.Sweep.start
+
+    def start_and_tell(self, combo, position):
+        holder = start(self, combo, position)
+        if holder is not None:
+            held.set()
+        return holder
+
+    def other_sweep_ends():  # once our sweep has seen its lock: finishes the run (or fails it), then releases
+        held.wait(120)
+        if other_finishes:
+            (corrupt / "test-metrics.json").write_text(metrics)
+        lock.unlink()
+
     other_sweep = subprocess.Popen(["sleep", "60"])
+    other_end = threading.Thread(target=other_sweep_ends)
     try:
+        lock.parent.mkdir(exist_ok=True)
         lock.write_text(sweep.lock_record(other_sweep.pid))
-        before = run_dirs(out)
+        monkeypatch.setattr(sweep.Sweep, "start", start_and_tell)
         monkeypatch.setattr(sweep.subprocess, "Popen", None)  # any run attempt would raise
-        assert sweep.main(sweep_argv(out, flags, [str(tiny_bert)])) == 0
+        other_end.start()
+        assert sweep.main([*sweep_argv(out, flags, [str(tiny_bert)]), "--lease_timeout", "1"]) == 0
     finally:
+        held.set()
+        other_end.join()
         other_sweep.kill()
         other_sweep.wait()
     stdout, stderr = capsys.readouterr()
-    assert f"skipped {tiny_bert} lr 0.003 seed 2: another sweep (pid {other_sweep.pid}) is running it" in stderr
-    assert f"warning: skipped {corrupt}: test-metrics.json cannot be read" in stderr
-    assert run_dirs(out) == before and lock.is_file()
-    assert len(csv_rows(stdout)) == 3
+    assert f"waiting for another sweep (pid {other_sweep.pid}) running {tiny_bert} lr 0.003 seed 2" in stderr
+    if other_finishes:
+        assert f"finished by another sweep: {tiny_bert} lr 0.003 seed 2 -> {corrupt}" in stderr
+        assert "1 left to another sweep; 4 of 4 combinations have results" in stderr
+    else:
+        assert f"warning: another sweep ended {tiny_bert} lr 0.003 seed 2 without a result" in stderr
+        assert f"warning: skipped {corrupt}: test-metrics.json cannot be read" in stderr
+    assert run_dirs(out) == before and not lock.exists()
+    assert len(csv_rows(stdout)) == (4 if other_finishes else 3)
 
 
-def test_lock_is_exclusive_and_stale_locks_are_taken_over(tmp_path):
+def test_lock_is_exclusive_and_stale_locks_are_taken_over(tmp_path, monkeypatch):
+    monkeypatch.setenv("BERTCLS_HOSTNAME", "host-a")
     lock, notes = tmp_path / ".locks" / "x.lock", []
     assert sweep.acquire_lock(lock, notes.append) is None
-    assert json.loads(lock.read_text())["pids"] == [os.getpid()]
+    assert json.loads(lock.read_text()) == {"pids": [os.getpid()], "host": "host-a"}
     assert sweep.acquire_lock(lock, notes.append) == f"pid {os.getpid()}"
+    # this host's lock whose processes are gone: stale at once, however long the lease
     finished = subprocess.Popen(["true"])
     finished.wait()
     lock.write_text(sweep.lock_record(finished.pid))
-    assert sweep.acquire_lock(lock, notes.append) is None and notes == [f"sweep.py: taking over stale lock {lock}"]
-    lock.write_text(json.dumps({"pids": [finished.pid], "host": "another-machine"}))
-    assert sweep.acquire_lock(lock, notes.append) == f"pid {finished.pid} on another-machine"
+    assert sweep.acquire_lock(lock, notes.append, lease_timeout=1e9) is None
+    assert notes == [f"sweep.py: taking over stale lock {lock}: pid {finished.pid}: its processes are gone"]
+    # another host's processes cannot be seen: its lock holds while it is refreshed within the lease
+    lock.write_text(json.dumps({"pids": [finished.pid], "host": "host-b"}))
+    assert sweep.acquire_lock(lock, notes.append, lease_timeout=60) == f"pid {finished.pid} on host-b"
+    last_refresh = time.time() - 100
+    os.utime(lock, (last_refresh, last_refresh))
+    assert sweep.acquire_lock(lock, notes.append, lease_timeout=200) == f"pid {finished.pid} on host-b"
+    assert sweep.acquire_lock(lock, notes.append, lease_timeout=60) is None
+    taken = re.fullmatch(rf"sweep.py: taking over stale lock {re.escape(str(lock))}: pid {finished.pid} on host-b: "
+                         r"not refreshed for (\d+) s \(--lease_timeout 60\)", notes[-1])
+    assert taken and 100 <= int(taken[1]) < 160, notes[-1]
+    # garbage: stale, with a warning
+    for garbage, why in [("", "JSONDecodeError: Expecting value: line 1 column 1 (char 0)"),
+                         ('{"host": "host-b"}', "KeyError: 'pids'"), ('{"pids": "x", "host": 1}', "ValueError: "
+                                                                       "invalid literal for int() with base 10: 'x'")]:
+        lock.write_text(garbage)
+        assert sweep.acquire_lock(lock, notes.append) is None
+        assert notes[-1] == f"sweep.py: warning: taking over stale lock {lock}: no valid lock record in it ({why})"
+    assert json.loads(lock.read_text()) == {"pids": [os.getpid()], "host": "host-a"}
+    assert sorted(p.name for p in lock.parent.iterdir()) == ["x.lock"]  # no private files left behind
 
 
 # ------------------------------------------------------------------------------ hand-made run dirs
