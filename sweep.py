@@ -508,24 +508,36 @@ def link_lock(private: Path, path: Path) -> bool:
                         "--output_dir on a file system that has them (local disks, NFS, Lustre, GPFS)") from None
 
 
-def remove_stale(path: Path, judged: LockFile) -> bool:
-    """Remove the stale lock judged, unless another sweep got there first or it has been refreshed since.
+def remove_stale(path: Path, judged: LockFile, private: Path, now: float, lease_timeout: float) -> bool:
+    """Remove the stale lock judged, if this sweep is the one to; False when another sweep is taking it over
+    or it is no longer the lock judged.
 
-    rename(2) is atomic on NFS too: of several sweeps renaming one stale lock at once, exactly one gets it.
-    That one then checks it got the very lease it judged; a lock refreshed or re-created meanwhile is live,
-    and is put back."""
-    grave = path.with_name(f".{path.name}.{secrets.token_hex(6)}.stale")
-    try:
-        os.rename(path, grave)
-    except FileNotFoundError:
+    Of several sweeps taking over one stale lock at once, only the one that creates the claim named after
+    that lock's inode and mtime goes on (link(2) of its private file: exclusive, as for the lock itself), and
+    it removes the lock only if it is still the one judged. So no sweep ever removes a live lock, such as the
+    new one of a sweep that took over just before (which renaming the lock away first, then checking, would).
+    A claim left by a sweep that died while taking over is removed after --lease_timeout."""
+    claim = path.with_name(f".{path.name}.claim-{judged.inode}-{judged.mtime_ns}")
+    if not link_lock(private, claim):
+        with contextlib.suppress(FileNotFoundError):
+            if now - claim.stat().st_mtime_ns / 1e9 > lease_timeout:
+                claim.unlink()
         return False
-    if read_lock(grave) == judged:
+    try:
+        if read_lock(path) != judged:
+            return False
+        grave = path.with_name(f".{path.name}.{secrets.token_hex(6)}.stale")
+        os.rename(path, grave)
+        if read_lock(grave) == judged:
+            grave.unlink()
+            return True
+        # its sweep refreshed it between our read and the rename: it lives after all, so it goes back
+        with contextlib.suppress(FileExistsError):
+            os.link(grave, path)
         grave.unlink()
-        return True
-    with contextlib.suppress(FileExistsError):
-        os.link(grave, path)
-    grave.unlink()
-    return False
+        return False
+    finally:
+        claim.unlink(missing_ok=True)
 
 
 def acquire_lock(path: Path, log: Callable[[str], None], lease_timeout: float = LEASE_TIMEOUT_S) -> str | None:
@@ -549,7 +561,7 @@ def acquire_lock(path: Path, log: Callable[[str], None], lease_timeout: float = 
             verdict = judge_lock(lock, now, lease_timeout)
             if verdict.holder is not None:
                 return verdict.holder
-            if remove_stale(path, lock):
+            if remove_stale(path, lock, private, now, lease_timeout):
                 log(f"sweep.py: {'warning: ' if verdict.unreadable else ''}taking over stale lock {path}: "
                     f"{verdict.why}")
         return "another sweep, which took it just now"

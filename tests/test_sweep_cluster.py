@@ -325,15 +325,26 @@ def test_of_many_hosts_taking_over_one_stale_lock_at_once_exactly_one_wins(tmp_p
         assert sorted(p.name for p in lock.parent.iterdir()) == ["x.lock"]
 
 
-def test_a_stale_lock_refreshed_after_it_was_judged_is_put_back(tmp_path):
-    lock = tmp_path / "x.lock"
+def test_a_stale_lock_is_removed_only_by_its_one_claimant_and_only_while_it_is_the_lock_judged(tmp_path):
+    lock, private = tmp_path / "x.lock", tmp_path / ".mine.tmp"
+    private.write_text("me")
     lock.write_text(json.dumps({"pids": [1], "host": "host-b"}))
     judged = sweep.read_lock(lock)
-    os.utime(lock, ns=(judged.mtime_ns + 10**9, judged.mtime_ns + 10**9))  # its sweep refreshed it meanwhile
-    assert sweep.remove_stale(lock, judged) is False
-    assert json.loads(lock.read_text()) == {"pids": [1], "host": "host-b"}
-    assert sweep.read_lock(lock).mtime_ns == judged.mtime_ns + 10**9 and os.listdir(tmp_path) == ["x.lock"]
-    assert sweep.remove_stale(lock, sweep.read_lock(lock)) is True and os.listdir(tmp_path) == []
+    now = time.time()
+    # its sweep refreshed it after we judged it stale: it stays
+    os.utime(lock, ns=(judged.mtime_ns + 10**9, judged.mtime_ns + 10**9))
+    assert sweep.remove_stale(lock, judged, private, now, 60) is False
+    assert sweep.read_lock(lock).mtime_ns == judged.mtime_ns + 10**9
+    # another sweep claimed this stale lock first: it stays, for that sweep to remove
+    judged = sweep.read_lock(lock)
+    claim = tmp_path / f".x.lock.claim-{judged.inode}-{judged.mtime_ns}"
+    claim.write_text("another sweep")
+    assert sweep.remove_stale(lock, judged, private, now, 60) is False and lock.exists() and claim.exists()
+    # ... unless that sweep died while taking over: its claim goes after the lease timeout
+    os.utime(claim, (now - 100, now - 100))
+    assert sweep.remove_stale(lock, judged, private, now, 60) is False and not claim.exists()
+    assert sweep.remove_stale(lock, judged, private, now, 60) is True
+    assert sorted(os.listdir(tmp_path)) == [".mine.tmp"] and private.stat().st_nlink == 1
 
 
 def test_lease_keeper_refreshes_its_locks_and_warns_once_when_one_is_lost(tmp_path, monkeypatch):
