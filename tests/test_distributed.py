@@ -57,14 +57,17 @@ def test_distributed_test_metrics_equal_single_process_evaluation(ddp_run, tiny_
     tokenizer = families.load_tokenizer(str(model_dir))
     label2id = bertcls.load_label2id(tiny_dataset)
     rows = bertcls.load_split(tiny_dataset, "test", label2id)
-    packed = bertcls.pack(bertcls.tokenize_rows(tokenizer, rows, bertcls.InputSpec(64, families.uses_token_type_ids(model.config))))
+    spec = bertcls.InputSpec(64, families.uses_token_type_ids(model.config))
+    packed = bertcls.pack(bertcls.tokenize_rows(tokenizer, rows, spec))
     labels = torch.tensor([r["label"] for r in rows])
     dtype = getattr(torch, json.loads((ddp_run / "config.json").read_text(encoding="utf-8"))["dtype"])  # as the run
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as each torchrun worker ran, so the float sums are the same
     try:
-        run = SimpleNamespace(packed={"test": packed}, labels={"test": labels}, id2label={i: n for n, i in label2id.items()},
-                              args=SimpleNamespace(eval_batch_size=16), device=torch.device("cpu"),
+        run = SimpleNamespace(packed={"test": packed}, labels={"test": labels},
+                              id2label={i: n for n, i in label2id.items()},
+                              args=SimpleNamespace(eval_batch_size=16, max_batch_tokens=None),
+                              device=torch.device("cpu"),
                               ctx=common.autocast_context(torch.device("cpu"), dtype), pad_id=0, rank=0,
                               world_size=1, buckets=None)
         metrics, _ = bertcls.evaluate(model, run, "test")
