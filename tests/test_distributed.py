@@ -78,6 +78,26 @@ def test_distributed_test_metrics_equal_single_process_evaluation(ddp_run, tiny_
     assert metrics == recorded
 
 
+def test_two_process_modernbert_run_with_head_tail_and_a_token_budget(tiny_modernbert, tiny_dataset, tmp_path):
+    import predict
+    output_dir = tmp_path / "out"
+    result = torchrun(train_args(tiny_modernbert, tiny_dataset, output_dir, "--epochs", "2", "--save_model",
+                                 "--truncation", "head_tail", "--max_seq_len", "32", "--max_batch_tokens", "128"),
+                      tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    [run_dir] = finished_runs(output_dir)
+    config = json.loads((run_dir / "config.json").read_text(encoding="utf-8"))
+    assert config["world_size"] == 2 and config["args"]["truncation"] == "head_tail"
+    metrics = json.loads((run_dir / "test-metrics.json").read_text(encoding="utf-8"))
+    assert sum(map(sum, metrics["confusion_matrix"]["matrix"])) == 20  # every test example once
+    # the saved model, read by one process, predicts what the two evaluated
+    out = tmp_path / "predictions.jsonl"
+    assert predict.main(["--model_dir", str(run_dir / "model"), "--input", str(tiny_dataset / "test.jsonl"),
+                         "--output", str(out)]) == 0
+    expected = [json.loads(line)["predicted"] for line in (run_dir / "test-predictions.jsonl").open(encoding="utf-8")]
+    assert [json.loads(line)["label"] for line in out.open(encoding="utf-8")] == expected
+
+
 def test_a_failing_rank_fails_the_job_without_metrics(tiny_bert, tiny_dataset, tmp_path):
     failing = tmp_path / "fail_rank1.py"
     failing.write_text(
