@@ -235,8 +235,9 @@ def build_tiny_modernbert(directory: Path, texts: list[str], layout: str = "sbin
     """
     import io
     import sentencepiece
+    import torch
     from tokenizers import processors
-    from transformers import ModernBertConfig, TokenizersBackend
+    from transformers import ModernBertConfig, ModernBertForMaskedLM, TokenizersBackend
     directory.mkdir(parents=True, exist_ok=True)
     assert layout in ("sbintuitions", "llm_jp"), layout
     specials = SBINTUITIONS_SPECIALS if layout == "sbintuitions" else LLM_JP_SPECIALS
@@ -270,8 +271,12 @@ def build_tiny_modernbert(directory: Path, texts: list[str], layout: str = "sbin
                        "model_input_names": ["input_ids", "attention_mask"]}
     (directory / "tokenizer_config.json").write_text(json.dumps(hub_config), encoding="utf-8")
     first, last = ("bos_token", "eos_token") if layout == "sbintuitions" else ("cls_token", "sep_token")
-    return save_tiny_model(directory, ModernBertConfig(
+    config = ModernBertConfig(
         vocab_size=spm_pieces(spm.getvalue()), hidden_size=32, intermediate_size=64, num_hidden_layers=3,
         num_attention_heads=2, max_position_embeddings=8192, local_attention=16, global_attn_every_n_layers=3,
         pad_token_id=ids["pad_token"], bos_token_id=ids[first], eos_token_id=ids[last], cls_token_id=ids["cls_token"],
-        sep_token_id=ids["sep_token"]))
+        sep_token_id=ids["sep_token"])
+    torch.manual_seed(0)
+    # saved as pre-trained, with the MLM head whose dense + norm layers the classifier's pooling head reuses
+    ModernBertForMaskedLM(config).save_pretrained(directory)
+    return directory

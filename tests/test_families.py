@@ -298,6 +298,7 @@ def test_modernbert_tokenizers_load_as_the_hub_ships_them(family_models):
         assert (tokenizer.pad_token_id, tokenizer.cls_token_id) == (config.pad_token_id, config.cls_token_id)
         assert not families.uses_token_type_ids(config) and "token_type_ids" not in tokenizer.model_input_names
         assert config.model_type == "modernbert" and families.position_limit(config) == 8192
+        assert config.architectures == ["ModernBertForMaskedLM"]
 
 
 def test_modernbert_max_len_capped_at_its_8192_tokens_with_a_notice(family_models):

@@ -275,3 +275,16 @@ def test_pipeline_loads_a_saved_modernbert(modernbert_run, capsys):
     classifier = pipeline("text-classification", model=str(modernbert_run / "model"), device="cpu")
     [top] = classifier(text)
     assert (top["label"], top["score"]) == (expected["label"], pytest.approx(expected["probability"], abs=1e-5))
+
+
+def test_saved_settings_without_truncation_mean_head_and_a_bad_one_is_refused(run_dir, tmp_path, capsys):
+    model_dir = copy_model(run_dir, tmp_path)
+    path = model_dir / "bertcls.json"
+    settings = json.loads(path.read_text(encoding="utf-8"))
+    del settings["truncation"]  # written before --truncation existed
+    path.write_text(json.dumps(settings), encoding="utf-8")
+    assert predict.read_saved_settings(model_dir)["truncation"] == "head"
+    path.write_text(json.dumps({**settings, "truncation": "middle"}), encoding="utf-8")
+    rc, stdout, err = run_predict(capsys, "--model_dir", str(model_dir), "--text", "野球")
+    assert rc == 1 and stdout == []
+    assert "a truncation of head or head_tail; re-save the model with bertcls.py --save_model" in error_line(err)
