@@ -15,12 +15,13 @@ written last: a run directory without it is not a finished run.
 Reading guide (this file is the training story, in the order it happens):
     parse_args                    every setting, with its default
     data                          label2id.json and the JSONL splits
-    batching                      length-grouped batches, padding, collate
+    batching                      length-grouped batches (of --batch_size or a token budget), padding, collate
     schedule + optimizer          AdamW without decay on biases/norms, linear warmup then decay (get_lr)
     training loop                 train_epoch: one epoch of optimizer steps (AMP, accumulation, clipping)
     evaluation                    predict / evaluate: every example once, also under DDP
     metrics                       confusion matrix and macro precision / recall / F1 by hand
-    tokenization cache            tokenize once per (tokenizer, length, data), reuse across runs
+    tokenization cache            (title, body) -> ids, cut to length (head / head_tail); once per (tokenizer,
+                                  input spec, data), reused across runs
     distributed                   torchrun process group and the collectives used
     outputs                       log.csv, learning curve, predictions, --save_model
     Run, train_and_evaluate, main set-up, the epoch loop with best-epoch selection, and the command line

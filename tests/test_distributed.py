@@ -81,7 +81,7 @@ def test_distributed_test_metrics_equal_single_process_evaluation(ddp_run, tiny_
 def test_two_process_modernbert_run_with_head_tail_and_a_token_budget(tiny_modernbert, tiny_dataset, tmp_path):
     import predict
     output_dir = tmp_path / "out"
-    result = torchrun(train_args(tiny_modernbert, tiny_dataset, output_dir, "--epochs", "2", "--save_model",
+    result = torchrun(train_args(tiny_modernbert, tiny_dataset, output_dir, "--epochs", "1", "--save_model",
                                  "--truncation", "head_tail", "--max_seq_len", "32", "--max_batch_tokens", "128"),
                       tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
