@@ -15,12 +15,13 @@ written last: a run directory without it is not a finished run.
 Reading guide (this file is the training story, in the order it happens):
     parse_args                    every setting, with its default
     data                          label2id.json and the JSONL splits
-    batching                      length-grouped batches, padding, collate
+    batching                      length-grouped batches (of --batch_size or a token budget), padding, collate
     schedule + optimizer          AdamW without decay on biases/norms, linear warmup then decay (get_lr)
     training loop                 train_epoch: one epoch of optimizer steps (AMP, accumulation, clipping)
     evaluation                    predict / evaluate: every example once, also under DDP
     metrics                       confusion matrix and macro precision / recall / F1 by hand
-    tokenization cache            tokenize once per (tokenizer, length, data), reuse across runs
+    tokenization cache            (title, body) -> ids, cut to length (head / head_tail); once per (tokenizer,
+                                  input spec, data), reused across runs
     distributed                   torchrun process group and the collectives used
     outputs                       log.csv, learning curve, predictions, --save_model
     Run, train_and_evaluate, main set-up, the epoch loop with best-epoch selection, and the command line
@@ -54,7 +55,7 @@ import torch.nn.functional as F
 from common import (DistEnv, UserError, atomic_write_text, autocast_context, check_output_dir, dist_env, dtype_name,
                     first_line, make_run_dir, non_negative_float, pick_device, positive_float, positive_int,
                     read_json, read_jsonl, resolve_dtype, run_cli, write_json)
-from families import effective_max_len, load_model, load_tokenizer, uses_token_type_ids
+from families import effective_max_len, load_model, load_tokenizer, unknown_family_note, uses_token_type_ids
 
 CACHE_FORMAT = 1  # bump when the layout of the tokenization cache changes
 NO_DECAY_SUFFIXES = ("bias", "layernorm.weight", "layer_norm.weight", "norm.weight", "ln.weight")
@@ -77,6 +78,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="linear warmup length in epochs, may be fractional (default: %(default)s)")
     p.add_argument("--max_seq_len", type=positive_int, default=512,
                    help="tokens per example, capped by the model's limit (default: %(default)s)")
+    p.add_argument("--truncation", choices=TRUNCATIONS, default="head",
+                   help="what an over-long example keeps: head = the title and the start of the body; head_tail = "
+                        "the title, then of the room left a quarter from the body's start and the rest from its end "
+                        "(Sun et al. 2019's 128 + 382 of 512, scaled) (default: %(default)s)")
+    p.add_argument("--max_batch_tokens", type=positive_int, default=None,
+                   help="token budget per batch instead of --batch_size examples: as many examples as fit in this "
+                        "many padded tokens (few long ones, many short ones); evaluation uses twice the budget "
+                        "(default: off)")
     p.add_argument("--weight_decay", type=non_negative_float, default=0.01, help="(default: %(default)s)")
     p.add_argument("--max_grad_norm", type=non_negative_float, default=1.0,
                    help="gradient clipping norm, 0 disables (default: %(default)s)")
@@ -165,28 +174,62 @@ def file_digest(paths: Sequence[Path]) -> str:
 # ------------------------------------------------------------------------------------------ batching
 
 
-def length_grouped_batches(lengths: Sequence[int], batch_size: int, rng: random.Random,
-                           group_batches: int = 64) -> list[list[int]]:
+def length_grouped_batches(lengths: Sequence[int], batch_size: int, rng: random.Random, group_batches: int = 64,
+                           max_tokens: int | None = None, buckets: Sequence[int] | None = None) -> list[list[int]]:
     """Shuffle, sort by length within chunks of many batches, then shuffle the batches.
 
     Randomness is kept (which examples meet in a batch and the batch order change every epoch) while
-    examples of similar length share a batch, so little compute is spent on padding.
+    examples of similar length share a batch, so little compute is spent on padding. With max_tokens, a
+    batch holds as many examples as fit in that many padded tokens instead of batch_size, and a chunk is
+    group_batches budgets' worth of tokens.
     """
     order = list(range(len(lengths)))
     rng.shuffle(order)
-    chunk = batch_size * group_batches
+    if max_tokens is None:
+        chunks = [order[s:s + batch_size * group_batches] for s in range(0, len(order), batch_size * group_batches)]
+    else:
+        chunks = token_chunks(order, lengths, max_tokens * group_batches)
     batches = []
-    for start in range(0, len(order), chunk):
-        group = sorted(order[start:start + chunk], key=lambda i: lengths[i], reverse=True)
-        batches += [group[i:i + batch_size] for i in range(0, len(group), batch_size)]
+    for chunk in chunks:
+        group = sorted(chunk, key=lambda i: lengths[i], reverse=True)
+        batches += cut_batches(group, lengths, batch_size, max_tokens, buckets)
     rng.shuffle(batches)
     return batches
 
 
-def sorted_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
+def sorted_batches(lengths: Sequence[int], batch_size: int, max_tokens: int | None = None,
+                   buckets: Sequence[int] | None = None) -> list[list[int]]:
     """Evaluation batches of examples sorted by length (longest first, so an OOM shows up at once)."""
     order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
-    return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    return cut_batches(order, lengths, batch_size, max_tokens, buckets)
+
+
+def cut_batches(order: Sequence[int], lengths: Sequence[int], batch_size: int, max_tokens: int | None,
+                buckets: Sequence[int] | None = None) -> list[list[int]]:
+    """Consecutive batches of `order` (longest first): batch_size examples each, or with max_tokens as many as
+    fit in max_tokens padded tokens (examples x the padded length of the first, longest one)."""
+    if max_tokens is None:
+        return [list(order[i:i + batch_size]) for i in range(0, len(order), batch_size)]
+    batches: list[list[int]] = []
+    for i in order:
+        if batches and (len(batches[-1]) + 1) * padded_length(lengths[batches[-1][0]], buckets=buckets) <= max_tokens:
+            batches[-1].append(i)
+        else:  # a first example wider than the budget gets a batch of its own (Run refuses such budgets)
+            batches.append([i])
+    return batches
+
+
+def token_chunks(order: Sequence[int], lengths: Sequence[int], chunk_tokens: int) -> list[list[int]]:
+    """`order` split into consecutive chunks of about chunk_tokens tokens."""
+    chunks: list[list[int]] = [[]]
+    total = 0
+    for i in order:
+        if total >= chunk_tokens:
+            chunks.append([])
+            total = 0
+        chunks[-1].append(i)
+        total += lengths[i]
+    return chunks if chunks[0] else []
 
 
 def padded_length(longest: int, multiple: int = 8, buckets: Sequence[int] | None = None) -> int:
@@ -270,6 +313,13 @@ def optimizer_steps_per_epoch(n_batches: int, grad_accum_steps: int) -> int:
     return math.ceil(n_batches / grad_accum_steps)
 
 
+def examples_per_step(all_batches: Sequence[Sequence[int]], grad_accum_steps: int, world_size: int) -> list[int]:
+    """Examples of each optimizer step over all ranks, from every rank's batches of an epoch in global order
+    (rank r trains on every world_size-th batch, so a step takes grad_accum_steps x world_size consecutive ones)."""
+    per_step = grad_accum_steps * world_size
+    return [sum(map(len, all_batches[i:i + per_step])) for i in range(0, len(all_batches), per_step)]
+
+
 # ------------------------------------------------------------------------------------- training loop
 
 
@@ -279,12 +329,14 @@ class NonFiniteLoss(UserError):
 
 def train_epoch(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
                 run: Run, batches: list[list[int]], step: int, epoch: int, progress: Any = None,
-                collate_fn: Any = None) -> tuple[int, float]:
+                collate_fn: Any = None, step_examples: Sequence[int] | None = None) -> tuple[int, float]:
     """One pass over `batches` (this rank's); returns the next optimizer step and the mean train loss.
 
     `model` is what is called (DDP- or compile-wrapped), `run` holds the settings (run.args), the data and
     the schedule. The loss of each micro-batch is weighted by its share of the examples of its optimizer
-    step, so K accumulated micro-batches give the gradient of one batch K times as large. `collate_fn`
+    step, so K accumulated micro-batches give the gradient of one batch K times as large. Batches of a
+    token budget differ in size, also between ranks: `step_examples` (the examples of each optimizer step
+    over all ranks, see examples_per_step) makes each example count the same there too. `collate_fn`
     (default `collate`) lets bench.py time another way of building batches through the same loop.
     """
     args, device = run.args, run.device
@@ -295,11 +347,13 @@ def train_epoch(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scaler
     first_bad_step = torch.full((), -1, device=device)
     n_examples = 0
     groups = [batches[i:i + args.grad_accum_steps] for i in range(0, len(batches), args.grad_accum_steps)]
-    for group in groups:
+    for group_index, group in enumerate(groups):
         lr = get_lr(step, run.total_steps, run.warmup_steps, args.lr)
         for param_group in optimizer.param_groups:
             param_group["lr"] = lr
         group_examples = sum(len(b) for b in group)
+        # DDP averages the ranks' gradients: a rank's examples weigh len/(all examples of the step / world size)
+        weight_base = step_examples[group_index] / run.world_size if step_examples else group_examples
         for micro, batch_indices in enumerate(group):
             batch = to_device(collate_fn(packed, batch_indices, labels, run.pad_id, run.buckets), device)
             if hasattr(model, "require_backward_grad_sync"):  # DDP: all-reduce only on the last micro-batch
@@ -307,7 +361,7 @@ def train_epoch(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scaler
             with run.ctx:
                 logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
                 loss = F.cross_entropy(logits.float(), batch["labels"])
-            scaler.scale(loss * (len(batch_indices) / group_examples)).backward()
+            scaler.scale(loss * (len(batch_indices) / weight_base)).backward()
             loss_sum += loss.detach() * len(batch_indices)
             first_bad_step = torch.where((first_bad_step < 0) & ~torch.isfinite(loss.detach()),
                                          torch.full_like(first_bad_step, step), first_bad_step)
@@ -341,16 +395,17 @@ def check_finite(first_bad_step: torch.Tensor, epoch: int) -> None:
 @torch.no_grad()
 def predict(model: torch.nn.Module, packed: dict[str, torch.Tensor], batch_size: int, device: torch.device,
             ctx: contextlib.AbstractContextManager, pad_id: int, labels: torch.Tensor | None = None,
-            rank: int = 0, world_size: int = 1, buckets: Sequence[int] | None = None
-            ) -> tuple[torch.Tensor, torch.Tensor | None]:
+            rank: int = 0, world_size: int = 1, buckets: Sequence[int] | None = None,
+            max_batch_tokens: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Class probabilities (n, C) in the original example order, and per-example losses when labels are given.
 
     Examples are evaluated in length-sorted batches; under DDP each rank takes every world_size-th
     batch and the results are gathered by example index, so each example counts exactly once and the
-    numbers equal a single-process evaluation.
+    numbers equal a single-process evaluation. With max_batch_tokens a batch holds as many examples as fit
+    in that many padded tokens instead of batch_size.
     """
     model.eval()
-    batches = sorted_batches(example_lengths(packed), batch_size)[rank::world_size]
+    batches = sorted_batches(example_lengths(packed), batch_size, max_batch_tokens, buckets)[rank::world_size]
     indices, probs, losses = [], [], []
     for batch_indices in batches:
         batch = to_device(collate(packed, batch_indices, None, pad_id, buckets), device)
@@ -379,8 +434,10 @@ def predict(model: torch.nn.Module, packed: dict[str, torch.Tensor], batch_size:
 def evaluate(model: torch.nn.Module, run: Run, split: str) -> tuple[dict[str, Any], torch.Tensor]:
     """Metrics of one split (each example once, also under DDP) and its class probabilities."""
     labels = run.labels[split]
+    max_tokens = 2 * run.args.max_batch_tokens if run.args.max_batch_tokens else None  # no activations kept
     probs, losses = predict(model, run.packed[split], run.args.eval_batch_size, run.device, run.ctx, run.pad_id,
-                            labels=labels, rank=run.rank, world_size=run.world_size, buckets=run.buckets)
+                            labels=labels, rank=run.rank, world_size=run.world_size, buckets=run.buckets,
+                            max_batch_tokens=max_tokens)
     pred = probs.argmax(-1).tolist()
     return classification_metrics(labels.tolist(), pred, float(losses.sum()), run.id2label), probs
 
@@ -436,33 +493,88 @@ def classification_metrics(gold: Sequence[int], pred: Sequence[int], loss_sum: f
 # ------------------------------------------------------------------------------- tokenization cache
 
 
+TRUNCATIONS = ("head", "head_tail")
+# Sun et al. 2019 ("How to Fine-Tune BERT for Text Classification?") kept the first 128 and the last 382 of BERT's 510
+# text tokens; head_tail keeps the same shares of whatever room the title leaves for the body.
+HEAD_SHARE = 128 / 510
+
+
 class InputSpec(NamedTuple):
     """How texts become model inputs: what the cache key, config.json and a saved model record."""
     max_len: int  # tokens per example, special tokens included
     token_type_ids: bool  # feed the body as segment B (BERT-style pre-training)
+    truncation: str = "head"  # which part of an over-long body is kept: "head", or "head_tail" (its start and end)
 
 
-def tokenize_rows(tokenizer: Any, rows: Sequence[dict], spec: InputSpec,
-                  chunk_size: int = 256) -> dict[str, list[list[int]]]:
-    """Token ids of every row: a (title, body) pair truncates the body only, so the title is always seen."""
+def tokenize_rows(tokenizer: Any, rows: Sequence[dict], spec: InputSpec, chunk_size: int = 256,
+                  log: Callable[[str], None] = print) -> dict[str, list[list[int]]]:
+    """Token ids of every row (see encode_one); one line says how many titles had to be cut."""
     out: dict[str, list[list[int]]] = {"input_ids": [], "token_type_ids": []}
+    titles_cut = 0
     for start in range(0, len(rows), chunk_size):
         texts = [example_text(r) for r in rows[start:start + chunk_size]]
         for first, second in texts:
             enc = encode_one(tokenizer, first, second, spec)
             out["input_ids"].append(enc["input_ids"])
             out["token_type_ids"].append(enc.get("token_type_ids") or [])
+            titles_cut += enc["title_cut"]
+    if titles_cut:
+        log(f"note: {titles_cut} of {len(rows)} titles were cut to fit: each alone is longer than {spec.max_len} "
+            "tokens with the special tokens, so its example keeps the start of the title and none of its body")
     return out
 
 
 def encode_one(tokenizer: Any, first: str, second: str | None, spec: InputSpec) -> dict:
-    kwargs = dict(max_length=spec.max_len, return_token_type_ids=spec.token_type_ids, return_attention_mask=False)
-    if second is None:
-        return tokenizer(first, truncation=True, **kwargs)
-    enc = tokenizer(first, second, truncation="only_second", **kwargs)
-    if len(enc["input_ids"]) > spec.max_len:  # the title alone is too long: only_second cannot help
-        enc = tokenizer(first, second, truncation="longest_first", **kwargs)
+    """One example of at most spec.max_len tokens, laid out exactly as tokenizer(first, second) lays it out.
+
+    The family's own special tokens and segment ids are kept; only text is cut: the body's end (head) or its
+    middle (head_tail); the title only when it alone leaves no room for the body ("title_cut"). A single text is
+    cut like a body. The tokenizer itself is never asked to truncate: fast tokenizers refuse a pair whose first text
+    alone is too long ("Sequence to truncate too short"), and slow ones warn once per example.
+    """
+    ids, types, sources = pair_layout(tokenizer, first, second)
+    keep, title_cut = kept_positions(sources, second is not None, spec.max_len, spec.truncation)
+    enc = {"input_ids": [ids[i] for i in keep], "title_cut": title_cut}
+    if spec.token_type_ids:
+        enc["token_type_ids"] = [types[i] for i in keep]
     return enc
+
+
+def pair_layout(tokenizer: Any, first: str, second: str | None) -> tuple[list[int], list[int], list[int | None]]:
+    """input_ids, token_type_ids and each token's source (0: first text, 1: second, None: special) of
+    tokenizer(first, second), uncut."""
+    texts = [first] if second is None else [first, second]
+    quiet = dict(truncation=False, verbose=False)  # no truncation baked into a saved tokenizer, no length warning
+    if getattr(tokenizer, "is_fast", False):  # tokenizers library: its post-processor marks where tokens came from
+        enc = tokenizer(*texts, return_token_type_ids=True, return_attention_mask=False, **quiet)
+        return enc["input_ids"], enc["token_type_ids"], enc.sequence_ids()
+    # Python tokenizers (BertJapaneseTokenizer): tokenizer(first, second) tokenizes each text, then adds these
+    parts = [tokenizer(text, add_special_tokens=False, **quiet)["input_ids"] for text in texts]
+    special = tokenizer.get_special_tokens_mask(*parts)
+    text_sources = iter([k for k, part in enumerate(parts) for _ in part])
+    sources = [None if is_special else next(text_sources) for is_special in special]
+    return (tokenizer.build_inputs_with_special_tokens(*parts), tokenizer.create_token_type_ids_from_sequences(*parts),
+            sources)
+
+
+def kept_positions(sources: Sequence[int | None], pair: bool, max_len: int, truncation: str) -> tuple[list[int], bool]:
+    """Positions kept of an uncut layout, and whether the title was cut: every special token, the title (its start,
+    when it alone leaves no room), and of the body (or the only text) as much as the room left allows: its first
+    tokens (head), or its first HEAD_SHARE and its last tokens (head_tail)."""
+    specials = [i for i, s in enumerate(sources) if s is None]
+    title = [i for i, s in enumerate(sources) if pair and s == 0]
+    body = [i for i, s in enumerate(sources) if s == (1 if pair else 0)]
+    room = max(0, max_len - len(specials))
+    kept_title = title[:room]
+    room -= len(kept_title)
+    if len(body) <= room:
+        kept_body = body
+    elif truncation == "head_tail":
+        head = round(room * HEAD_SHARE)
+        kept_body = body[:head] + body[len(body) - (room - head):]
+    else:
+        kept_body = body[:room]
+    return sorted(specials + kept_title + kept_body), len(kept_title) < len(title)
 
 
 def tokenizer_fingerprint(tokenizer: Any) -> str:
@@ -502,7 +614,7 @@ def load_or_tokenize(tokenizer: Any, rows: Sequence[dict], spec: InputSpec, cach
         except (RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError) as e:
             log(f"warning: ignoring unreadable tokenization cache {path} ({first_line(e)})")
     start = time.perf_counter()
-    packed = pack(tokenize_rows(tokenizer, rows, spec))
+    packed = pack(tokenize_rows(tokenizer, rows, spec, log=log))
     log(f"tokenized {len(rows)} examples in {time.perf_counter() - start:.1f}s")
     if path is not None:
         try:
@@ -670,8 +782,9 @@ def save_model(run: Run, model_dir: Path) -> None:
     """Best weights (safetensors), tokenizer and label names, loadable by transformers alone.
 
     The saved tokenizer truncates at the length used in training and returns token_type_ids when the
-    model was trained with them, so pipeline("text-classification") feeds the model what training did;
-    bertcls.json records the same for predict.py, which reproduces test-predictions.jsonl exactly.
+    model was trained with them, so pipeline("text-classification") feeds the model what training did
+    with --truncation head (it cannot keep a body's tail); bertcls.json records the length, token types and
+    truncation for predict.py, which reproduces test-predictions.jsonl exactly.
     """
     tmp = model_dir.with_name(".model.tmp")
     if tmp.exists():  # left by an interrupted save: save_pretrained would mix old and new files
@@ -687,7 +800,8 @@ def save_model(run: Run, model_dir: Path) -> None:
         tokenizer_config["model_input_names"] = input_names
     write_json(config_path, tokenizer_config)
     write_json(tmp / "bertcls.json", {"format": 1, "base_model": run.args.model_name,
-                                      "max_seq_len": run.spec.max_len, "token_type_ids": run.spec.token_type_ids})
+                                      "max_seq_len": run.spec.max_len, "token_type_ids": run.spec.token_type_ids,
+                                      "truncation": run.spec.truncation})
     os.replace(tmp, model_dir)
 
 
@@ -732,16 +846,26 @@ class Run:
         torch.manual_seed(args.seed)
         self.tokenizer = load_tokenizer(args.model_name, args.mecab_dic, args.trust_remote_code, log)
         self.raw_model = load_model(args.model_name, self.label2id, args.trust_remote_code)
+        if note := unknown_family_note(args.model_name, self.raw_model.config):
+            log(note)
         self.params, self.params_non_embedding = count_parameters(self.raw_model)
         self.spec = InputSpec(effective_max_len(args.max_seq_len, self.tokenizer, self.raw_model.config, log),
-                              uses_token_type_ids(self.raw_model.config))
+                              uses_token_type_ids(self.raw_model.config), args.truncation)
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         self.buckets = compile_buckets(self.spec.max_len) if args.compile else None
+        widest = padded_length(self.spec.max_len, buckets=self.buckets)
+        if args.max_batch_tokens is not None and args.max_batch_tokens < widest:
+            raise UserError(f"--max_batch_tokens {args.max_batch_tokens} cannot hold one example of "
+                            f"{self.spec.max_len} tokens (padded to {widest}): raise it or lower --max_seq_len")
         self.packed = self.tokenize_all()
         self.labels = {s: torch.tensor([r["label"] for r in self.rows[s]]) for s in SPLITS}
-        steps_per_epoch = optimizer_steps_per_epoch(len(train_batches(self, 1)), args.grad_accum_steps)
-        self.total_steps = steps_per_epoch * args.epochs
-        self.warmup_steps = round(steps_per_epoch * args.num_warmup_epochs)
+        # batches of a token budget vary in number from epoch to epoch: count every epoch's
+        steps = [optimizer_steps_per_epoch(len(train_batches(self, epoch)), args.grad_accum_steps)
+                 for epoch in range(1, args.epochs + 1)]
+        self.total_steps = sum(steps)
+        self.warmup_steps = round(steps[0] * args.num_warmup_epochs)
+        self.effective_batch_size = (args.batch_size * args.grad_accum_steps * world_size if not args.max_batch_tokens
+                                     else round(sum(map(len, all_train_batches(self, 1))) / steps[0], 1))  # a mean
 
     def tokenize_all(self) -> dict[str, dict[str, torch.Tensor]]:
         fingerprint = tokenizer_fingerprint(self.tokenizer) if self.args.cache_dir else ""
@@ -761,7 +885,7 @@ class Run:
         import transformers
         return {"args": vars(self.args), "device": str(self.device), "dtype": dtype_name(self.dtype),
                 "world_size": self.world_size,
-                "effective_batch_size": self.args.batch_size * self.args.grad_accum_steps * self.world_size,
+                "effective_batch_size": self.effective_batch_size,
                 "total_optimizer_steps": self.total_steps, "warmup_steps": self.warmup_steps,
                 "max_seq_len_used": self.spec.max_len, "params": self.params,
                 "params_non_embedding": self.params_non_embedding, "dataset_digest": self.dataset_digest,
@@ -773,11 +897,17 @@ class Run:
 
 def train_batches(run: Run, epoch: int) -> list[list[int]]:
     """This rank's batches for an epoch: the same global order on every rank, re-seeded each epoch."""
+    return all_train_batches(run, epoch)[run.rank::run.world_size]
+
+
+def all_train_batches(run: Run, epoch: int) -> list[list[int]]:
+    """Every rank's batches of an epoch, in global order."""
     rng = random.Random(f"{run.args.seed}-{epoch}")
-    batches = length_grouped_batches(example_lengths(run.packed["train"]), run.args.batch_size, rng)
+    batches = length_grouped_batches(example_lengths(run.packed["train"]), run.args.batch_size, rng,
+                                     max_tokens=run.args.max_batch_tokens, buckets=run.buckets)
     if run.world_size > 1:  # every rank needs the same number of steps: repeat a few batches to even out
         batches += batches[: (-len(batches)) % run.world_size]
-    return batches[run.rank::run.world_size]
+    return batches
 
 
 def train_and_evaluate(run: Run, run_dir: Path | None) -> dict:
@@ -789,8 +919,10 @@ def train_and_evaluate(run: Run, run_dir: Path | None) -> dict:
     if run_dir is not None:
         write_json(run_dir / "config.json", run.config_record())
     log(f"examples: train {len(run.rows['train'])}, val {len(run.rows['val'])}, test {len(run.rows['test'])} | "
-        f"epochs {args.epochs} | per-device batch {args.batch_size} x world size {run.world_size} x accumulation "
-        f"{args.grad_accum_steps} = effective batch {args.batch_size * run.world_size * args.grad_accum_steps} | "
+        f"epochs {args.epochs} | per-device batch "
+        f"{args.batch_size if not args.max_batch_tokens else f'of <= {args.max_batch_tokens} tokens'} x world size "
+        f"{run.world_size} x accumulation {args.grad_accum_steps} = effective batch "
+        f"{run.effective_batch_size}{' (mean examples)' if args.max_batch_tokens else ''} | "
         f"optimizer steps {run.total_steps} (warmup {run.warmup_steps}) | device {run.device} {run.dtype} | "
         f"params {run.params / 1e6:.2f}M | max_seq_len {run.spec.max_len}")
     from tqdm.auto import tqdm
@@ -798,12 +930,14 @@ def train_and_evaluate(run: Run, run_dir: Path | None) -> dict:
     step, best, history, train_seconds = 0, None, [], 0.0
     # ------------------------------------------------------------------------------- the epoch loop
     for epoch in tqdm(range(1, args.epochs + 1), desc="epochs", disable=quiet, dynamic_ncols=True):
-        batches = train_batches(run, epoch)
+        all_batches = all_train_batches(run, epoch)
+        batches = all_batches[run.rank::run.world_size]
         start = time.perf_counter()
         with tqdm(total=sum(map(len, batches)), desc=f"epoch {epoch}", unit="ex", disable=quiet, leave=False,
                   dynamic_ncols=True) as progress:
             step, train_loss = train_epoch(model, optimizer, scaler, run, batches, step=step, epoch=epoch,
-                                           progress=progress)
+                                           progress=progress, step_examples=examples_per_step(
+                                               all_batches, args.grad_accum_steps, run.world_size))
         seconds = time.perf_counter() - start
         train_seconds += seconds
         train_loss = sum(gather_objects(train_loss, run.world_size)) / run.world_size

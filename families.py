@@ -9,12 +9,23 @@ file knows those differences; bertcls.py, predict.py and bench.py load tokenizer
     load_model(name, label2id)  AutoModelForSequenceClassification with SDPA attention and a new head
     effective_max_len(...)      --max_seq_len capped by the position embeddings and the tokenizer
     uses_token_type_ids(config) whether the body is fed as segment B
+    unknown_family_note(...)    one line for a model type none of the families below
+
+The families (a tiny stand-in of each is built and trained in tests/test_families.py):
+    bert         cl-tohoku (BertJapaneseTokenizer + MeCab), bert-base-multilingual-cased: segment ids, 512 positions
+    xlm-roberta  xlm-roberta-base/-large: sentencepiece, no segment ids, positions start after padding_idx
+    luke         studio-ousia LUKE/mLUKE: XLM-R's sentencepiece numbering, words only (no entities)
+    modernbert   sbintuitions/modernbert-ja-*, llm-jp/llm-jp-modernbert-base: 8192 tokens (RoPE, local +
+                 global attention), no segment ids; transformers loads their tokenizer.json as it is
+                 (TokenizersBackend), whatever tokenizer_class their config names, and bertcls keeps the
+                 special tokens that tokenizer puts around (title, body)
 
 A new family goes here: how its tokenizer is loaded, what its inputs are, what its length limit is.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import pickle
 import tempfile
 from pathlib import Path
@@ -60,6 +71,43 @@ def read_tokenizer_config(model_name: str) -> dict:
     return tokenizer_config
 
 
+KNOWN_MODEL_TYPES = ("bert", "luke", "modernbert", "xlm-roberta")
+MECAB_DICTIONARIES = {"unidic_lite": "unidic-lite", "ipadic": "ipadic", "unidic": "unidic"}  # module: pip package
+SENTENCEPIECE_FILES = ("sentencepiece.bpe.model", "spiece.model", "tokenizer.model", "sentencepiece.model")
+
+
+def installed(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):  # a parent package missing, or an import blocked in sys.modules
+        return False
+
+
+def has_file(model_name: str, filename: str) -> bool:
+    from transformers.utils import cached_file
+    try:
+        return cached_file(model_name, filename, _raise_exceptions_for_missing_entries=False,
+                           _raise_exceptions_for_connection_errors=False) is not None
+    except OSError:
+        return False
+
+
+def missing_packages(model_name: str, tokenizer_config: dict) -> list[str]:
+    """pip packages this tokenizer needs that are not installed: fugashi and the MeCab dictionary of a
+    BertJapaneseTokenizer, sentencepiece and protobuf to read a sentencepiece model that has no tokenizer.json.
+    transformers reports either late or misleadingly (a missing sentencepiece ends in "tiktoken is required")."""
+    needed = {}  # module: pip package
+    if (tokenizer_config.get("tokenizer_class") == "BertJapaneseTokenizer"
+            and tokenizer_config.get("word_tokenizer_type") == "mecab"):
+        dictionary = (tokenizer_config.get("mecab_kwargs") or {}).get("mecab_dic") or "unidic_lite"
+        needed |= {"fugashi": "fugashi", dictionary: MECAB_DICTIONARIES.get(dictionary, dictionary)}
+    spm_missing = not (installed("sentencepiece") and installed("google.protobuf"))
+    if spm_missing and not has_file(model_name, "tokenizer.json") \
+            and any(has_file(model_name, f) for f in SENTENCEPIECE_FILES):  # looked up only when one is missing
+        needed |= {"sentencepiece": "sentencepiece", "google.protobuf": "protobuf"}
+    return sorted({package for module, package in needed.items() if not installed(module)})
+
+
 def looks_like_path(model_name: str) -> bool:
     """A name that can only be a directory: hub names are `name` or `owner/name`."""
     return model_name.startswith((".", "/")) or model_name.count("/") > 1 or "\\" in model_name
@@ -94,7 +142,11 @@ def load_tokenizer(model_name: str, mecab_dic: str = "auto", trust_remote_code: 
         raise UserError(f"model directory {model_name} not found: pass an existing directory or a hub name "
                         "such as cl-tohoku/bert-base-japanese-v3")
     try:
-        kwargs = mecab_override(read_tokenizer_config(model_name), mecab_dic)
+        tokenizer_config = read_tokenizer_config(model_name)
+        kwargs = mecab_override(tokenizer_config, mecab_dic)
+        if missing := missing_packages(model_name, {**tokenizer_config, **kwargs}):
+            raise UserError(f"cannot load the tokenizer of {model_name!r}: it needs {', '.join(missing)}, which "
+                            f"{'is' if len(missing) == 1 else 'are'} not installed: pip install {' '.join(missing)}")
         if kwargs:
             log(f"note: {model_name}: BertJapaneseTokenizer with MeCab dictionary "
                 f"{kwargs['mecab_kwargs']['mecab_dic']} (--mecab_dic to change)")
@@ -104,6 +156,9 @@ def load_tokenizer(model_name: str, mecab_dic: str = "auto", trust_remote_code: 
                 "XLMRobertaTokenizer on the same model (LUKE's pre-training ids; bertcls passes no entities)")
             tokenizer = xlm_roberta_tokenizer(model_name)
         return tokenizer
+    except ImportError as e:  # a package none of the checks above knows
+        raise UserError(f"cannot load the tokenizer of {model_name!r}: {first_line(e)} (install the package it "
+                        "names)") from None
     except (OSError, ValueError) as e:
         raise UserError(f"cannot load the tokenizer of {model_name!r}: {first_line(e)} "
                         "(check the name, your network or HF_HUB_OFFLINE, or pass a local directory)") from None
@@ -150,6 +205,15 @@ def effective_max_len(requested: int, tokenizer: Any, config: Any, log=print) ->
     if limits[source] < requested:
         log(f"note: max_seq_len capped at {limits[source]} by {source}")
     return limits[source]
+
+
+def unknown_family_note(model_name: str, config: Any) -> str | None:
+    """One line for a model type none of KNOWN_MODEL_TYPES: what bertcls did and did not adapt for it."""
+    if config.model_type in KNOWN_MODEL_TYPES:
+        return None
+    return (f"note: {model_name}: model type {config.model_type!r} is not one of the families bertcls adapts "
+            f"({', '.join(KNOWN_MODEL_TYPES)}): loaded with the plain Auto classes and fed its tokenizer's own "
+            "special tokens; no family-specific fix to its tokenizer, segment ids or length limit was checked")
 
 
 def uses_token_type_ids(config: Any) -> bool:

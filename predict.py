@@ -7,9 +7,9 @@
 Input: JSONL, one object per line with `text`, or `title` + `body` (read as a pair, as bertcls.py does);
 an `id` is copied to the output. Output: JSONL in input order,
 {"id": ..., "label": name, "probability": p, "top_k": [{"label": name, "probability": p}, ...]}.
-Texts are tokenized, truncated, batched and run exactly as bertcls.py evaluates them, so the labels of
-a run's test split equal its test-predictions.jsonl. Only safetensors weights are loaded, and no code
-from the model directory unless --trust_remote_code.
+Texts are tokenized, truncated (head or head_tail, as bertcls.json records), batched and run exactly as
+bertcls.py evaluates them, so the labels of a run's test split equal its test-predictions.jsonl. Only
+safetensors weights are loaded, and no code from the model directory unless --trust_remote_code.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from typing import Any, Sequence, TextIO
 
 import torch
 
-from bertcls import InputSpec, example_text, pack, predict, tokenize_rows
+from bertcls import TRUNCATIONS, InputSpec, example_text, pack, padded_length, predict, tokenize_rows
 from common import (UserError, atomic_write_text, autocast_context, first_line, log, parse_json_object, pick_device,
                     positive_int, resolve_dtype, run_cli)
 from families import load_tokenizer, position_limit, uses_token_type_ids
@@ -42,6 +42,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--output", default="-", help="JSONL file, written atomically; '-' for stdout (default: stdout)")
     p.add_argument("--top_k", type=positive_int, default=3, help="labels listed per text (default: %(default)s)")
     p.add_argument("--batch_size", type=positive_int, default=32, help="(default: %(default)s)")
+    p.add_argument("--max_batch_tokens", type=positive_int, default=None,
+                   help="token budget per batch instead of --batch_size texts, for long inputs (default: off)")
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available, else cpu)")
     p.add_argument("--dtype", choices=("auto", "bf16", "fp16", "fp32"), default="auto",
                    help="autocast dtype; auto = bf16 on CUDA when supported, else fp16, fp32 on CPU (default: auto)")
@@ -109,7 +111,8 @@ def parse_jsonl(name: str, text: str, skip_bad_lines: bool) -> list[dict]:
 
 
 def read_saved_settings(model_dir: Path) -> dict | None:
-    """bertcls.json: the max length and token types used in training; None for a model saved elsewhere."""
+    """bertcls.json: the max length, token types and truncation used in training; None for a model saved
+    elsewhere. Files written before --truncation existed have none: they were trained with head."""
     path = model_dir / "bertcls.json"
     if not path.is_file():
         return None
@@ -119,10 +122,12 @@ def read_saved_settings(model_dir: Path) -> dict | None:
         settings = None
     if (not isinstance(settings, dict) or isinstance(settings.get("max_seq_len"), bool)
             or not isinstance(settings.get("max_seq_len"), int) or settings["max_seq_len"] <= 0
-            or not isinstance(settings.get("token_type_ids"), bool)):
-        raise UserError(f"{path}: expected a JSON object with a positive integer max_seq_len and a boolean "
-                        "token_type_ids; re-save the model with bertcls.py --save_model")
-    return settings
+            or not isinstance(settings.get("token_type_ids"), bool)
+            or settings.get("truncation", "head") not in TRUNCATIONS):
+        raise UserError(f"{path}: expected a JSON object with a positive integer max_seq_len, a boolean "
+                        f"token_type_ids and a truncation of {' or '.join(TRUNCATIONS)}; re-save the model with "
+                        "bertcls.py --save_model")
+    return {"truncation": "head", **settings}
 
 
 def check_classifier_config(config: Any, model_dir: Path) -> None:
@@ -171,13 +176,14 @@ def input_settings(settings: dict | None, requested: int | None, model: torch.nn
             "model's token types, which may differ from training")
         tokenizer_limit = getattr(tokenizer, "model_max_length", None) or 512
         max_len = requested or (tokenizer_limit if tokenizer_limit < 10**6 else 512)
-        with_types = uses_token_type_ids(model.config)
+        with_types, truncation = uses_token_type_ids(model.config), "head"
     else:
         max_len, with_types = requested or settings["max_seq_len"], settings["token_type_ids"]
+        truncation = settings["truncation"]
     limit = position_limit(model.config)
     if max_len > limit:
         log(f"note: max_seq_len capped at {limit} by the model's position embeddings")
-    return InputSpec(min(max_len, limit), with_types)
+    return InputSpec(min(max_len, limit), with_types, truncation)
 
 
 # ---------------------------------------------------------------------------------------------- output
@@ -212,9 +218,13 @@ def classify(args: argparse.Namespace, rows: list[dict]) -> list[dict]:
     spec = input_settings(settings, args.max_seq_len, model, tokenizer)
     device = pick_device(args.device)
     ctx = autocast_context(device, resolve_dtype(args.dtype, device))
-    packed = pack(tokenize_rows(tokenizer, rows, spec))
+    if args.max_batch_tokens is not None and args.max_batch_tokens < padded_length(spec.max_len):
+        raise UserError(f"--max_batch_tokens {args.max_batch_tokens} cannot hold one text of {spec.max_len} tokens "
+                        f"(padded to {padded_length(spec.max_len)}): raise it or lower --max_seq_len")
+    packed = pack(tokenize_rows(tokenizer, rows, spec, log=log))
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    probs, _ = predict(model.to(device), packed, args.batch_size, device, ctx, pad_id)
+    probs, _ = predict(model.to(device), packed, args.batch_size, device, ctx, pad_id,
+                       max_batch_tokens=args.max_batch_tokens)
     id2label = {int(i): name for i, name in model.config.id2label.items()}
     return [prediction_record(row, p, id2label, args.top_k) for row, p in zip(rows, probs.tolist())]
 

@@ -6,6 +6,8 @@
     python sweep.py --devices 0,1,2,3 > results/all.csv    # four runs at once, one per GPU
     python sweep.py --no_run --best > results/best.csv     # train nothing: best lr per model, mean +- std
     python sweep.py --no_run --markdown > results/best.md  # the same as a Markdown table
+    python sweep.py --long_context --truncations head head_tail --seeds 1 2 3 --max_seq_len 8192 \
+        --max_batch_tokens 16384 > results/long.csv        # + the 8192-token Japanese encoders, x 2 truncations
 
 On a cluster (see the README): a Slurm job array, one combination and one GPU per task, or one sweep per node
     python sweep.py --list                                 # the grid: index, model, lr, seed, state (--list tsv|json)
@@ -29,8 +31,13 @@ has not been refreshed for --lease_timeout seconds (a dead node, a killed sweep)
 combinations other sweeps hold, so none is lost when one of them dies. BERTCLS_HOSTNAME overrides the host
 name (for tests, and for containers that share a host name but not their process ids).
 
---best: per model, the lr with the highest mean best-val-f1 over seeds (ties: the smaller lr), with the
-mean and the sample standard deviation (n - 1) over seeds of each metric; the std is empty for one seed.
+--best: per model (and truncation), the lr with the highest mean best-val-f1 over seeds (ties: the smaller
+lr), with the mean and the sample standard deviation (n - 1) over seeds of each metric; the std is empty for
+one seed.
+
+--long_context adds LONG_CONTEXT_MODELS (Japanese encoders of 8192 tokens) to the models; --truncations makes
+bertcls.py's --truncation a grid axis. With --max_seq_len 8192 the 512-token models are capped at their own
+limit (bertcls.py says so in each log) while the long-context ones read whole articles.
 """
 
 from __future__ import annotations
@@ -68,14 +75,20 @@ DEFAULT_MODELS = [
     "xlm-roberta-large", "studio-ousia/mluke-large-lite", "xlm-roberta-base", "studio-ousia/mluke-base-lite",
     "cl-tohoku/bert-large-japanese-v2", "cl-tohoku/bert-large-japanese-char-v2",
 ]
+LONG_CONTEXT_MODELS = [
+    "sbintuitions/modernbert-ja-30m", "sbintuitions/modernbert-ja-70m", "sbintuitions/modernbert-ja-130m",
+    "sbintuitions/modernbert-ja-310m", "llm-jp/llm-jp-modernbert-base",
+]
 DEFAULT_LRS = [1e-5, 3e-5, 5e-5]
 DEFAULT_SEEDS = [42]
 # bertcls.py settings that change where or how verbosely a run works, not what it computes.
 IGNORED_FIELDS = frozenset({"output_dir", "cache_dir", "debug", "log_interval", "device"})
-GRID_FLAGS = {"model_name": "--model_names", "lr": "--lrs", "seed": "--seeds", "output_dir": "--output_dir"}
+GRID_FLAGS = {"model_name": "--model_names", "lr": "--lrs", "seed": "--seeds", "truncation": "--truncations",
+              "output_dir": "--output_dir"}
 METRICS = ("loss", "accuracy", "precision", "recall", "f1")
-RUN_COLUMNS = ["model_name", "lr", "seed", "best-val-epoch", "best-val-f1", *METRICS, "params", "train_seconds"]
-BEST_COLUMNS = ["model_name", "lr", "seeds", "best-val-f1", "best-val-f1-std",
+RUN_COLUMNS = ["model_name", "truncation", "lr", "seed", "best-val-epoch", "best-val-f1", *METRICS, "params",
+               "train_seconds"]
+BEST_COLUMNS = ["model_name", "truncation", "lr", "seeds", "best-val-f1", "best-val-f1-std",
                 *[c for m in METRICS for c in (m, f"{m}-std")], "params", "train_seconds"]
 POLL_S = 0.2
 
@@ -105,6 +118,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="peak learning rates (default: 1e-5 3e-5 5e-5; with --no_run: every lr found)")
     p.add_argument("--seeds", nargs="+", type=int, metavar="SEED",
                    help="seeds (default: 42; with --no_run: every seed found)")
+    p.add_argument("--long_context", action="store_true",
+                   help="also the long-context Japanese encoders (LONG_CONTEXT_MODELS: sbintuitions/modernbert-ja-30m, "
+                        "-70m, -130m, -310m, llm-jp/llm-jp-modernbert-base) (default: off)")
+    p.add_argument("--truncations", nargs="+", choices=bertcls.TRUNCATIONS, metavar="TRUNCATION",
+                   help="bertcls.py --truncation values, head and/or head_tail (default: head; with --no_run: every "
+                        "one found)")
     p.add_argument("--devices", type=device_list, default=None,
                    help="comma-separated GPU ids, e.g. 0,1,2,3: one run per listed GPU at once, each with its "
                         "CUDA_VISIBLE_DEVICES (default: one run at a time, CUDA_VISIBLE_DEVICES unchanged)")
@@ -214,6 +233,7 @@ class Combination:
     model_name: str
     lr: float
     seed: int
+    truncation: str
     flags: tuple[str, ...]  # the full bertcls.py command line
     wanted: dict[str, Any]  # experiment() of its resolved args
 
@@ -224,7 +244,8 @@ class Combination:
         return f"{safe_name(self.model_name)[-100:]}__lr{self.lr:g}__seed{self.seed}__{digest}"
 
     def describe(self) -> str:
-        return f"{self.model_name} lr {self.lr:g} seed {self.seed}"
+        truncation = "" if self.truncation == "head" else f" {self.truncation}"
+        return f"{self.model_name}{truncation} lr {self.lr:g} seed {self.seed}"
 
     def axes(self) -> dict[str, Any]:
         """Its grid values: every field but the command line and the settings it resolves to."""
@@ -232,24 +253,26 @@ class Combination:
 
 
 def combinations(models: Sequence[str], lrs: Sequence[float], seeds: Sequence[int], passed: Sequence[str],
-                 output_dir: Path) -> list[Combination]:
+                 output_dir: Path, truncations: Sequence[str] | None = None) -> list[Combination]:
     combos, seen = [], []
     for model in models:
-        for lr in lrs:
-            for seed in seeds:
-                flags = (*passed, "--model_name", model, "--lr", repr(lr), "--seed", str(seed),
-                         "--output_dir", str(output_dir))
-                wanted = experiment(resolve_bertcls_args(flags))
-                if not any(matches(w, wanted, {}) for w in seen):  # a model or lr listed twice runs once
-                    seen.append(wanted)
-                    combos.append(Combination(model, lr, seed, flags, wanted))
+        for truncation in truncations or [None]:  # None: bertcls.py's default
+            for lr in lrs:
+                for seed in seeds:
+                    flags = (*passed, "--model_name", model, "--lr", repr(lr), "--seed", str(seed),
+                             *(["--truncation", truncation] if truncation else []), "--output_dir", str(output_dir))
+                    wanted = experiment(resolve_bertcls_args(flags))
+                    if not any(matches(w, wanted, {}) for w in seen):  # a model or lr listed twice runs once
+                        seen.append(wanted)
+                        combos.append(Combination(model, lr, seed, wanted["truncation"], flags, wanted))
     return combos
 
 
 def grid(args: argparse.Namespace, output_dir: Path) -> list[Combination]:
     """The combinations of this sweep, in the order --list numbers them and --task_index picks them."""
-    return combinations(args.model_names or DEFAULT_MODELS, args.lrs or DEFAULT_LRS, args.seeds or DEFAULT_SEEDS,
-                        args.bertcls_flags, output_dir)
+    models = (args.model_names or DEFAULT_MODELS) + (LONG_CONTEXT_MODELS if args.long_context else [])
+    return combinations(models, args.lrs or DEFAULT_LRS, args.seeds or DEFAULT_SEEDS, args.bertcls_flags,
+                        output_dir, args.truncations)
 
 
 # ----------------------------------------------------------------------------------------- runs
@@ -271,9 +294,15 @@ class FinishedRun:
         return self.run_dir.parent.name, self.run_dir.name
 
     def row(self) -> dict[str, Any]:
-        return {"model_name": self.args["model_name"], "lr": self.args["lr"], "seed": self.args["seed"],
+        return {"model_name": self.args["model_name"], "truncation": truncation_of(self.args),
+                "lr": self.args["lr"], "seed": self.args["seed"],
                 "best-val-epoch": self.best_epoch, "best-val-f1": self.val_f1, **self.test,
                 "params": self.params, "train_seconds": self.train_seconds}
+
+
+def truncation_of(run_args: dict[str, Any]) -> str:
+    """A run's --truncation; runs made before the flag existed kept the head."""
+    return run_args.get("truncation", "head")
 
 
 def read_json_object(path: Path) -> dict:
@@ -330,21 +359,23 @@ def newest_match(runs: Iterable[FinishedRun], wanted: dict[str, Any], defaults: 
 
 def select_runs(runs: Sequence[FinishedRun], models: Sequence[str] | None, lrs: Sequence[float] | None,
                 seeds: Sequence[int] | None, wanted: dict[str, Any], defaults: dict[str, Any],
-                log: Callable[[str], None]) -> list[FinishedRun]:
-    """--no_run: the newest run per (model, lr, seed) among those made with the wanted settings."""
+                log: Callable[[str], None], truncations: Sequence[str] | None = None) -> list[FinishedRun]:
+    """--no_run: the newest run per (model, truncation, lr, seed) among those made with the wanted settings."""
     models = None if models is None else {normalize("model_name", m) for m in models}
     groups: dict[tuple, list[FinishedRun]] = {}
     for run in runs:
         model, lr, seed = normalize("model_name", run.args["model_name"]), run.args["lr"], run.args["seed"]
+        truncation = truncation_of(run.args)
         if ((models is None or model in models) and (lrs is None or any(same_value(lr, x) for x in lrs))
-                and (seeds is None or seed in seeds) and matches(run.args, wanted, defaults)):
-            groups.setdefault((model, float(lr), seed), []).append(run)
+                and (seeds is None or seed in seeds) and (truncations is None or truncation in truncations)
+                and matches(run.args, wanted, defaults)):
+            groups.setdefault((model, truncation, float(lr), seed), []).append(run)
     chosen = []
-    for (model, lr, seed), group in groups.items():
+    for (model, truncation, lr, seed), group in groups.items():
         group.sort(key=lambda r: r.age_key)
         if any(experiment(r.args) != experiment(group[-1].args) for r in group):
-            log(f"sweep.py: warning: {model} lr {lr:g} seed {seed}: runs with different settings; using the "
-                f"newest, {group[-1].run_dir} (pass bertcls.py flags to select others)")
+            log(f"sweep.py: warning: {model} {truncation} lr {lr:g} seed {seed}: runs with different settings; "
+                f"using the newest, {group[-1].run_dir} (pass bertcls.py flags to select others)")
         chosen.append(group[-1])
     return chosen
 
@@ -772,28 +803,30 @@ def mean_std(values: Sequence[float]) -> tuple[float, float | None]:
 
 def run_rows(runs: Iterable[FinishedRun]) -> list[dict[str, Any]]:
     rows = [r.row() for r in runs]
-    rows.sort(key=lambda r: (r["model_name"], r["lr"], r["seed"]))
+    rows.sort(key=lambda r: (r["model_name"], r["truncation"], r["lr"], r["seed"]))
     rows.sort(key=lambda r: r["f1"], reverse=True)
     return rows
 
 
 def best_rows(runs: Iterable[FinishedRun]) -> list[dict[str, Any]]:
-    """Per model, the lr with the highest mean best-val-f1 over seeds, with mean and std of each metric."""
-    by_model: dict[str, dict[float, list[FinishedRun]]] = {}
+    """Per model and truncation, the lr with the highest mean best-val-f1 over seeds, with mean and std of each
+    metric."""
+    by_model: dict[tuple[str, str], dict[float, list[FinishedRun]]] = {}
     for run in runs:
-        by_model.setdefault(run.args["model_name"], {}).setdefault(float(run.args["lr"]), []).append(run)
+        key = (run.args["model_name"], truncation_of(run.args))
+        by_model.setdefault(key, {}).setdefault(float(run.args["lr"]), []).append(run)
     rows = []
-    for model, by_lr in by_model.items():
+    for (model, truncation), by_lr in by_model.items():
         lr = max(sorted(by_lr), key=lambda x: statistics.fmean(r.val_f1 for r in by_lr[x]))  # ties: smaller lr
         group = by_lr[lr]
-        row = {"model_name": model, "lr": lr, "seeds": len(group)}
+        row = {"model_name": model, "truncation": truncation, "lr": lr, "seeds": len(group)}
         row["best-val-f1"], row["best-val-f1-std"] = mean_std([r.val_f1 for r in group])
         for metric in METRICS:
             row[metric], row[f"{metric}-std"] = mean_std([r.test[metric] for r in group])
         row["params"] = max(group, key=lambda r: r.age_key).params
         row["train_seconds"] = statistics.fmean(r.train_seconds for r in group)
         rows.append(row)
-    rows.sort(key=lambda r: r["model_name"])
+    rows.sort(key=lambda r: (r["model_name"], r["truncation"]))
     rows.sort(key=lambda r: r["f1"], reverse=True)
     return rows
 
@@ -816,7 +849,8 @@ def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
              "F1 (%) | loss |",
              "|:--|--:|--:|--:|--:|--:|--:|--:|--:|--:|"]
     for r in rows:
-        cells = [r["model_name"].replace("|", "\\|"), f"{r['lr']:g}", str(r["seeds"]), f"{r['params'] / 1e6:.1f}",
+        model = r["model_name"] + ("" if r["truncation"] == "head" else f" ({r['truncation']})")
+        cells = [model.replace("|", "\\|"), f"{r['lr']:g}", str(r["seeds"]), f"{r['params'] / 1e6:.1f}",
                  mean_pm_std(r["best-val-f1"], r["best-val-f1-std"], 100, 2),
                  *[mean_pm_std(r[m], r[f"{m}-std"], 100, 2) for m in ("accuracy", "precision", "recall", "f1")],
                  mean_pm_std(r["loss"], r["loss-std"], 1, 4)]
@@ -976,7 +1010,8 @@ def sweep(args: argparse.Namespace, log: Callable[[str], None]) -> int:
         wanted = experiment({k: passed[k] for k in named_fields(args.bertcls_flags, passed)})
         for problem in problems:
             log(f"sweep.py: warning: {problem}")
-        chosen = select_runs(runs, args.model_names, args.lrs, args.seeds, wanted, defaults, log)
+        models = args.model_names and args.model_names + (LONG_CONTEXT_MODELS if args.long_context else [])
+        chosen = select_runs(runs, models, args.lrs, args.seeds, wanted, defaults, log, args.truncations)
         log(f"sweep.py: {len(chosen)} finished runs selected of {len(runs)} in {output_dir}")
     else:
         combos = grid(args, output_dir)

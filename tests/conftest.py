@@ -2,7 +2,8 @@
 
 No hub is reachable from the test machines, so the model is built here: a random BertConfig of two
 layers, a WordPiece vocab.txt made from the MeCab (unidic-lite) segmentation of the corpus, and a
-BertJapaneseTokenizer config, so the real Japanese tokenization path runs.
+BertJapaneseTokenizer config, so the real Japanese tokenization path runs. tiny_modernbert is the same
+for the long-context family (build_tiny_modernbert); tests/test_families.py builds the other families.
 """
 
 from __future__ import annotations
@@ -96,6 +97,13 @@ def tiny_dataset(tmp_path_factory, tiny_rows) -> Path:
 def tiny_bert(tmp_path_factory, tiny_rows) -> Path:
     texts = [r[f] for rows in tiny_rows.values() for r in rows for f in ("title", "body")]
     return build_tiny_bert(tmp_path_factory.mktemp("models") / "tiny-bert", texts)
+
+
+@pytest.fixture(scope="session")
+def tiny_modernbert(tmp_path_factory, tiny_rows) -> Path:
+    """An sbintuitions/modernbert-ja-style model (see build_tiny_modernbert)."""
+    texts = [r[f] for rows in tiny_rows.values() for r in rows for f in ("title", "body")]
+    return build_tiny_modernbert(tmp_path_factory.mktemp("models") / "tiny-modernbert", texts)
 
 
 def train_args(model: Path, dataset: Path, output_dir: Path, *extra: str) -> list[str]:
@@ -207,3 +215,68 @@ def build_tiny_luke(directory: Path, spm_model: bytes, max_position_embeddings: 
 def spm_pieces(spm_model: bytes) -> int:
     import sentencepiece
     return sentencepiece.SentencePieceProcessor(model_proto=spm_model).get_piece_size()
+
+
+# Special tokens as the long-context Japanese ModernBERTs number them (their config.json's *_token_id fields).
+SBINTUITIONS_SPECIALS = {"unk_token": "<unk>", "bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>",
+                         "sep_token": "<sep>", "mask_token": "<mask>", "cls_token": "<cls>"}  # ids 0..6
+LLM_JP_SPECIALS = {"unk_token": "<unk>", "bos_token": "<s>", "eos_token": "</s>", "mask_token": "<MASK|LLM-jp>",
+                   "pad_token": "<PAD|LLM-jp>", "cls_token": "<CLS|LLM-jp>", "sep_token": "<SEP|LLM-jp>"}  # ids 0..6
+
+
+def build_tiny_modernbert(directory: Path, texts: list[str], layout: str = "sbintuitions") -> Path:
+    """A long-context Japanese ModernBERT: a random ModernBertConfig (8192 positions, local + global attention, no
+    segment embeddings) and a unigram sentencepiece tokenizer trained on `texts`, laid out like the hub's.
+
+    sbintuitions/modernbert-ja-*: tokenizer.json + tokenizer.model + special_tokens_map.json, a tokenizer_config
+    naming LlamaTokenizer that adds <s> ... </s>; ids <unk> 0, <s> 1, </s> 2, <pad> 3, <sep> 4, <mask> 5, <cls> 6.
+    llm-jp/llm-jp-modernbert-base: tokenizer.json only (PreTrainedTokenizerFast), whose post-processor writes
+    <CLS|LLM-jp> A <SEP|LLM-jp> B <SEP|LLM-jp>; ids <unk> 0, <s> 1, </s> 2, mask 3, pad 4, CLS 5, SEP 6.
+    """
+    import io
+    import sentencepiece
+    import torch
+    from tokenizers import processors
+    from transformers import ModernBertConfig, ModernBertForMaskedLM, TokenizersBackend
+    directory.mkdir(parents=True, exist_ok=True)
+    assert layout in ("sbintuitions", "llm_jp"), layout
+    specials = SBINTUITIONS_SPECIALS if layout == "sbintuitions" else LLM_JP_SPECIALS
+    controls = [specials[k] for k in (("sep_token", "mask_token", "cls_token") if layout == "sbintuitions" else
+                                      ("mask_token", "pad_token", "cls_token", "sep_token"))]
+    spm = io.BytesIO()
+    sentencepiece.SentencePieceTrainer.train(
+        sentence_iterator=iter(texts), model_writer=spm, vocab_size=120, character_coverage=1.0, model_type="unigram",
+        minloglevel=2, unk_id=0, bos_id=1, eos_id=2, pad_id=3 if layout == "sbintuitions" else -1,
+        control_symbols=controls)
+    (directory / "tokenizer.model").write_bytes(spm.getvalue())
+    (directory / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "TokenizersBackend"}))
+    tokenizer = TokenizersBackend.from_pretrained(directory, **specials)  # converts tokenizer.model
+    ids = {k: tokenizer.convert_tokens_to_ids(v) for k, v in specials.items()}
+    if layout == "sbintuitions":
+        tokenizer.add_bos_token = tokenizer.add_eos_token = True  # <s> A </s> (<s> B </s>)
+    else:
+        cls, sep = specials["cls_token"], specials["sep_token"]
+        tokenizer.backend_tokenizer.post_processor = processors.TemplateProcessing(
+            single=f"{cls} $A:0 {sep}", pair=f"{cls} $A:0 {sep} $B:1 {sep}:1",
+            special_tokens=[(cls, ids["cls_token"]), (sep, ids["sep_token"])])
+    tokenizer.save_pretrained(directory)  # tokenizer.json
+    hub_config = {**specials, "model_max_length": 8192, "clean_up_tokenization_spaces": False}
+    if layout == "sbintuitions":
+        hub_config |= {"tokenizer_class": "LlamaTokenizer", "add_bos_token": True, "add_eos_token": True,
+                       "legacy": False, "sp_model_kwargs": {}}
+        (directory / "special_tokens_map.json").write_text(json.dumps(specials), encoding="utf-8")
+    else:
+        (directory / "tokenizer.model").unlink()
+        hub_config |= {"tokenizer_class": "PreTrainedTokenizerFast",
+                       "model_input_names": ["input_ids", "attention_mask"]}
+    (directory / "tokenizer_config.json").write_text(json.dumps(hub_config), encoding="utf-8")
+    first, last = ("bos_token", "eos_token") if layout == "sbintuitions" else ("cls_token", "sep_token")
+    config = ModernBertConfig(
+        vocab_size=spm_pieces(spm.getvalue()), hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+        num_attention_heads=2, max_position_embeddings=8192, local_attention=16, global_attn_every_n_layers=3,
+        pad_token_id=ids["pad_token"], bos_token_id=ids[first], eos_token_id=ids[last], cls_token_id=ids["cls_token"],
+        sep_token_id=ids["sep_token"])
+    torch.manual_seed(0)
+    # saved as pre-trained, with the MLM head whose dense + norm layers the classifier's pooling head reuses
+    ModernBertForMaskedLM(config).save_pretrained(directory)
+    return directory

@@ -7,6 +7,7 @@ import contextlib
 import json
 import random
 import shutil
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -16,7 +17,7 @@ import torch
 import bench
 import bertcls
 import common
-from conftest import train_args, write_dataset
+from conftest import REPO, train_args, write_dataset
 
 REQUIRED_KEYS = {"examples_per_s", "tokens_per_s", "padding_fraction", "peak_mem_mb", "mfu", "peak_flops", "device"}
 
@@ -167,3 +168,25 @@ def test_predict_restores_the_original_order():
     expected = torch.tensor([[float(n), 0.0] for n in lengths]).softmax(-1)
     assert torch.allclose(probs, expected)
     assert torch.allclose(losses, -expected[torch.arange(5), labels].log().double())
+
+
+def test_long_context_bench_compares_both_shapes_at_each_length(tmp_path, capsys):
+    sys.path.insert(0, str(REPO / "scripts"))
+    import long_context_bench
+    assert long_context_bench.main(["--lengths", "64", "--max_batch_tokens", "256", "--hidden", "32", "--layers", "3",
+                                    "--heads", "2", "--local_attention", "16", "--steps", "1", "--warmup", "0",
+                                    "--work_dir", str(tmp_path), "--output", str(tmp_path / "results.json")]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    results = json.loads(lines[-1])
+    assert results == json.loads((tmp_path / "results.json").read_text(encoding="utf-8"))
+    assert [(r["shape"], r["max_seq_len"], r["max_batch_tokens"]) for r in results] == [("bert", 64, 256),
+                                                                                       ("modernbert", 64, 256)]
+    for r in results:
+        assert r["examples"] == 4 and r["padding_fraction"] == 0  # 256 tokens hold 4 examples of 64, all long
+        assert r["tokens_per_s"] > 0 and r["peak_mem_mb"] > 100
+    types = [json.loads((tmp_path / f"{s}-shape" / "config.json").read_text())["model_type"] for s in ("bert",
+                                                                                                     "modernbert")]
+    assert types == ["bert", "modernbert"]
+    bert, modernbert = (r["params_non_embedding"] for r in results)
+    assert abs(bert - modernbert) < 0.05 * bert  # the same size: what differs is the architecture
+    assert lines[2].startswith("| bert | 64 | 4 | ") and lines[3].startswith("| modernbert | 64 | 4 | ")

@@ -21,7 +21,7 @@ import torch
 import bertcls
 import common
 import families
-from conftest import REPO, finished_runs, train_args, write_dataset
+from conftest import REPO, finished_runs, train_args
 
 # ------------------------------------------------------------------------------------ pure functions
 

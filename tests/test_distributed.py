@@ -57,14 +57,17 @@ def test_distributed_test_metrics_equal_single_process_evaluation(ddp_run, tiny_
     tokenizer = families.load_tokenizer(str(model_dir))
     label2id = bertcls.load_label2id(tiny_dataset)
     rows = bertcls.load_split(tiny_dataset, "test", label2id)
-    packed = bertcls.pack(bertcls.tokenize_rows(tokenizer, rows, bertcls.InputSpec(64, families.uses_token_type_ids(model.config))))
+    spec = bertcls.InputSpec(64, families.uses_token_type_ids(model.config))
+    packed = bertcls.pack(bertcls.tokenize_rows(tokenizer, rows, spec))
     labels = torch.tensor([r["label"] for r in rows])
     dtype = getattr(torch, json.loads((ddp_run / "config.json").read_text(encoding="utf-8"))["dtype"])  # as the run
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as each torchrun worker ran, so the float sums are the same
     try:
-        run = SimpleNamespace(packed={"test": packed}, labels={"test": labels}, id2label={i: n for n, i in label2id.items()},
-                              args=SimpleNamespace(eval_batch_size=16), device=torch.device("cpu"),
+        run = SimpleNamespace(packed={"test": packed}, labels={"test": labels},
+                              id2label={i: n for n, i in label2id.items()},
+                              args=SimpleNamespace(eval_batch_size=16, max_batch_tokens=None),
+                              device=torch.device("cpu"),
                               ctx=common.autocast_context(torch.device("cpu"), dtype), pad_id=0, rank=0,
                               world_size=1, buckets=None)
         metrics, _ = bertcls.evaluate(model, run, "test")
@@ -73,6 +76,26 @@ def test_distributed_test_metrics_equal_single_process_evaluation(ddp_run, tiny_
     recorded = json.loads((ddp_run / "test-metrics.json").read_text(encoding="utf-8"))
     assert sum(recorded["per_class"][name]["support"] for name in label2id) == len(tiny_rows["test"])
     assert metrics == recorded
+
+
+def test_two_process_modernbert_run_with_head_tail_and_a_token_budget(tiny_modernbert, tiny_dataset, tmp_path):
+    import predict
+    output_dir = tmp_path / "out"
+    result = torchrun(train_args(tiny_modernbert, tiny_dataset, output_dir, "--epochs", "1", "--save_model",
+                                 "--truncation", "head_tail", "--max_seq_len", "32", "--max_batch_tokens", "128"),
+                      tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    [run_dir] = finished_runs(output_dir)
+    config = json.loads((run_dir / "config.json").read_text(encoding="utf-8"))
+    assert config["world_size"] == 2 and config["args"]["truncation"] == "head_tail"
+    metrics = json.loads((run_dir / "test-metrics.json").read_text(encoding="utf-8"))
+    assert sum(map(sum, metrics["confusion_matrix"]["matrix"])) == 20  # every test example once
+    # the saved model, read by one process, predicts what the two evaluated
+    out = tmp_path / "predictions.jsonl"
+    assert predict.main(["--model_dir", str(run_dir / "model"), "--input", str(tiny_dataset / "test.jsonl"),
+                         "--output", str(out)]) == 0
+    expected = [json.loads(line)["predicted"] for line in (run_dir / "test-predictions.jsonl").open(encoding="utf-8")]
+    assert [json.loads(line)["label"] for line in out.open(encoding="utf-8")] == expected
 
 
 def test_a_failing_rank_fails_the_job_without_metrics(tiny_bert, tiny_dataset, tmp_path):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 
 import fugashi
 import ipadic
@@ -17,12 +18,14 @@ import unidic_lite
 
 import bertcls
 import families
-from conftest import (build_tiny_bert_japanese, build_tiny_luke, build_tiny_multilingual_bert,
-                      build_tiny_xlm_roberta, finished_runs, train_args, train_tiny_sentencepiece)
+from conftest import (build_tiny_bert_japanese, build_tiny_luke, build_tiny_modernbert, build_tiny_multilingual_bert,
+                      build_tiny_xlm_roberta, finished_runs, save_tiny_model, train_args, train_tiny_sentencepiece,
+                      write_dataset)
 
 # IPAdic and unidic-lite split both of these differently (東北大学 | 東北 大学, スマ ホ | スマホ)
 SENTENCES = ["東北大学で自然言語処理の研究をしています。", "新しいスマホが発表された。"]
-FAMILIES = ["v3", "char_v3", "v1", "char_v1", "mbert", "xlmr", "luke"]
+FAMILIES = ["v3", "char_v3", "v1", "char_v1", "mbert", "xlmr", "luke", "modernbert", "llm_jp"]
+LONG_TITLE = "野球の試合で選手が得点した" * 6  # longer than 24 tokens under every stand-in's tokenizer
 
 
 def ipadic_surfaces(text: str) -> list[str]:
@@ -57,6 +60,8 @@ def family_models(tmp_path_factory, corpus_texts, spm_model):
         "mbert": lambda: build_tiny_multilingual_bert(root / "mbert", corpus_texts),
         "xlmr": lambda: build_tiny_xlm_roberta(root / "xlmr", spm_model),
         "luke": lambda: build_tiny_luke(root / "luke", spm_model),
+        "modernbert": lambda: build_tiny_modernbert(root / "modernbert", corpus_texts),
+        "llm_jp": lambda: build_tiny_modernbert(root / "llm_jp", corpus_texts, layout="llm_jp"),
     }
     built = {}
 
@@ -222,7 +227,8 @@ def test_family_trains_and_evaluates(family_models, tiny_dataset, tmp_path, caps
 
 def test_luke_cap_matters(family_models, tiny_rows):
     tokenizer = families.load_tokenizer(str(family_models("luke")), log=lambda message: None)
-    lengths = [len(ids) for ids in bertcls.tokenize_rows(tokenizer, tiny_rows["train"], bertcls.InputSpec(128, False))["input_ids"]]
+    encoded = bertcls.tokenize_rows(tokenizer, tiny_rows["train"], bertcls.InputSpec(128, False))
+    lengths = [len(ids) for ids in encoded["input_ids"]]
     assert max(lengths) > 64  # uncapped, some examples would index past the 66 position embeddings
 
 
@@ -238,3 +244,122 @@ def test_unknown_model_is_a_one_line_error(tiny_dataset, tmp_path, capsys, name,
     assert bertcls.main(train_args(name, tiny_dataset, tmp_path)) == 1
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(message)
+
+
+def test_unknown_model_type_trains_with_the_auto_classes_and_a_note(tmp_path, tiny_dataset, corpus_texts, capsys):
+    from transformers import DistilBertConfig
+    model_dir = build_tiny_multilingual_bert(tmp_path / "distilbert", corpus_texts)  # its vocab.txt and config
+    vocab_size = len((model_dir / "vocab.txt").read_text(encoding="utf-8").splitlines())
+    save_tiny_model(model_dir, DistilBertConfig(vocab_size=vocab_size, dim=32, n_layers=2, n_heads=2, hidden_dim=64,
+                                                max_position_embeddings=128))
+    assert bertcls.main(train_args(model_dir, tiny_dataset, tmp_path / "out", "--epochs", "1")) == 0
+    assert len(finished_runs(tmp_path / "out")) == 1
+    notes = [line for line in capsys.readouterr().err.splitlines() if "is not one of the families" in line]
+    assert notes == [f"note: {model_dir}: model type 'distilbert' is not one of the families bertcls adapts (bert, "
+                     "luke, modernbert, xlm-roberta): loaded with the plain Auto classes and fed its tokenizer's own "
+                     "special tokens; no family-specific fix to its tokenizer, segment ids or length limit was checked"]
+
+
+@pytest.mark.parametrize("family, blocked, package", [("v3", "fugashi", "fugashi"),
+                                                      ("v3", "unidic_lite", "unidic-lite"),
+                                                      ("v1", "ipadic", "ipadic"),
+                                                      ("xlmr", "sentencepiece", "sentencepiece")])
+def test_a_missing_package_is_named_in_one_line(family_models, tiny_dataset, tmp_path, capsys, monkeypatch, family,
+                                                blocked, package):
+    model_dir = family_models(family)
+    monkeypatch.setitem(sys.modules, blocked, None)  # import fails as if not installed
+    assert bertcls.main(train_args(model_dir, tiny_dataset, tmp_path)) == 1
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines[-1] == (f"bertcls.py: error: cannot load the tokenizer of {str(model_dir)!r}: it needs {package}, "
+                         f"which is not installed: pip install {package}")
+    assert not any("tiktoken" in line for line in lines)  # transformers' misleading fallback is never reached
+
+
+# ------------------------------------------------------------------------ long-context ModernBERT
+
+
+def test_modernbert_tokenizers_load_as_the_hub_ships_them(family_models):
+    from transformers import AutoConfig
+    sbintuitions, llm_jp = family_models("modernbert"), family_models("llm_jp")
+    assert {p.name for p in sbintuitions.iterdir()} >= {"tokenizer.json", "tokenizer.model", "special_tokens_map.json"}
+    assert not (llm_jp / "tokenizer.model").exists()
+    processor = sentencepiece.SentencePieceProcessor(model_file=str(sbintuitions / "tokenizer.model"))
+    for model_dir, (first, middle, last) in ((sbintuitions, ([1], [2, 1], [2])), (llm_jp, ([5], [6], [6]))):
+        notes = []
+        tokenizer = families.load_tokenizer(str(model_dir), log=notes.append)
+        config = AutoConfig.from_pretrained(model_dir)
+        # tokenizer.json as it is, although the configs name LlamaTokenizer / PreTrainedTokenizerFast
+        assert type(tokenizer).__name__ == "TokenizersBackend" and notes == []
+        title, body = SENTENCES
+        words = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in (title, body)]
+        if model_dir == sbintuitions:  # the pieces and ids of the sentencepiece model it was trained with
+            assert words == [processor.encode(title), processor.encode(body)]
+        assert tokenizer(title, body)["input_ids"] == first + words[0] + middle + words[1] + last
+        assert (tokenizer.pad_token_id, tokenizer.cls_token_id) == (config.pad_token_id, config.cls_token_id)
+        assert not families.uses_token_type_ids(config) and "token_type_ids" not in tokenizer.model_input_names
+        assert config.model_type == "modernbert" and families.position_limit(config) == 8192
+        assert config.architectures == ["ModernBertForMaskedLM"]
+
+
+def test_modernbert_max_len_capped_at_its_8192_tokens_with_a_notice(family_models):
+    from transformers import AutoConfig
+    model_dir = family_models("modernbert")
+    notes = []
+    tokenizer = families.load_tokenizer(str(model_dir), log=notes.append)
+    assert families.effective_max_len(10000, tokenizer, AutoConfig.from_pretrained(model_dir), notes.append) == 8192
+    assert notes == ["note: max_seq_len capped at 8192 by the model's position embeddings"]
+
+
+# ------------------------------------------------------------------------ every family's pair layout
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_an_uncut_example_is_exactly_what_the_tokenizer_makes_of_it(family_models, tiny_rows, family):
+    tokenizer = families.load_tokenizer(str(family_models(family)), log=lambda message: None)
+    spec = bertcls.InputSpec(10**6, True, "head_tail")
+    rows = tiny_rows["train"][:8] + [{"title": "野球", "body": ""}, {"title": "", "body": "映画の公開"}]
+    for row in rows:
+        expected = tokenizer(row["title"], row["body"], return_token_type_ids=True)
+        enc = bertcls.encode_one(tokenizer, row["title"], row["body"], spec)
+        assert (enc["input_ids"], enc["token_type_ids"]) == (expected["input_ids"], expected["token_type_ids"])
+        assert not enc["title_cut"]
+        single = bertcls.encode_one(tokenizer, row["body"], None, spec)
+        assert single["input_ids"] == tokenizer(row["body"])["input_ids"]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_title_longer_than_the_budget_keeps_its_start_with_every_family(family_models, family):
+    tokenizer = families.load_tokenizer(str(family_models(family)), log=lambda message: None)
+    body = "映画の公開が話題になった。" * 10
+    uncut = tokenizer(LONG_TITLE, body)["input_ids"]
+    title = tokenizer(LONG_TITLE, add_special_tokens=False)["input_ids"]
+    special = set(tokenizer.all_special_ids) - {tokenizer.unk_token_id}  # <unk> can be text
+    n_special = sum(i in special for i in uncut)
+    assert len(title) > 24 - n_special
+    for truncation in bertcls.TRUNCATIONS:
+        enc = bertcls.encode_one(tokenizer, LONG_TITLE, body, bertcls.InputSpec(24, False, truncation))
+        assert len(enc["input_ids"]) == 24 and enc["title_cut"]
+        assert [i for i in enc["input_ids"] if i not in special] == title[:24 - n_special]  # no body left
+        assert [i for i in enc["input_ids"] if i in special] == [i for i in uncut if i in special]
+        assert (enc["input_ids"][0], enc["input_ids"][-1]) == (uncut[0], uncut[-1])
+
+
+# the fast tokenizers that refused such titles (LUKE's is XLM-R's class; every family's is checked above)
+@pytest.mark.parametrize("family", ["mbert", "xlmr"])
+def test_over_long_titles_train_and_predict_with_fast_tokenizers(family_models, tiny_rows, tmp_path, capsys, family):
+    import predict
+    rows = {split: [dict(r, title=LONG_TITLE) if i % 3 == 0 else r for i, r in enumerate(split_rows)]
+            for split, split_rows in tiny_rows.items()}
+    dataset = write_dataset(tmp_path / "data", rows)
+    out = tmp_path / "out"
+    assert bertcls.main(train_args(family_models(family), dataset, out, "--epochs", "1", "--max_seq_len", "24",
+                                   "--save_model")) == 0
+    [run_dir] = finished_runs(out)
+    err = capsys.readouterr().err
+    assert "note: 27 of 80 titles were cut to fit" in err and "note: 7 of 20 titles were cut to fit" in err
+    predictions = tmp_path / "predictions.jsonl"
+    assert predict.main(["--model_dir", str(run_dir / "model"), "--input", str(dataset / "test.jsonl"),
+                         "--output", str(predictions)]) == 0
+    assert "note: 7 of 20 titles were cut to fit" in capsys.readouterr().err
+    expected = [json.loads(line)["predicted"] for line in (run_dir / "test-predictions.jsonl").open(encoding="utf-8")]
+    assert [json.loads(line)["label"] for line in predictions.open(encoding="utf-8")] == expected

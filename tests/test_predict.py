@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import random
 import json
 import shutil
 import subprocess
@@ -70,7 +71,8 @@ def test_saved_model_directory(run_dir):
     assert tokenizer_config["mecab_kwargs"] == {"mecab_dic": "unidic_lite"}
     assert tokenizer_config["model_input_names"] == ["input_ids", "token_type_ids", "attention_mask"]
     settings = json.loads((model_dir / "bertcls.json").read_text(encoding="utf-8"))
-    assert settings == {"format": 1, "base_model": settings["base_model"], "max_seq_len": 64, "token_type_ids": True}
+    assert settings == {"format": 1, "base_model": settings["base_model"], "max_seq_len": 64, "token_type_ids": True,
+                        "truncation": "head"}
     assert json.loads((run_dir / "config.json").read_text(encoding="utf-8"))["max_seq_len_used"] == 64
 
 
@@ -220,3 +222,69 @@ def test_save_model_replaces_stale_temporary_directory(run_dir, tmp_path, capsys
     tokenizer_config = json.loads((tmp_path / "model" / "tokenizer_config.json").read_text(encoding="utf-8"))
     assert tokenizer_config["model_max_length"] == 32
     assert tokenizer_config["model_input_names"] == ["input_ids", "token_type_ids", "attention_mask"]
+
+
+# ------------------------------------------------------------- a long-context model trained with head_tail
+
+
+@pytest.fixture(scope="module")
+def modernbert_run(tmp_path_factory, tiny_modernbert, tiny_dataset) -> Path:
+    output_dir = tmp_path_factory.mktemp("modernbert-runs")
+    # 24 tokens cut most tiny bodies, so head_tail is what decides the inputs; batches of at most 128 tokens
+    flags = ["--save_model", "--epochs", "4", "--truncation", "head_tail", "--max_seq_len", "24",
+             "--max_batch_tokens", "128"]
+    assert bertcls.main(train_args(tiny_modernbert, tiny_dataset, output_dir, *flags)) == 0
+    [run] = finished_runs(output_dir)
+    return run
+
+
+def test_head_tail_and_token_budget_are_recorded(modernbert_run, tiny_rows):
+    config = json.loads((modernbert_run / "config.json").read_text(encoding="utf-8"))
+    assert (config["args"]["truncation"], config["args"]["max_batch_tokens"]) == ("head_tail", 128)
+    settings = json.loads((modernbert_run / "model" / "bertcls.json").read_text(encoding="utf-8"))
+    assert (settings["max_seq_len"], settings["token_type_ids"], settings["truncation"]) == (24, False, "head_tail")
+    # the schedule counts the batches of every epoch: with a token budget their number varies
+    tokenizer = families.load_tokenizer(str(modernbert_run / "model"))
+    spec = bertcls.InputSpec(24, False, "head_tail")
+    packed = bertcls.pack(bertcls.tokenize_rows(tokenizer, tiny_rows["train"], spec))
+    lengths = bertcls.example_lengths(packed)
+    steps = [len(bertcls.length_grouped_batches(lengths, 8, random.Random(f"42-{epoch}"), max_tokens=128))
+             for epoch in range(1, 5)]
+    assert config["total_optimizer_steps"] == sum(steps)
+    assert config["effective_batch_size"] == round(80 / steps[0], 1)
+
+
+def test_predict_reproduces_a_head_tail_run(modernbert_run, tiny_dataset, tmp_path, capsys):
+    out = tmp_path / "predictions.jsonl"
+    rc, _, err = run_predict(capsys, "--model_dir", str(modernbert_run / "model"), "--input",
+                             str(tiny_dataset / "test.jsonl"), "--output", str(out), "--max_batch_tokens", "64")
+    assert rc == 0, err
+    predicted = read_lines(out.read_text(encoding="utf-8"))
+    expected = read_lines((modernbert_run / "test-predictions.jsonl").read_text(encoding="utf-8"))
+    assert [p["label"] for p in predicted] == [e["predicted"] for e in expected]
+    for p, e in zip(predicted, expected):
+        assert p["probability"] == pytest.approx(e["probabilities"][p["label"]], abs=1e-5)
+
+
+def test_pipeline_loads_a_saved_modernbert(modernbert_run, capsys):
+    from transformers import pipeline
+    text = "野球の試合"  # fits uncut: head_tail and the pipeline's own truncation both keep all of it
+    rc, [expected], err = run_predict(capsys, "--model_dir", str(modernbert_run / "model"), "--text", text,
+                                      "--dtype", "fp32")
+    assert rc == 0, err
+    classifier = pipeline("text-classification", model=str(modernbert_run / "model"), device="cpu")
+    [top] = classifier(text)
+    assert (top["label"], top["score"]) == (expected["label"], pytest.approx(expected["probability"], abs=1e-5))
+
+
+def test_saved_settings_without_truncation_mean_head_and_a_bad_one_is_refused(run_dir, tmp_path, capsys):
+    model_dir = copy_model(run_dir, tmp_path)
+    path = model_dir / "bertcls.json"
+    settings = json.loads(path.read_text(encoding="utf-8"))
+    del settings["truncation"]  # written before --truncation existed
+    path.write_text(json.dumps(settings), encoding="utf-8")
+    assert predict.read_saved_settings(model_dir)["truncation"] == "head"
+    path.write_text(json.dumps({**settings, "truncation": "middle"}), encoding="utf-8")
+    rc, stdout, err = run_predict(capsys, "--model_dir", str(model_dir), "--text", "野球")
+    assert rc == 1 and stdout == []
+    assert "a truncation of head or head_tail; re-save the model with bertcls.py --save_model" in error_line(err)

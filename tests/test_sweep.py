@@ -251,10 +251,12 @@ def test_lock_is_exclusive_and_stale_locks_are_taken_over(tmp_path, monkeypatch)
 
 
 def write_run(out: Path, model: str, lr: float, seed: int, time_of_day: str, val_f1: float, test: dict,
-              params: int, train_seconds: float = 100.0) -> Path:
+              params: int, train_seconds: float = 100.0, truncation: str | None = None) -> Path:
     run_dir = out / model.replace("/", "__") / "2024-05-01" / time_of_day
     run_dir.mkdir(parents=True)
     args = {"model_name": model, "lr": lr, "seed": seed, "epochs": 3, "output_dir": str(out)}
+    if truncation is not None:  # runs made before --truncation existed record none
+        args["truncation"] = truncation
     (run_dir / "config.json").write_text(json.dumps({"args": args, "params": params}))
     (run_dir / "val-metrics.json").write_text(json.dumps({"best_epoch": 2, "train_seconds": train_seconds,
                                                           "f1": val_f1}))
@@ -366,3 +368,38 @@ def test_matching_helpers():
     assert sweep.child_env({"A": "1"}, None) == {"A": "1"}
     assert sweep.mean_std([0.5]) == (0.5, None)
     assert sweep.mean_std([1.0, 2.0, 6.0]) == (3.0, pytest.approx(math.sqrt(7.0)))  # ((4 + 1 + 9) / 2) ** 0.5
+
+
+def test_truncation_is_a_grid_axis_and_long_context_models_join_the_grid(tmp_path, capsys):
+    combos = sweep.combinations(["org/a", *sweep.LONG_CONTEXT_MODELS], [3e-5], [1], ["--epochs", "3"], tmp_path,
+                                ["head", "head_tail"])
+    assert len(combos) == 6 * 2
+    assert [(c.model_name, c.truncation) for c in combos[:2]] == [("org/a", "head"), ("org/a", "head_tail")]
+    assert combos[1].flags[-4:] == ("--truncation", "head_tail", "--output_dir", str(tmp_path))
+    assert combos[1].describe() == "org/a head_tail lr 3e-05 seed 1" and combos[0].describe() == "org/a lr 3e-05 seed 1"
+    assert len({c.stem for c in combos}) == 12
+    # without --truncations, bertcls.py's default: the combination of a run made before the flag existed
+    [plain] = sweep.combinations(["org/a"], [3e-5], [1], [], tmp_path)
+    assert plain.truncation == "head" and "--truncation" not in plain.flags
+    with pytest.raises(SystemExit):
+        sweep.parse_args(["--truncation", "head_tail"])
+    assert "--truncation is set by the sweep: use --truncations" in capsys.readouterr().err
+
+
+def test_tables_keep_truncations_apart(hand_made, capsys):
+    long_model = sweep.LONG_CONTEXT_MODELS[2]
+    for time_of_day, val_f1, test_f1, truncation in (("13-00-00.000000", 0.97, 0.95, "head"),
+                                                     ("13-00-01.000000", 0.98, 0.96, "head_tail")):
+        write_run(hand_made, long_model, 3e-5, 1, time_of_day, val_f1, metrics(0.1, 0.96, 0.95, 0.94, test_f1),
+                  132_000_000, truncation=truncation)
+    assert sweep.main(["--no_run", "--best", "--output_dir", str(hand_made)]) == 0
+    rows = csv_rows(capsys.readouterr().out)
+    assert [(r["model_name"], r["truncation"], r["f1"]) for r in rows] == [
+        (long_model, "head_tail", "0.96"), (long_model, "head", "0.95"), ("org/b", "head", "0.93"),
+        ("org/a", "head", "0.89")]  # a run without a recorded truncation kept the head
+    assert sweep.main(["--no_run", "--markdown", "--output_dir", str(hand_made), "--truncations", "head_tail"]) == 0
+    [_, _, line] = capsys.readouterr().out.splitlines()
+    assert line.startswith(f"| {long_model} (head_tail) | 3e-05 | 1 | 132.0 | 98.00 |")
+    # --long_context adds its models to those named
+    assert sweep.main(["--no_run", "--output_dir", str(hand_made), "--model_names", "org/b", "--long_context"]) == 0
+    assert sorted({r["model_name"] for r in csv_rows(capsys.readouterr().out)}) == ["org/b", long_model]

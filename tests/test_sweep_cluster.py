@@ -112,7 +112,8 @@ def test_task_index_runs_one_combination_and_list_shows_the_grid(tmp_path, fake,
     combos = sweep.grid(sweep.parse_args(grid_argv(out)), out)
     lock = sweep.lock_path(out, combos[2])
     lock.write_text(json.dumps({"pids": [4242, 4243], "host": "host-b"}))
-    expected = [{"index": i, "model_name": MODEL, "lr": lr, "seed": seed, "state": state, "run_dir": run, "holder": by}
+    expected = [{"index": i, "model_name": MODEL, "lr": lr, "seed": seed, "truncation": "head", "state": state,
+                 "run_dir": run, "holder": by}
                 for i, ((lr, seed), state, run, by) in enumerate(zip(
                     GRID, ["to do", "finished", "running", "to do"], [None, str(run_dir), None, None],
                     [None, None, "pid 4242, 4243 on host-b", None]))]
@@ -125,10 +126,10 @@ def test_task_index_runs_one_combination_and_list_shows_the_grid(tmp_path, fake,
     assert rows == [{k: "" if v is None else str(v) for k, v in row.items()} for row in expected]
     assert sweep.main(grid_argv(out, "--list")) == 0
     table = capsys.readouterr().out.splitlines()
-    assert table[0].split() == ["index", "model_name", "lr", "seed", "state", "run_dir", "holder"]
+    assert table[0].split() == ["index", "model_name", "lr", "seed", "truncation", "state", "run_dir", "holder"]
     state_at = table[0].index("state")  # columns are aligned
     assert [line[state_at:].split("  ")[0].strip() for line in table[1:]] == [r["state"] for r in expected]
-    assert table[2].split()[:4] == ["1", MODEL, "0.001", "2"] and table[2].split()[5] == str(run_dir)
+    assert table[2].split()[:5] == ["1", MODEL, "0.001", "2", "head"] and table[2].split()[6] == str(run_dir)
     # another host's lease that has not been refreshed for longer than --lease_timeout is not running
     long_ago = time.time() - 1000
     os.utime(lock, (long_ago, long_ago))
