@@ -309,16 +309,10 @@ def optimizer_steps_per_epoch(n_batches: int, grad_accum_steps: int) -> int:
     return math.ceil(n_batches / grad_accum_steps)
 
 
-def planned_steps(n_batches: int, args: argparse.Namespace) -> tuple[int, int]:
-    """(total, warmup) optimizer steps of a run whose epochs have n_batches batches (on each rank)."""
-    steps_per_epoch = optimizer_steps_per_epoch(n_batches, args.grad_accum_steps)
-    return steps_per_epoch * args.epochs, round(steps_per_epoch * args.num_warmup_epochs)
-
-
-def schedule_warning(n_batches: int, args: argparse.Namespace) -> str | None:
+def schedule_warning(total_steps: int, warmup_steps: int, n_batches: int, args: argparse.Namespace) -> str | None:
     """One line when the schedule cannot train as asked, with the peak learning rate it does reach: a warmup
-    longer than the run (the default 2 warmup epochs with --epochs 1), or more accumulation steps than batches."""
-    total_steps, warmup_steps = planned_steps(n_batches, args)
+    longer than the run (the default 2 warmup epochs with --epochs 1), or more accumulation steps than the
+    n_batches batches of an epoch."""
     peak = max(get_lr(step, total_steps, warmup_steps, args.lr) for step in range(total_steps))
     problems = []
     if args.grad_accum_steps > n_batches:
@@ -859,9 +853,10 @@ class Run:
         self.buckets = compile_buckets(self.spec.max_len) if args.compile else None
         self.packed = self.tokenize_all()
         self.labels = {s: torch.tensor([r["label"] for r in self.rows[s]]) for s in SPLITS}
-        n_batches = len(train_batches(self, 1))
-        self.total_steps, self.warmup_steps = planned_steps(n_batches, args)
-        warning = schedule_warning(n_batches, args)
+        steps_per_epoch = optimizer_steps_per_epoch(len(train_batches(self, 1)), args.grad_accum_steps)
+        self.total_steps = steps_per_epoch * args.epochs
+        self.warmup_steps = round(steps_per_epoch * args.num_warmup_epochs)
+        warning = schedule_warning(self.total_steps, self.warmup_steps, len(train_batches(self, 1)), args)
         if warning is not None:
             log(warning)
 

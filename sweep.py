@@ -373,8 +373,11 @@ def check_dataset(passed: dict[str, Any], lrs: Sequence[float], log: Callable[[s
     """What every run would find out alone, said once: a dataset no run can use is an error, a schedule that
     cannot reach the swept learning rates (e.g. --epochs 1 with the default 2 warmup epochs) a warning."""
     _, rows = bertcls.load_dataset(Path(passed["dataset_dir"]), lambda line: log(f"sweep.py: {line}"))
+    n_batches = math.ceil(len(rows["train"]) / passed["batch_size"])  # one process per run
+    steps_per_epoch = bertcls.optimizer_steps_per_epoch(n_batches, passed["grad_accum_steps"])
     settings = argparse.Namespace(**{**passed, "lr": lrs[0]})
-    warning = bertcls.schedule_warning(math.ceil(len(rows["train"]) / passed["batch_size"]), settings)
+    warning = bertcls.schedule_warning(steps_per_epoch * passed["epochs"],
+                                       round(steps_per_epoch * passed["num_warmup_epochs"]), n_batches, settings)
     if warning is not None:
         log(f"sweep.py: every run: {warning}")
 

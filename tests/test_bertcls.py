@@ -116,20 +116,19 @@ def test_collate_pads_to_multiple_of_eight_and_masks():
 def test_schedule_warning_gives_the_peak_lr_reached():
     args = bertcls.parse_args(["--epochs", "1", "--lr", "3e-5"])  # the default 2 warmup epochs
     # 3 batches an epoch: 3 optimizer steps, warmup round(3 x 2) = 6, so the lr stops at 3/6 of --lr
-    assert bertcls.planned_steps(3, args) == (3, 6)
-    warning = bertcls.schedule_warning(3, args)
-    assert warning.startswith("warning: ") and "\n" not in warning
+    warning = bertcls.schedule_warning(3, 6, 3, args)
     assert warning == ("warning: the warmup (6 optimizer steps, --num_warmup_epochs 2) is longer than the run "
                        "(3 steps, --epochs 1), so the learning rate peaks at 1.5e-05, 50% of --lr 3e-05 (lower "
                        "--num_warmup_epochs, e.g. to 0.1)")
-    assert bertcls.schedule_warning(3, bertcls.parse_args(["--epochs", "3", "--num_warmup_epochs", "1"])) is None
+    assert bertcls.schedule_warning(9, 3, 3, bertcls.parse_args(["--epochs", "3", "--num_warmup_epochs", "1"])) is None
+    assert bertcls.schedule_warning(3, 3, 3, args) is None  # the peak is reached, on the last step
     # 8 micro-batches asked, 3 there: one step of 3 per epoch; with 0.5 warmup epochs the peak is still reached
     accumulating = bertcls.parse_args(["--grad_accum_steps", "8", "--epochs", "4", "--num_warmup_epochs", "0.5"])
-    warning = bertcls.schedule_warning(3, accumulating)
-    assert warning == ("warning: --grad_accum_steps 8 is more than the 3 batches of an epoch, so each optimizer "
-                       "step accumulates only 3 (use at most 3)")
+    assert bertcls.schedule_warning(4, 0, 3, accumulating) == (
+        "warning: --grad_accum_steps 8 is more than the 3 batches of an epoch, so each optimizer step accumulates "
+        "only 3 (use at most 3)")
     # both at once: 1 step per epoch x 1 epoch, warmup 1 x 2 = 2 steps
-    both = bertcls.schedule_warning(3, bertcls.parse_args(["--grad_accum_steps", "8", "--epochs", "1"]))
+    both = bertcls.schedule_warning(1, 2, 3, bertcls.parse_args(["--grad_accum_steps", "8", "--epochs", "1"]))
     assert "--grad_accum_steps 8" in both and "peaks at 1.5e-05, 50% of --lr" in both
 
 
