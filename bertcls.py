@@ -46,6 +46,7 @@ import shutil
 import sys
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any, Callable, NamedTuple, Sequence
 
@@ -124,7 +125,11 @@ def load_label2id(dataset_dir: Path) -> dict[str, int]:
     path = dataset_dir / "label2id.json"
     label2id = read_json(path, hint="re-run prepare.py")
     if not isinstance(label2id, dict) or not label2id:
-        raise UserError(f"{path}: expected a non-empty object mapping label names to ids")
+        raise UserError(f"{path}: expected a non-empty object mapping label names to ids; re-run prepare.py")
+    for name, label in label2id.items():
+        if isinstance(label, bool) or not isinstance(label, int):
+            raise UserError(f"{path}: the id of {name!r} is {json.dumps(label, ensure_ascii=False)}, not an integer; "
+                            f"ids must be 0..{len(label2id) - 1}, each once; re-run prepare.py")
     if sorted(label2id.values()) != list(range(len(label2id))):
         raise UserError(f"{path}: ids must be 0..{len(label2id) - 1}, each once; re-run prepare.py")
     return label2id
@@ -159,6 +164,40 @@ def load_split(dataset_dir: Path, split: str, label2id: dict[str, int]) -> list[
         except ValueError as e:
             raise UserError(f"{path}: example {lineno}: {e}") from None
     return rows
+
+
+def check_labels(rows: dict[str, list[dict]], id2label: dict[int, str], dataset_dir: Path) -> str | None:
+    """Refuse a train split with fewer than 2 labels: there is nothing to classify, yet every score would come
+    out perfect. Return a warning naming the val/test labels that train never shows (never learned)."""
+    seen = Counter(r["label"] for r in rows["train"])
+    if len(seen) < 2:
+        raise UserError(f"{dataset_dir / 'train.jsonl'}: every example has the label "
+                        f"{id2label[next(iter(seen))]!r}: a classifier needs examples of at least 2 labels in train")
+    unseen: dict[str, Counter] = {}
+    for split in ("val", "test"):
+        for row in rows[split]:
+            if row["label"] not in seen:
+                unseen.setdefault(id2label[row["label"]], Counter())[split] += 1
+    if not unseen:
+        return None
+    listed = "; ".join(f"{name!r} ({', '.join(f'{n} in {split}' for split, n in counts.items())})"
+                       for name, counts in sorted(unseen.items()))
+    return f"warning: labels that train never shows, so the model cannot learn them: {listed}"
+
+
+def load_dataset(dataset_dir: Path, log: Callable[[str], None]) -> tuple[dict[str, int], dict[str, list[dict]]]:
+    """label2id and the rows of every split, checked: a classification run can be made of them."""
+    if not dataset_dir.is_dir():
+        raise UserError(f"dataset directory {dataset_dir} not found: run `python prepare.py` first "
+                        "(or pass --dataset_dir)")
+    if not (dataset_dir / "label2id.json").is_file():
+        raise UserError(f"{dataset_dir / 'label2id.json'} not found: run `python prepare.py` first")
+    label2id = load_label2id(dataset_dir)
+    rows = {split: load_split(dataset_dir, split, label2id) for split in SPLITS}
+    warning = check_labels(rows, {i: name for name, i in label2id.items()}, dataset_dir)
+    if warning is not None:
+        log(warning)
+    return label2id, rows
 
 
 def file_digest(paths: Sequence[Path]) -> str:
@@ -320,6 +359,23 @@ def examples_per_step(all_batches: Sequence[Sequence[int]], grad_accum_steps: in
     return [sum(map(len, all_batches[i:i + per_step])) for i in range(0, len(all_batches), per_step)]
 
 
+def schedule_warning(total_steps: int, warmup_steps: int, n_batches: int, args: argparse.Namespace) -> str | None:
+    """One line when the schedule cannot train as asked, with the peak learning rate it does reach: a warmup
+    longer than the run (the default 2 warmup epochs with --epochs 1), or more accumulation steps than the
+    n_batches batches of an epoch."""
+    peak = max(get_lr(step, total_steps, warmup_steps, args.lr) for step in range(total_steps))
+    problems = []
+    if args.grad_accum_steps > n_batches:
+        problems.append(f"--grad_accum_steps {args.grad_accum_steps} is more than the {n_batches} batches of an "
+                        f"epoch, so each optimizer step accumulates only {n_batches} (use at most {n_batches})")
+    if peak < args.lr * (1 - 1e-9):
+        problems.append(f"the warmup ({warmup_steps} optimizer steps, --num_warmup_epochs "
+                        f"{args.num_warmup_epochs:g}) is longer than the run ({total_steps} steps, --epochs "
+                        f"{args.epochs}), so the learning rate peaks at {peak:.3g}, {peak / args.lr:.0%} of --lr "
+                        f"{args.lr:g} (lower --num_warmup_epochs, e.g. to {args.epochs / 10:g})")
+    return f"warning: {'; '.join(problems)}" if problems else None
+
+
 # ------------------------------------------------------------------------------------- training loop
 
 
@@ -374,7 +430,7 @@ def train_epoch(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scaler
         optimizer.zero_grad(set_to_none=True)
         step += 1
         if step % args.log_interval == 0 or group is groups[-1]:
-            check_finite(first_bad_step, epoch)  # the only host sync: once per interval
+            check_finite(first_bad_step, epoch, run)  # the only host sync: once per interval
             if progress is not None:
                 progress.set_postfix(loss=f"{loss_sum.item() / n_examples:.4f}", lr=f"{lr:.2e}", refresh=False)
         if progress is not None:
@@ -382,11 +438,23 @@ def train_epoch(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scaler
     return step, loss_sum.item() / max(1, n_examples)
 
 
-def check_finite(first_bad_step: torch.Tensor, epoch: int) -> None:
+def nonfinite_advice(dtype: torch.dtype, max_grad_norm: float) -> str:
+    """What to try after a NaN/inf loss: only settings that differ from the ones that produced it."""
+    remedies = ["lower --lr"]
+    if max_grad_norm == 0:
+        remedies.append("clip gradients (--max_grad_norm 1)")
+    if dtype == torch.float16:
+        remedies.append("use --dtype bf16 (where supported) or fp32")
+    elif dtype == torch.bfloat16:
+        remedies.append("use --dtype fp32")
+    return ", ".join(remedies) + ", or check the data"
+
+
+def check_finite(first_bad_step: torch.Tensor, epoch: int, run: Run) -> None:
     bad = int(first_bad_step)
     if bad >= 0:
         raise NonFiniteLoss(f"the training loss became NaN/inf at epoch {epoch}, optimizer step {bad + 1}: "
-                            "lower --lr, use --dtype fp32 or bf16, or check the data")
+                            f"{nonfinite_advice(run.dtype, run.args.max_grad_norm)}")
 
 
 # ---------------------------------------------------------------------------------------- evaluation
@@ -504,6 +572,14 @@ class InputSpec(NamedTuple):
     max_len: int  # tokens per example, special tokens included
     token_type_ids: bool  # feed the body as segment B (BERT-style pre-training)
     truncation: str = "head"  # which part of an over-long body is kept: "head", or "head_tail" (its start and end)
+
+
+def check_room_for_text(max_len: int, tokenizer: Any, pair: bool) -> None:
+    """Refuse a length that the special tokens fill: every example would become [CLS][SEP], with no text."""
+    special = tokenizer.num_special_tokens_to_add(pair=pair)
+    if max_len <= special:
+        raise UserError(f"a length of {max_len} tokens leaves no room for text: the tokenizer adds {special} special "
+                        f"tokens to each {'(title, body) pair' if pair else 'text'}; raise --max_seq_len")
 
 
 def tokenize_rows(tokenizer: Any, rows: Sequence[dict], spec: InputSpec, chunk_size: int = 256,
@@ -726,36 +802,71 @@ def write_log_csv(path: Path, rows: list[dict]) -> None:
     atomic_write_text(path, buffer.getvalue())
 
 
-def learning_curve_svg(rows: list[dict], width: int = 640, height: int = 360) -> str:
-    """Validation F1 and train/val loss per epoch as a standalone SVG (no plotting library needed)."""
-    left, right, top, bottom = 50, 60, 20, 40
+def nice_ticks(high: float, count: int = 5) -> list[float]:
+    """About `count` evenly spaced round values from 0 up to at least `high` (steps of 1, 2, 2.5 or 5 x 10^k)."""
+    raw = max(high, 1e-9) / count
+    magnitude = 10 ** math.floor(math.log10(raw))
+    step = next(m * magnitude for m in (1, 2, 2.5, 5, 10) if m * magnitude >= raw * (1 - 1e-9))
+    return [round(i * step, 12) for i in range(math.ceil(max(high, 1e-9) / step - 1e-9) + 1)]
+
+
+def learning_curve_svg(rows: list[dict], width: int = 640, height: int = 400) -> str:
+    """Validation F1 (left axis) and train/val loss (right axis) per epoch as a standalone SVG, drawn by hand.
+
+    Every epoch is a marker on its line, so one epoch still shows; the legend sits above the plot area, clear
+    of the data; both axes have ticks and grid lines.
+    """
+    left, right, top, bottom = 64, width - 64, 44, height - 52  # the plot area
     epochs = [r["epoch"] for r in rows]
-    max_loss = max([r["train_loss"] for r in rows] + [r["val_loss"] for r in rows] + [1e-9])
-    x_span = max(1, max(epochs) - min(epochs))
+    loss_ticks = nice_ticks(max([r["train_loss"] for r in rows] + [r["val_loss"] for r in rows]))
+    x_step = next(s for s in (1, 2, 5, 10, 20, 50, 100, 200, 500, 10**9) if len(epochs) / s <= 10)
 
-    def xy(epoch: float, fraction: float) -> str:
-        x = left + (epoch - min(epochs)) / x_span * (width - left - right)
-        y = top + (1 - fraction) * (height - top - bottom)
-        return f"{x:.1f},{y:.1f}"
+    def x_of(epoch: int) -> float:
+        if len(epochs) == 1:
+            return (left + right) / 2
+        return left + 12 + (epoch - epochs[0]) / (epochs[-1] - epochs[0]) * (right - left - 24)
 
-    series = [("val F1", "#1f77b4", [r["val_f1"] for r in rows], 1.0),
-              ("train loss", "#ff7f0e", [r["train_loss"] for r in rows], max_loss),
-              ("val loss", "#2ca02c", [r["val_loss"] for r in rows], max_loss)]
-    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif"'
-             f' font-size="12"><rect width="100%" height="100%" fill="white"/>',
-             f'<line x1="{left}" y1="{height - bottom}" x2="{width - right}" y2="{height - bottom}" stroke="black"/>',
-             f'<line x1="{left}" y1="{top}" x2="{left}" y2="{height - bottom}" stroke="black"/>',
-             f'<text x="{width / 2}" y="{height - 8}" text-anchor="middle">epoch</text>',
-             f'<text x="{left - 6}" y="{top + 4}" text-anchor="end">1.0</text>',
-             f'<text x="{left - 6}" y="{height - bottom}" text-anchor="end">0</text>',
-             f'<text x="{width - right + 6}" y="{top + 4}">{max_loss:.3g}</text>']
-    for epoch in epochs:
-        parts.append(f'<text x="{xy(epoch, 0).split(",")[0]}" y="{height - bottom + 14}" '
-                     f'text-anchor="middle">{epoch}</text>')
-    for i, (name, color, values, scale) in enumerate(series):
-        points = " ".join(xy(e, v / scale) for e, v in zip(epochs, values))
-        parts.append(f'<polyline fill="none" stroke="{color}" stroke-width="2" points="{points}"/>')
-        parts.append(f'<text x="{left + 10 + 110 * i}" y="{top + 12}" fill="{color}">{name}</text>')
+    def y_of(fraction: float) -> float:
+        return bottom - fraction * (bottom - top)
+
+    series = [("val F1", "#1f77b4", "left", [r["val_f1"] for r in rows], 1.0),
+              ("train loss", "#ff7f0e", "right", [r["train_loss"] for r in rows], loss_ticks[-1]),
+              ("val loss", "#2ca02c", "right", [r["val_loss"] for r in rows], loss_ticks[-1])]
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif" '
+             f'font-size="12">', '<rect width="100%" height="100%" fill="white"/>', '<g class="legend">']
+    for i, (name, color, axis, _, _) in enumerate(series):
+        x = left + 180 * i
+        parts += [f'<line x1="{x}" y1="16" x2="{x + 24}" y2="16" stroke="{color}" stroke-width="2"/>',
+                  f'<circle cx="{x + 12}" cy="16" r="3.5" fill="{color}"/>',
+                  f'<text x="{x + 30}" y="20">{name} ({axis} axis)</text>']
+    parts += ["</g>", '<g class="ticks-left">']
+    for tick in nice_ticks(1.0):
+        y = y_of(tick)
+        parts += [f'<line x1="{left}" y1="{y:.1f}" x2="{right}" y2="{y:.1f}" stroke="#e0e0e0"/>',
+                  f'<text x="{left - 6}" y="{y + 4:.1f}" text-anchor="end">{tick:g}</text>']
+    parts += ["</g>", '<g class="ticks-right">']
+    for tick in loss_ticks:
+        parts.append(f'<text x="{right + 6}" y="{y_of(tick / loss_ticks[-1]) + 4:.1f}">{tick:g}</text>')
+    parts += ["</g>", '<g class="ticks-x">']
+    for epoch in epochs[::x_step]:
+        x = x_of(epoch)
+        parts += [f'<line x1="{x:.1f}" y1="{bottom}" x2="{x:.1f}" y2="{bottom + 5}" stroke="#444"/>',
+                  f'<text x="{x:.1f}" y="{bottom + 18}" text-anchor="middle">{epoch}</text>']
+    parts += ["</g>",
+              f'<rect class="plot-area" x="{left}" y="{top}" width="{right - left}" height="{bottom - top}" '
+              f'fill="none" stroke="#444"/>',
+              f'<text x="{(left + right) / 2}" y="{height - 12}" text-anchor="middle">epoch</text>',
+              f'<text transform="translate(18 {(top + bottom) / 2}) rotate(-90)" text-anchor="middle">val F1</text>',
+              f'<text transform="translate({width - 14} {(top + bottom) / 2}) rotate(90)" '
+              f'text-anchor="middle">loss</text>']
+    for name, color, _, values, scale in series:
+        points = [(x_of(e), y_of(v / scale)) for e, v in zip(epochs, values)]
+        parts.append(f'<g class="series" data-name="{name}">')
+        parts.append(f'<polyline fill="none" stroke="{color}" stroke-width="2" '
+                     f'points="{" ".join(f"{x:.1f},{y:.1f}" for x, y in points)}"/>')
+        parts += [f'<circle cx="{x:.1f}" cy="{y:.1f}" r="3.5" fill="{color}"><title>epoch {e}: {name} {v:.4f}'
+                  f'</title></circle>' for (x, y), e, v in zip(points, epochs, values)]
+        parts.append("</g>")
     parts.append("</svg>\n")
     return "\n".join(parts)
 
@@ -786,10 +897,17 @@ def save_model(run: Run, model_dir: Path) -> None:
     with --truncation head (it cannot keep a body's tail); bertcls.json records the length, token types and
     truncation for predict.py, which reproduces test-predictions.jsonl exactly.
     """
+    from transformers.utils import logging as transformers_logging
     tmp = model_dir.with_name(".model.tmp")
     if tmp.exists():  # left by an interrupted save: save_pretrained would mix old and new files
         shutil.rmtree(tmp)
-    run.raw_model.save_pretrained(tmp, safe_serialization=True)
+    bars = transformers_logging.is_progress_bar_enabled()
+    transformers_logging.disable_progress_bar()  # a "Writing model shards" bar of one shard says nothing
+    try:
+        run.raw_model.save_pretrained(tmp, safe_serialization=True)
+    finally:
+        if bars:
+            transformers_logging.enable_progress_bar()
     run.tokenizer.save_pretrained(tmp)
     config_path = tmp / "tokenizer_config.json"
     tokenizer_config = json.loads(config_path.read_text(encoding="utf-8")) if config_path.is_file() else {}
@@ -833,24 +951,20 @@ class Run:
         self.dtype = resolve_dtype(args.dtype, self.device)
         self.ctx = autocast_context(self.device, self.dtype)
         dataset_dir = Path(args.dataset_dir)
-        if not dataset_dir.is_dir():
-            raise UserError(f"dataset directory {dataset_dir} not found: run `python prepare.py` first "
-                            "(or pass --dataset_dir)")
-        if not (dataset_dir / "label2id.json").is_file():
-            raise UserError(f"{dataset_dir / 'label2id.json'} not found: run `python prepare.py` first")
-        self.label2id = load_label2id(dataset_dir)
+        self.label2id, self.rows = load_dataset(dataset_dir, log)
         self.id2label = {i: name for name, i in self.label2id.items()}
-        self.rows = {split: load_split(dataset_dir, split, self.label2id) for split in SPLITS}
         self.dataset_digest = file_digest([dataset_dir / "label2id.json"] +
                                           [dataset_dir / f"{s}.jsonl" for s in SPLITS])
         torch.manual_seed(args.seed)
         self.tokenizer = load_tokenizer(args.model_name, args.mecab_dic, args.trust_remote_code, log)
-        self.raw_model = load_model(args.model_name, self.label2id, args.trust_remote_code)
+        self.raw_model = load_model(args.model_name, self.label2id, args.trust_remote_code, log)
         if note := unknown_family_note(args.model_name, self.raw_model.config):
             log(note)
         self.params, self.params_non_embedding = count_parameters(self.raw_model)
         self.spec = InputSpec(effective_max_len(args.max_seq_len, self.tokenizer, self.raw_model.config, log),
                               uses_token_type_ids(self.raw_model.config), args.truncation)
+        check_room_for_text(self.spec.max_len, self.tokenizer,
+                            pair=any(example_text(r)[1] is not None for rows in self.rows.values() for r in rows))
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         self.buckets = compile_buckets(self.spec.max_len) if args.compile else None
         widest = padded_length(self.spec.max_len, buckets=self.buckets)
@@ -866,6 +980,9 @@ class Run:
         self.warmup_steps = round(steps[0] * args.num_warmup_epochs)
         self.effective_batch_size = (args.batch_size * args.grad_accum_steps * world_size if not args.max_batch_tokens
                                      else round(sum(map(len, all_train_batches(self, 1))) / steps[0], 1))  # a mean
+        warning = schedule_warning(self.total_steps, self.warmup_steps, len(train_batches(self, 1)), args)
+        if warning is not None:
+            log(warning)
 
     def tokenize_all(self) -> dict[str, dict[str, torch.Tensor]]:
         fingerprint = tokenizer_fingerprint(self.tokenizer) if self.args.cache_dir else ""
@@ -993,7 +1110,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     def stopped() -> str:
         run_dir = outcome.get("run_dir")
-        return f"{run_dir} keeps config.json and log.csv, no metrics" if run_dir else "no run directory was made"
+        if run_dir is None:
+            return "no run directory was made"
+        kept = [name for name in ("config.json", "log.csv") if (run_dir / name).is_file()]
+        return f"{run_dir} keeps {' and '.join(kept) or 'nothing'}, no metrics"
 
     try:
         return run_cli("bertcls.py", lambda: fine_tune(args, env, log, outcome), args.debug, stopped, OOM_ADVICE,

@@ -19,6 +19,7 @@ import datetime
 import json
 import math
 import os
+import re
 import secrets
 import signal
 import sys
@@ -28,6 +29,7 @@ from typing import Any, Callable, Iterator, NamedTuple
 import torch
 
 EXIT_ERROR, EXIT_SIGINT, EXIT_SIGTERM = 1, 130, 143
+SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")  # a JSON escape in U+D800..U+DFFF
 
 
 # ------------------------------------------------------------------------------------------- errors
@@ -140,14 +142,13 @@ def write_json(path: Path, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, ensure_ascii=False, indent=2) + "\n")
 
 
-def decode_utf8(data: bytes, where: str) -> str:
+def decode_utf8(data: bytes, where: str, advice: str = "convert the file to UTF-8") -> str:
     """Decode UTF-8 (a leading BOM is dropped); a bad byte is a UserError naming the line."""
     try:
         return data.decode("utf-8-sig")
     except UnicodeDecodeError as e:
         line = data.count(b"\n", 0, e.start) + 1
-        raise UserError(f"{where}:{line}: not UTF-8 (byte 0x{data[e.start]:02x}); "
-                        f"convert the file to UTF-8 or remove it") from None
+        raise UserError(f"{where}:{line}: not UTF-8 (byte 0x{data[e.start]:02x}); {advice}") from None
 
 
 def read_bytes(path: Path) -> bytes:
@@ -178,6 +179,13 @@ def parse_json_object(line: str) -> dict:
         raise ValueError(f"not valid JSON ({e.msg}); fix or remove that line") from None
     if not isinstance(row, dict):
         raise ValueError(f"expected a JSON object, got {type(row).__name__}")
+    # json accepts an escaped lone surrogate ("\ud800"), which is no text: tokenizers and UTF-8 writers fail on it
+    if SURROGATE_ESCAPE.search(line):
+        try:
+            json.dumps(row, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValueError("holds a lone surrogate escape such as \\ud800, which is not text; fix or remove "
+                             "that line") from None
     return row
 
 

@@ -25,11 +25,18 @@ A new family goes here: how its tokenizer is loaded, what its inputs are, what i
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import http.client
 import importlib.util
+import logging
 import pickle
+import ssl
 import tempfile
+import urllib.error
+import urllib.request
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
@@ -135,12 +142,77 @@ def xlm_roberta_tokenizer(model_name: str) -> Any:
         return XLMRobertaTokenizer.from_pretrained(tmp)
 
 
+@functools.lru_cache(maxsize=None)  # one probe per process, however many models a sweep checks
+def hub_unreachable(endpoint: str, timeout: float) -> str | None:
+    """Why the hub at `endpoint` cannot be reached, in one try within `timeout` seconds; None when it answers.
+
+    Any HTTP answer counts as reachable, and so does a TLS failure (huggingface_hub brings its own certificates):
+    only a connection that cannot be made or gets no answer is what huggingface_hub would retry for minutes.
+    """
+    try:
+        urllib.request.urlopen(urllib.request.Request(endpoint, method="HEAD"), timeout=timeout).close()
+    except urllib.error.HTTPError:
+        return None
+    except urllib.error.URLError as e:
+        if isinstance(e.reason, ssl.SSLError):
+            return None
+        return f"no answer in {timeout:g} s" if isinstance(e.reason, TimeoutError) else str(e.reason)
+    except TimeoutError:
+        return f"no answer in {timeout:g} s"
+    except (OSError, http.client.HTTPException) as e:
+        return first_line(e)
+    except ValueError:
+        return f"HF_ENDPOINT {endpoint!r} is not a URL"
+    return None
+
+
+def check_model_source(model_name: str) -> None:
+    """Fail in seconds when a model cannot be had, before transformers tries: a directory that is missing or has
+    no config.json, a hub model that HF_HUB_OFFLINE=1 forbids downloading and the cache lacks, a hub that does not
+    answer (huggingface_hub retries each file about 5 times, ~95 s per run), or a name the hub does not know."""
+    path = Path(model_name)
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise UserError(f"cannot load model {model_name!r}: the directory has no config.json; pass a directory "
+                            "written by save_pretrained (config.json, weights and tokenizer files) or a hub name")
+        return
+    if looks_like_path(model_name):
+        raise UserError(f"model directory {model_name} not found: pass an existing directory or a hub name "
+                        "such as cl-tohoku/bert-base-japanese-v3")
+    from huggingface_hub import constants, try_to_load_from_cache
+    from transformers.utils import cached_file
+    try:
+        cached = isinstance(try_to_load_from_cache(model_name, "config.json"), str)
+    except ValueError:  # not a valid hub name: cached_file below says why
+        cached = False
+    if constants.HF_HUB_OFFLINE and not cached:
+        raise UserError(f"cannot load model {model_name!r}: it is neither a local directory nor in the Hugging Face "
+                        "cache, and HF_HUB_OFFLINE=1 forbids downloading it: pass a local directory, or download it "
+                        "once with HF_HUB_OFFLINE unset")
+    if not constants.HF_HUB_OFFLINE:
+        problem = hub_unreachable(constants.ENDPOINT, constants.HF_HUB_ETAG_TIMEOUT)
+        if problem is not None:
+            in_cache = "it is in the cache" if cached else "it is not in the cache yet"
+            raise UserError(f"cannot load model {model_name!r}: the Hugging Face Hub at {constants.ENDPOINT} cannot "
+                            f"be reached ({problem}); check your network, or work offline with HF_HUB_OFFLINE=1 and "
+                            f"a cached model ({in_cache}) or a local directory")
+    try:
+        cached_file(model_name, "config.json")
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot load model {model_name!r}: {first_line(e)}") from None
+
+
+def missing_files_hint(model_name: str) -> str:
+    if Path(model_name).is_dir():
+        return ("the directory needs its tokenizer's files as tokenizer.save_pretrained writes them: "
+                "tokenizer_config.json with vocab.txt, tokenizer.json or sentencepiece.bpe.model")
+    return "check the name"
+
+
 def load_tokenizer(model_name: str, mecab_dic: str = "auto", trust_remote_code: bool = False,
                    log=print) -> Any:
     from transformers import AutoTokenizer
-    if looks_like_path(model_name) and not Path(model_name).is_dir():
-        raise UserError(f"model directory {model_name} not found: pass an existing directory or a hub name "
-                        "such as cl-tohoku/bert-base-japanese-v3")
+    check_model_source(model_name)
     try:
         tokenizer_config = read_tokenizer_config(model_name)
         kwargs = mecab_override(tokenizer_config, mecab_dic)
@@ -155,33 +227,87 @@ def load_tokenizer(model_name: str, mecab_dic: str = "auto", trust_remote_code: 
             log(f"note: {model_name}: transformers' MLukeTokenizer misnumbers its sentencepiece model; using "
                 "XLMRobertaTokenizer on the same model (LUKE's pre-training ids; bertcls passes no entities)")
             tokenizer = xlm_roberta_tokenizer(model_name)
-        return tokenizer
     except ImportError as e:  # a package none of the checks above knows
         raise UserError(f"cannot load the tokenizer of {model_name!r}: {first_line(e)} (install the package it "
                         "names)") from None
-    except (OSError, ValueError) as e:
-        raise UserError(f"cannot load the tokenizer of {model_name!r}: {first_line(e)} "
-                        "(check the name, your network or HF_HUB_OFFLINE, or pass a local directory)") from None
+    except (OSError, ValueError, TypeError) as e:  # TypeError: a BertJapaneseTokenizer without its vocab.txt
+        detail = "" if isinstance(e, TypeError) else f": {first_line(e)}"
+        raise UserError(f"cannot load the tokenizer of {model_name!r}{detail} ({missing_files_hint(model_name)})"
+                        ) from None
+    # transformers 5 builds an empty tokenizer when the vocabulary files are missing: every word would be [UNK]
+    if len(tokenizer) <= len(set(tokenizer.all_special_ids)):
+        raise UserError(f"the tokenizer of {model_name!r} has no vocabulary beyond its {len(tokenizer)} special "
+                        f"tokens: {missing_files_hint(model_name)}")
+    return tokenizer
 
 
-def load_model(model_name: str, label2id: dict[str, int], trust_remote_code: bool = False) -> torch.nn.Module:
+@contextlib.contextmanager
+def held_load_report() -> Iterator[None]:
+    """Hold back transformers' LOAD REPORT table, shown in red on every fine-tuning run because the new head is
+    "MISSING"; load_model says what it means in one line instead. The table is shown if loading fails."""
+    logger = logging.getLogger("transformers.modeling_utils")  # the logger the report is written to
+    held: list[logging.LogRecord] = []
+
+    def hold(record: logging.LogRecord) -> bool:
+        if "LOAD REPORT" in record.getMessage():
+            held.append(record)
+            return False
+        return True
+
+    logger.addFilter(hold)
+    try:
+        yield
+    except BaseException:
+        logger.removeFilter(hold)
+        for record in held:
+            logger.handle(record)
+        raise
+    finally:
+        logger.removeFilter(hold)
+
+
+def describe_new_weights(model: torch.nn.Module, info: dict, model_name: str) -> list[str]:
+    """One line for the new classification head (what fine-tuning means), a warning for body weights that the
+    checkpoint lacks and that start random too."""
+    new = set(info.get("missing_keys") or ()) | {k if isinstance(k, str) else k[0]
+                                                 for k in info.get("mismatched_keys") or ()}
+    body = sorted(k for k in new if k.startswith(f"{model.base_model_prefix}."))
+    head = sorted(new - set(body))
+    lines = []
+    if head:
+        lines.append(f"note: {model_name}: a new classification head for {model.config.num_labels} labels "
+                     f"({', '.join(head)}) starts from random weights; fine-tuning trains it with the model")
+    if body:
+        lines.append(f"warning: {model_name}: {len(body)} weights of the model itself are not in its checkpoint "
+                     f"and start random ({', '.join(body[:3])}{', ...' if len(body) > 3 else ''})")
+    return lines
+
+
+def load_model(model_name: str, label2id: dict[str, int], trust_remote_code: bool = False,
+               log=print) -> torch.nn.Module:
     from transformers import AutoModelForSequenceClassification
     id2label = {i: name for name, i in label2id.items()}
     kwargs = dict(num_labels=len(label2id), id2label=id2label, label2id=label2id,
-                  trust_remote_code=trust_remote_code, ignore_mismatched_sizes=True)
+                  trust_remote_code=trust_remote_code, ignore_mismatched_sizes=True, output_loading_info=True)
     try:
-        try:
-            return AutoModelForSequenceClassification.from_pretrained(model_name, attn_implementation="sdpa", **kwargs)
-        except ValueError as e:
-            if "sdpa" not in str(e).lower() and "attention" not in str(e).lower():
-                raise
-            return AutoModelForSequenceClassification.from_pretrained(model_name, **kwargs)
+        with held_load_report():
+            try:
+                model, info = AutoModelForSequenceClassification.from_pretrained(
+                    model_name, attn_implementation="sdpa", **kwargs)
+            except ValueError as e:
+                if "sdpa" not in str(e).lower() and "attention" not in str(e).lower():
+                    raise
+                model, info = AutoModelForSequenceClassification.from_pretrained(model_name, **kwargs)
     except pickle.UnpicklingError:  # transformers loads *.bin with torch.load(weights_only=True)
         raise UserError(f"refusing to load model {model_name!r}: its pickled weights hold objects other than "
                         "tensors, which could run code; use a checkpoint with model.safetensors") from None
     except (OSError, ValueError, KeyError) as e:
-        raise UserError(f"cannot load model {model_name!r}: {first_line(e)} "
-                        "(check the name, the directory's weights, your network or HF_HUB_OFFLINE)") from None
+        hint = ("the directory needs config.json and model.safetensors, as save_pretrained writes them"
+                if Path(model_name).is_dir() else "check the name")
+        raise UserError(f"cannot load model {model_name!r}: {first_line(e)} ({hint})") from None
+    for line in describe_new_weights(model, info, model_name):
+        log(line)
+    return model
 
 
 ROBERTA_STYLE_POSITIONS = ("roberta", "xlm-roberta", "xlm-roberta-xl", "camembert", "luke", "xmod",

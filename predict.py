@@ -2,7 +2,7 @@
 
     python predict.py --model_dir outputs/<model>/<date>/<time>/model --input datasets/livedoor/test.jsonl
     python predict.py --model_dir RUN_DIR/model --text "野球の日本代表が決勝に進出"
-    cat articles.jsonl | python predict.py --model_dir RUN_DIR/model --top_k 1 --output predictions.jsonl
+    cat articles.jsonl | python predict.py --model_dir RUN_DIR/model --top_k 1 --output outputs/predictions.jsonl
 
 Input: JSONL, one object per line with `text`, or `title` + `body` (read as a pair, as bertcls.py does);
 an `id` is copied to the output. Output: JSONL in input order,
@@ -23,9 +23,10 @@ from typing import Any, Sequence, TextIO
 
 import torch
 
-from bertcls import TRUNCATIONS, InputSpec, example_text, pack, padded_length, predict, tokenize_rows
+from bertcls import (TRUNCATIONS, InputSpec, check_room_for_text, example_text, pack, padded_length, predict,
+                     tokenize_rows)
 from common import (UserError, atomic_write_text, autocast_context, first_line, log, parse_json_object, pick_device,
-                    positive_int, resolve_dtype, run_cli)
+                    positive_int, read_json, resolve_dtype, run_cli)
 from families import load_tokenizer, position_limit, uses_token_type_ids
 
 DEFAULT_LABEL = re.compile(r"LABEL_\d+")  # the names transformers makes up for a config without labels
@@ -116,10 +117,7 @@ def read_saved_settings(model_dir: Path) -> dict | None:
     path = model_dir / "bertcls.json"
     if not path.is_file():
         return None
-    try:
-        settings = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        settings = None
+    settings = read_json(path, hint="re-save the model with bertcls.py --save_model")
     if (not isinstance(settings, dict) or isinstance(settings.get("max_seq_len"), bool)
             or not isinstance(settings.get("max_seq_len"), int) or settings["max_seq_len"] <= 0
             or not isinstance(settings.get("token_type_ids"), bool)
@@ -216,6 +214,7 @@ def classify(args: argparse.Namespace, rows: list[dict]) -> list[dict]:
     model = load_classifier(model_dir, args.trust_remote_code)
     tokenizer = load_tokenizer(str(model_dir), "auto", args.trust_remote_code, log)
     spec = input_settings(settings, args.max_seq_len, model, tokenizer)
+    check_room_for_text(spec.max_len, tokenizer, pair=any(example_text(r)[1] is not None for r in rows))
     device = pick_device(args.device)
     ctx = autocast_context(device, resolve_dtype(args.dtype, device))
     if args.max_batch_tokens is not None and args.max_batch_tokens < padded_length(spec.max_len):
@@ -231,6 +230,10 @@ def classify(args: argparse.Namespace, rows: list[dict]) -> list[dict]:
 
 def run_predict(args: argparse.Namespace) -> int:
     if args.text is not None:
+        try:
+            args.text.encode("utf-8")
+        except UnicodeEncodeError:  # bytes that are not UTF-8 reach argv as lone surrogates
+            raise UserError("--text is not valid UTF-8 text; pass UTF-8 (or the text as JSONL via --input)") from None
         rows = [{"text": args.text}]
     else:
         rows = parse_jsonl(*read_input(args.input, sys.stdin), args.skip_bad_lines)

@@ -99,7 +99,7 @@ def normalize_text(line: str) -> str:
 
 def parse_article(raw: bytes, where: str) -> dict:
     """Line 1 URL, line 2 date, line 3 title, lines 4+ body (empty lines dropped, joined with \\n)."""
-    text = decode_utf8(raw, where)
+    text = decode_utf8(raw, where, advice="convert it to UTF-8 or remove it")
     if not text.strip():
         raise UserError(f"{where}: the article is empty; remove it or re-download the corpus")
     # str.splitlines() as the tutorial did: one article (peachy-4490543) has a U+2028 that breaks a line
@@ -122,6 +122,15 @@ def article_path(name: str) -> str | None:
     if parts[0].startswith(".") or parts[1].startswith("."):
         return None
     return "/".join(parts)
+
+
+def check_name_is_utf8(name: str, where: str) -> None:
+    """Names are read with surrogateescape, so bytes that are not UTF-8 would only fail when the dataset is written."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        shown = name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+        raise UserError(f"{where}: the name '{shown}' is not UTF-8; rename it in UTF-8 (or remove it)") from None
 
 
 def check_member(member: tarfile.TarInfo, archive: Path) -> None:
@@ -172,6 +181,7 @@ def read_tarball(archive: Path) -> dict[str, bytes]:
                 path = article_path(member.name) if member.isfile() else None
                 if path is None:
                     continue
+                check_name_is_utf8(member.name, str(archive))
                 stream = tar.extractfile(member)
                 articles[path] = read_limited(stream, f"{archive}:{member.name}")
     except (tarfile.TarError, EOFError, zlib.error, OSError):
@@ -192,6 +202,7 @@ def read_directory(root: Path) -> dict[str, bytes]:
                 path = article_path(f"{folder.name}/{file.name}")
                 if path is None or not file.is_file():
                     continue
+                check_name_is_utf8(path, str(root))
                 if file.stat().st_size > MAX_ARTICLE_BYTES:
                     raise UserError(f"refusing {file}: over the {MAX_ARTICLE_BYTES // 2**20} MiB limit for an "
                                     f"article; remove it")
@@ -213,7 +224,8 @@ def corpus_digest(articles: dict[str, bytes]) -> str:
 
 def verify_corpus(articles: dict[str, bytes], source: Path) -> None:
     n_categories = len({path.split("/")[0] for path in articles})
-    hint = f"re-download it (delete {source}) or pass --no_verify to use another version"
+    original = "extract the original tarball again" if source.is_dir() else f"re-download it (delete {source})"
+    hint = f"{original} or pass --no_verify to use another version"
     if (n_categories, len(articles)) != (N_CATEGORIES, N_ARTICLES):
         raise UserError(f"{source} is not ldcc-20140209: {len(articles)} articles in {n_categories} categories, "
                         f"expected {N_ARTICLES} in {N_CATEGORIES}; {hint}")
@@ -479,9 +491,13 @@ def fetch(url: str, part: Path) -> None:
     print(f"\r{line}   " if tty else line, file=sys.stderr, flush=True)
 
 
+def download_target(url: str, download_dir: Path) -> Path:
+    return download_dir / (PurePosixPath(urllib.parse.urlparse(url).path).name or "corpus.tar.gz")
+
+
 def download(url: str, download_dir: Path) -> Path:
     """The tarball under download_dir: reused if there, else fetched via a .part file renamed when complete."""
-    target = download_dir / (PurePosixPath(urllib.parse.urlparse(url).path).name or "corpus.tar.gz")
+    target = download_target(url, download_dir)
     if target.is_file():
         print(f"using {target} (already downloaded)")
         return target
@@ -569,10 +585,19 @@ def prepare(args: argparse.Namespace) -> int:
     return 0
 
 
+def stopped_message(args: argparse.Namespace) -> str:
+    """What an interrupted prepare.py leaves: never a partial dataset, perhaps a partial download to resume."""
+    kept = "no dataset was written (one is swapped into place only when complete)"
+    target = download_target(args.url, Path(args.download_dir))
+    part = target.with_name(target.name + ".part")
+    if args.input is None and part.is_file():
+        kept += f"; the partial download {part} is kept, and running again resumes it"
+    return kept
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    return run_cli("prepare.py", lambda: prepare(args), args.debug,
-                   stopped=lambda: "nothing was written (a dataset is swapped into place only when complete)")
+    return run_cli("prepare.py", lambda: prepare(args), args.debug, stopped=lambda: stopped_message(args))
 
 
 if __name__ == "__main__":

@@ -64,6 +64,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, NamedTuple, Sequence
 
 import bertcls
+import families
 from common import UserError, atomic_write_text, first_line, log, positive_float, positive_int, run_cli, safe_name
 
 BERTCLS = Path(__file__).resolve().with_name("bertcls.py")
@@ -652,6 +653,38 @@ class LeaseKeeper:
                     self.log(f"sweep.py: warning: {problem}")
 
 
+# ------------------------------------------------------------------------------------ preflight
+
+
+def check_dataset(passed: dict[str, Any], lrs: Sequence[float], log: Callable[[str], None]) -> None:
+    """What every run would find out alone, said once: a dataset no run can use is an error, a schedule that
+    cannot reach the swept learning rates (e.g. --epochs 1 with the default 2 warmup epochs) a warning."""
+    _, rows = bertcls.load_dataset(Path(passed["dataset_dir"]), lambda line: log(f"sweep.py: {line}"))
+    if passed.get("max_batch_tokens") is not None:  # batches per epoch depend on the token lengths: runs warn
+        return
+    n_batches = math.ceil(len(rows["train"]) / passed["batch_size"])  # one process per run
+    steps_per_epoch = bertcls.optimizer_steps_per_epoch(n_batches, passed["grad_accum_steps"])
+    settings = argparse.Namespace(**{**passed, "lr": lrs[0]})
+    warning = bertcls.schedule_warning(steps_per_epoch * passed["epochs"],
+                                       round(steps_per_epoch * passed["num_warmup_epochs"]), n_batches, settings)
+    if warning is not None:
+        log(f"sweep.py: every run: {warning}")
+
+
+def unloadable_models(combos: Sequence[Combination], log: Callable[[str], None]) -> set[str]:
+    """Models that cannot be had (a missing directory, an unreachable hub, an unknown name), each checked and
+    reported once instead of failing once per lr and seed (an unreachable hub costs a run ~95 s)."""
+    bad = set()
+    for model in dict.fromkeys(c.model_name for c in combos):
+        try:
+            families.check_model_source(model)
+        except UserError as e:
+            n = sum(c.model_name == model for c in combos)
+            log(f"sweep.py: FAILED {model}: {e}; its {n} run{'s' if n > 1 else ''} skipped")
+            bad.add(model)
+    return bad
+
+
 # ------------------------------------------------------------------------------------- running
 
 
@@ -1023,9 +1056,14 @@ def sweep(args: argparse.Namespace, log: Callable[[str], None]) -> int:
         todo = [c for c in combos if newest_match(runs, c.wanted, defaults) is None]
         log(f"sweep.py: {len(combos)} combinations, {len(combos) - len(todo)} already finished, {len(todo)} to run "
             f"(logs in {output_dir / 'sweep-logs'})")
+        if todo:
+            check_dataset(passed, args.lrs or DEFAULT_LRS, log)
+        bad_models = unloadable_models(todo, log)
+        skipped = [c for c in todo if c.model_name in bad_models]
         writable_dir(output_dir)
         runner = Sweep(output_dir, args.devices, defaults, log, args.lease_timeout)
-        runner.run(todo)
+        runner.failed = len(skipped)
+        runner.run([c for c in todo if c.model_name not in bad_models])
         failed = runner.failed
         runs, problems = scan_runs(output_dir)
         for problem in problems:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import math
@@ -110,6 +111,106 @@ def test_collate_pads_to_multiple_of_eight_and_masks():
     assert batch["input_ids"][1, :4].tolist() == [5, 6, 7, 0]
     assert batch["token_type_ids"][1, :3].tolist() == [0, 0, 1]
     assert batch["labels"].tolist() == [2, 4]
+
+
+def test_schedule_warning_gives_the_peak_lr_reached():
+    args = bertcls.parse_args(["--epochs", "1", "--lr", "3e-5"])  # the default 2 warmup epochs
+    # 3 batches an epoch: 3 optimizer steps, warmup round(3 x 2) = 6, so the lr stops at 3/6 of --lr
+    warning = bertcls.schedule_warning(3, 6, 3, args)
+    assert warning == ("warning: the warmup (6 optimizer steps, --num_warmup_epochs 2) is longer than the run "
+                       "(3 steps, --epochs 1), so the learning rate peaks at 1.5e-05, 50% of --lr 3e-05 (lower "
+                       "--num_warmup_epochs, e.g. to 0.1)")
+    assert bertcls.schedule_warning(9, 3, 3, bertcls.parse_args(["--epochs", "3", "--num_warmup_epochs", "1"])) is None
+    assert bertcls.schedule_warning(3, 3, 3, args) is None  # the peak is reached, on the last step
+    # 8 micro-batches asked, 3 there: one step of 3 per epoch; with 0.5 warmup epochs the peak is still reached
+    accumulating = bertcls.parse_args(["--grad_accum_steps", "8", "--epochs", "4", "--num_warmup_epochs", "0.5"])
+    assert bertcls.schedule_warning(4, 0, 3, accumulating) == (
+        "warning: --grad_accum_steps 8 is more than the 3 batches of an epoch, so each optimizer step accumulates "
+        "only 3 (use at most 3)")
+    # both at once: 1 step per epoch x 1 epoch, warmup 1 x 2 = 2 steps
+    both = bertcls.schedule_warning(1, 2, 3, bertcls.parse_args(["--grad_accum_steps", "8", "--epochs", "1"]))
+    assert "--grad_accum_steps 8" in both and "peaks at 1.5e-05, 50% of --lr" in both
+
+
+def test_check_labels_refuses_one_label_and_names_labels_train_never_shows():
+    id2label = {0: "movie", 1: "sports", 2: "tech"}
+    rows = {"train": [{"label": 0}, {"label": 0}], "val": [{"label": 1}], "test": [{"label": 0}]}
+    with pytest.raises(common.UserError, match=r"train.jsonl: every example has the label 'movie': a classifier "
+                                               r"needs examples of at least 2 labels"):
+        bertcls.check_labels(rows, id2label, Path("d"))
+    rows["train"].append({"label": 1})
+    assert bertcls.check_labels(rows, id2label, Path("d")) is None
+    rows["val"] += [{"label": 2}, {"label": 2}]
+    rows["test"].append({"label": 2})
+    assert bertcls.check_labels(rows, id2label, Path("d")) == \
+        "warning: labels that train never shows, so the model cannot learn them: 'tech' (2 in val, 1 in test)"
+
+
+@pytest.mark.parametrize("pair, special", [(False, 2), (True, 3)])
+def test_check_room_for_text_counts_the_special_tokens(tiny_bert, pair, special):
+    tokenizer = families.load_tokenizer(str(tiny_bert))
+    with pytest.raises(common.UserError, match=f"a length of {special} tokens leaves no room for text: the tokenizer "
+                                               f"adds {special} special tokens"):
+        bertcls.check_room_for_text(special, tokenizer, pair)
+    bertcls.check_room_for_text(special + 1, tokenizer, pair)
+
+
+def test_nonfinite_advice_suggests_only_other_settings():
+    assert bertcls.nonfinite_advice(torch.float32, 1.0) == "lower --lr, or check the data"
+    assert bertcls.nonfinite_advice(torch.float32, 0.0) == \
+        "lower --lr, clip gradients (--max_grad_norm 1), or check the data"
+    assert "--dtype fp32" in bertcls.nonfinite_advice(torch.bfloat16, 1.0)
+    assert "--dtype bf16 (where supported) or fp32" in bertcls.nonfinite_advice(torch.float16, 1.0)
+
+
+@pytest.mark.parametrize("content, message", [
+    ('{"movie": "0", "sports": 1}', "the id of 'movie' is \"0\", not an integer"),
+    ('{"movie": 0, "sports": null}', "the id of 'sports' is null, not an integer"),
+    ('{"movie": 0, "sports": true}', "the id of 'sports' is true, not an integer"),
+    (b'{"movie": 0, "sp\xffrts": 1}', "label2id.json:1: not UTF-8 (byte 0xff)"),
+])
+def test_label2id_with_bad_ids_or_bytes_is_one_line(tmp_path, content, message):
+    path = tmp_path / "label2id.json"
+    path.write_bytes(content if isinstance(content, bytes) else content.encode("utf-8"))
+    with pytest.raises(common.UserError, match=re.escape(message)):
+        bertcls.load_label2id(tmp_path)
+
+
+def test_label2id_with_a_bom_is_read_like_the_jsonl_files(tmp_path):
+    (tmp_path / "label2id.json").write_bytes(b"\xef\xbb\xbf" + json.dumps({"a": 0, "b": 1}).encode())
+    assert bertcls.load_label2id(tmp_path) == {"a": 0, "b": 1}
+
+
+def svg_series(root: ET.Element) -> dict[str, list[tuple[float, float]]]:
+    ns = "{http://www.w3.org/2000/svg}"
+    return {g.get("data-name"): [(float(c.get("cx")), float(c.get("cy"))) for c in g.iter(f"{ns}circle")]
+            for g in root.iter(f"{ns}g") if g.get("class") == "series"}
+
+
+@pytest.mark.parametrize("n_epochs", [1, 2, 20])
+def test_learning_curve_draws_every_epoch_with_ticks_and_a_legend_clear_of_the_data(n_epochs):
+    rows = [{"epoch": e, "train_loss": 1.2 / e, "val_loss": 1.0 / e + 0.1, "val_f1": 1 - 0.5 / e}
+            for e in range(1, n_epochs + 1)]
+    root = ET.fromstring(bertcls.learning_curve_svg(rows))
+    ns = "{http://www.w3.org/2000/svg}"
+    groups = {g.get("class"): g for g in root.iter(f"{ns}g") if g.get("class") != "series"}
+    [box] = [r for r in root.iter(f"{ns}rect") if r.get("class") == "plot-area"]
+    left, top = float(box.get("x")), float(box.get("y"))
+    right, bottom = left + float(box.get("width")), top + float(box.get("height"))
+    series = svg_series(root)
+    assert set(series) == {"val F1", "train loss", "val loss"}
+    for name, points in series.items():  # a marker per epoch, so one epoch is still drawn; all inside the box
+        assert len(points) == n_epochs, name
+        assert all(left <= x <= right and top <= y <= bottom for x, y in points), name
+    assert [x for x, _ in series["val F1"]] == sorted({x for x, _ in series["val F1"]})  # one x per epoch
+    # the highest loss (train loss of epoch 1, 1.2) sits below the top of the loss axis, at 1.2 / 1.25 of it
+    assert series["train loss"][0][1] == pytest.approx(bottom - 1.2 / 1.25 * (bottom - top), abs=0.1)
+    assert [t.text for t in groups["ticks-left"].iter(f"{ns}text")] == ["0", "0.2", "0.4", "0.6", "0.8", "1"]
+    assert [t.text for t in groups["ticks-right"].iter(f"{ns}text")] == ["0", "0.25", "0.5", "0.75", "1", "1.25"]
+    x_ticks = [int(t.text) for t in groups["ticks-x"].iter(f"{ns}text")]
+    assert x_ticks[0] == 1 and 1 <= len(x_ticks) <= 10
+    legend_ys = [float(e.get(k)) for e in groups["legend"] for k in ("y", "cy", "y1") if e.get(k) is not None]
+    assert len(legend_ys) == 9 and max(legend_ys) < top  # above the plot area: no line runs through it
 
 
 # -------------------------------------------------------------------------------------- end to end
@@ -266,12 +367,14 @@ def test_impossible_flag_values_are_rejected_by_argparse(flag, value, capsys):
 
 
 def test_nan_loss_stops_with_epoch_and_step(tiny_bert, tiny_dataset, tmp_path, capsys):
-    args = train_args(tiny_bert, tiny_dataset, tmp_path / "out", "--max_grad_norm", "0", "--log_interval", "1")
+    args = train_args(tiny_bert, tiny_dataset, tmp_path / "out", "--max_grad_norm", "0", "--log_interval", "1",
+                      "--dtype", "fp32")
     args[args.index("--lr") + 1] = "1e30"
     code, err = run_main(args, capsys)
     assert code == 1
     line = error_line(err)
     assert "NaN/inf" in line and "epoch 1" in line and "step" in line
+    assert "--dtype" not in line and "--max_grad_norm 1" in line  # what differs from this fp32, unclipped run
     assert_no_metrics(tmp_path)
 
 
@@ -326,3 +429,90 @@ def test_debug_shows_the_traceback(tiny_bert, tmp_path, monkeypatch):
     monkeypatch.setenv("BERTCLS_DEBUG", "1")
     with pytest.raises(common.UserError, match="prepare.py"):
         bertcls.main(train_args(tiny_bert, tmp_path / "nowhere", tmp_path / "out"))
+
+
+def test_warmup_longer_than_the_run_is_one_warning_line(tiny_bert, tiny_dataset, tmp_path, capsys):
+    args = train_args(tiny_bert, tiny_dataset, tmp_path / "out", "--epochs", "1", "--num_warmup_epochs", "2")
+    code, err = run_main(args, capsys)
+    assert code == 0, err
+    [warning] = [line for line in err.splitlines() if "warning" in line]
+    # 80 examples in batches of 8: 10 steps; warmup 20 steps, so the lr peaks at 10/20 of --lr 3e-3
+    assert warning.startswith("warning: the warmup (20 optimizer steps") and "peaks at 0.0015, 50% of --lr" in warning
+
+
+def test_single_label_train_is_refused(tiny_bert, dataset_copy, tmp_path, capsys):
+    rows = [json.loads(line) for line in (dataset_copy / "train.jsonl").read_text(encoding="utf-8").splitlines()]
+    (dataset_copy / "train.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows
+                                                      if r["category"] == "sports"), encoding="utf-8")
+    code, err = run_main(train_args(tiny_bert, dataset_copy, tmp_path / "out"), capsys)
+    assert code == 1
+    assert "every example has the label 'sports': a classifier needs examples of at least 2 labels" in error_line(err)
+    assert_no_metrics(tmp_path)
+
+
+def test_max_seq_len_without_room_for_text_is_refused(tiny_bert, tiny_dataset, tmp_path, capsys):
+    args = train_args(tiny_bert, tiny_dataset, tmp_path / "out")
+    args[args.index("--max_seq_len") + 1] = "3"  # [CLS] title [SEP] body [SEP]: 3 special tokens
+    code, err = run_main(args, capsys)
+    assert code == 1
+    assert "a length of 3 tokens leaves no room for text" in error_line(err) and "--max_seq_len" in error_line(err)
+    assert_no_metrics(tmp_path)
+
+
+def test_interrupt_before_an_epoch_ends_names_only_what_is_kept(tiny_bert, tiny_dataset, tmp_path, capsys,
+                                                                monkeypatch):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(bertcls, "train_epoch", interrupted)
+    code, err = run_main(train_args(tiny_bert, tiny_dataset, tmp_path / "out"), capsys)
+    assert code == 130
+    [run_dir] = [p.parent for p in (tmp_path / "out").rglob("config.json")]
+    assert error_line(err) == f"bertcls.py: interrupted; {run_dir} keeps config.json, no metrics"
+
+
+@pytest.mark.parametrize("removed, message", [
+    (("vocab.txt",), "(the directory needs its tokenizer's files as tokenizer.save_pretrained writes them: "
+                     "tokenizer_config.json with vocab.txt, tokenizer.json or sentencepiece.bpe.model)"),
+    (("vocab.txt", "tokenizer_config.json"), "has no vocabulary beyond its 5 special tokens: the directory needs "
+                                             "its tokenizer's files"),
+    (("config.json",), "the directory has no config.json"),
+])
+def test_model_directory_with_missing_files_says_what_is_missing(tiny_bert, tiny_dataset, tmp_path, capsys,
+                                                                 removed, message):
+    model_dir = Path(shutil.copytree(tiny_bert, tmp_path / "model"))
+    for name in removed:
+        (model_dir / name).unlink()
+    code, err = run_main(train_args(model_dir, tiny_dataset, tmp_path / "out"), capsys)
+    assert code == 1
+    assert message in error_line(err) and "pass a local directory" not in error_line(err)
+    assert_no_metrics(tmp_path)
+
+
+def test_unreachable_hub_fails_at_once_without_retries(tiny_dataset, tmp_path):
+    import socket
+    silent = socket.socket()  # accepts connections (the kernel does) and never answers them
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(16)
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
+    env |= {"HF_ENDPOINT": f"http://127.0.0.1:{silent.getsockname()[1]}", "HF_HUB_ETAG_TIMEOUT": "1",
+            "HF_HOME": str(tmp_path / "hf-home")}
+    try:
+        result = subprocess.run([sys.executable, str(REPO / "bertcls.py"),
+                                 *train_args("some-org/some-model", tiny_dataset, tmp_path / "out")],
+                                env=env, capture_output=True, text=True, timeout=120)  # huggingface_hub: minutes
+        silent.setblocking(False)
+        attempts = 0
+        with contextlib.suppress(BlockingIOError):
+            while True:
+                silent.accept()[0].close()
+                attempts += 1
+    finally:
+        silent.close()
+    assert result.returncode == 1
+    assert error_line(result.stderr) == (
+        f"bertcls.py: error: cannot load model 'some-org/some-model': the Hugging Face Hub at {env['HF_ENDPOINT']} "
+        "cannot be reached (no answer in 1 s); check your network, or work offline with HF_HUB_OFFLINE=1 and a "
+        "cached model (it is not in the cache yet) or a local directory")
+    assert attempts == 1  # one probe, no retries
+    assert_no_metrics(tmp_path)

@@ -25,3 +25,13 @@ def test_atomic_write_text_replaces_whole_file(tmp_path):
     common.atomic_write_text(target, "新しい\n")
     assert target.read_text(encoding="utf-8") == "新しい\n"
     assert [p.name for p in tmp_path.iterdir()] == ["f.json"]
+
+
+def test_lone_surrogate_escape_is_refused_with_file_and_line(tmp_path):
+    path = tmp_path / "d.jsonl"
+    # a valid pair (an emoji) is text; a lone half of one is not, though json.loads accepts it
+    path.write_text('{"a": "\\ud83d\\ude00"}\n{"a": "x\\ud800"}\n', encoding="utf-8")
+    with pytest.raises(common.UserError, match=r"d\.jsonl:2: holds a lone surrogate escape"):
+        common.read_jsonl(path)
+    path.write_text('{"a": "\\ud83d\\ude00", "b": "\\\\ud800"}\n', encoding="utf-8")  # an escaped backslash
+    assert common.read_jsonl(path) == [{"a": "\U0001f600", "b": "\\ud800"}]

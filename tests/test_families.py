@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+from pathlib import Path
 
 import fugashi
 import ipadic
@@ -223,6 +224,59 @@ def test_family_trains_and_evaluates(family_models, tiny_dataset, tmp_path, caps
     err = capsys.readouterr().err
     assert ("capped at 64 by the model's position embeddings" in err) is (family == "luke")
     assert ("MeCab dictionary ipadic" in err) is (family in ("v1", "char_v1"))
+    assert "a new classification head for 3 labels (classifier." in err
+    assert "not in its checkpoint" not in err  # every weight of the model itself was loaded
+
+
+# ------------------------------------------------------------------------------------- loading report
+
+
+@pytest.fixture
+def transformers_warnings():
+    """transformers' warnings shown, as for a user (the tests run with TRANSFORMERS_VERBOSITY=error)."""
+    from transformers.utils import logging as transformers_logging
+    level = transformers_logging.get_verbosity()
+    transformers_logging.set_verbosity_warning()
+    yield
+    transformers_logging.set_verbosity(level)
+
+
+def test_new_head_is_one_note_and_the_load_report_is_held_back(tiny_bert, transformers_warnings):
+    import logging
+
+    class Recorder(logging.Handler):
+        def __init__(self):
+            super().__init__()
+            self.messages = []
+
+        def emit(self, record):
+            self.messages.append(record.getMessage())
+
+    recorder, notes = Recorder(), []
+    logging.getLogger("transformers").addHandler(recorder)  # what transformers' own handler would print
+    try:
+        families.load_model(str(tiny_bert), {"movie": 0, "sports": 1, "tech": 2}, log=notes.append)
+        logging.getLogger("transformers.modeling_utils").warning("a real warning after loading")
+    finally:
+        logging.getLogger("transformers").removeHandler(recorder)
+    assert notes == [f"note: {tiny_bert}: a new classification head for 3 labels (classifier.bias, "
+                     "classifier.weight) starts from random weights; fine-tuning trains it with the model"]
+    # only the report was held back, and only while loading
+    assert recorder.messages == ["a real warning after loading"]
+
+
+def test_weights_missing_from_the_model_itself_are_still_a_warning(tiny_bert, tmp_path, transformers_warnings):
+    import shutil
+    from safetensors.torch import load_file, save_file
+    model_dir = Path(shutil.copytree(tiny_bert, tmp_path / "no-pooler"))
+    weights = load_file(model_dir / "model.safetensors")
+    save_file({k: v for k, v in weights.items() if "pooler" not in k}, model_dir / "model.safetensors",
+              metadata={"format": "pt"})
+    notes = []
+    families.load_model(str(model_dir), {"a": 0, "b": 1}, log=notes.append)
+    assert len(notes) == 2 and notes[0].startswith(f"note: {model_dir}: a new classification head for 2 labels")
+    assert notes[1] == (f"warning: {model_dir}: 2 weights of the model itself are not in its checkpoint and start "
+                        "random (bert.pooler.dense.bias, bert.pooler.dense.weight)")
 
 
 def test_luke_cap_matters(family_models, tiny_rows):
@@ -236,7 +290,8 @@ def test_luke_cap_matters(family_models, tiny_rows):
 
 
 @pytest.mark.parametrize("name, message", [
-    ("nobody/no-such-model", "bertcls.py: error: cannot load the tokenizer of 'nobody/no-such-model': "),
+    ("nobody/no-such-model", "bertcls.py: error: cannot load model 'nobody/no-such-model': it is neither a local "
+                             "directory nor in the Hugging Face cache, and HF_HUB_OFFLINE=1 forbids downloading it"),
     ("./no/such/model", "bertcls.py: error: model directory ./no/such/model not found: "),
 ])
 def test_unknown_model_is_a_one_line_error(tiny_dataset, tmp_path, capsys, name, message):

@@ -288,3 +288,45 @@ def test_saved_settings_without_truncation_mean_head_and_a_bad_one_is_refused(ru
     rc, stdout, err = run_predict(capsys, "--model_dir", str(model_dir), "--text", "野球")
     assert rc == 1 and stdout == []
     assert "a truncation of head or head_tail; re-save the model with bertcls.py --save_model" in error_line(err)
+
+
+def test_save_model_shows_no_shard_progress_bar(run_dir, tmp_path, capfd):
+    from transformers import AutoModelForSequenceClassification
+    from transformers.utils import logging as transformers_logging
+    model = AutoModelForSequenceClassification.from_pretrained(run_dir / "model", use_safetensors=True)
+    run = SimpleNamespace(raw_model=model, tokenizer=families.load_tokenizer(str(run_dir / "model")),
+                          spec=bertcls.InputSpec(32, True), args=SimpleNamespace(model_name="base"))
+    capfd.readouterr()
+    assert transformers_logging.is_progress_bar_enabled()
+    bertcls.save_model(run, tmp_path / "model")
+    assert "Writing model shards" not in capfd.readouterr().err
+    assert transformers_logging.is_progress_bar_enabled()  # back on for what follows (downloads)
+
+
+@pytest.mark.parametrize("content, message", [
+    (b'{"max_seq_len": 64, "token_type_ids": tr\xffue}', "bertcls.json:1: not UTF-8 (byte 0xff)"),
+    (b'{"max_seq_len": 64, "token_type_ids": "yes"}', "bertcls.json: expected a JSON object with a positive"),
+])
+def test_bad_bertcls_json_is_one_line(run_dir, tmp_path, capsys, content, message):
+    model_dir = copy_model(run_dir, tmp_path)
+    (model_dir / "bertcls.json").write_bytes(content)
+    rc, stdout, err = run_predict(capsys, "--model_dir", str(model_dir), "--text", "野球")
+    assert rc == 1 and stdout == []
+    assert message in error_line(err)
+
+
+def test_bertcls_json_with_a_bom_is_read(run_dir, tmp_path, capsys):
+    model_dir = copy_model(run_dir, tmp_path)
+    (model_dir / "bertcls.json").write_bytes(b"\xef\xbb\xbf" + (run_dir / "model" / "bertcls.json").read_bytes())
+    rc, stdout, err = run_predict(capsys, "--model_dir", str(model_dir), "--text", "野球")
+    assert rc == 0 and len(stdout) == 1, err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--text", "野球", "--max_seq_len", "2"], "a length of 2 tokens leaves no room for text: the tokenizer adds 2"),
+    (["--text", "野球\udcff"], "--text is not valid UTF-8"),  # how non-UTF-8 bytes on the command line arrive
+])
+def test_inputs_that_cannot_be_classified_are_one_line(run_dir, capsys, argv, message):
+    rc, stdout, err = run_predict(capsys, "--model_dir", str(run_dir / "model"), *argv)
+    assert rc == 1 and stdout == []
+    assert message in error_line(err)

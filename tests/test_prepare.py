@@ -119,9 +119,24 @@ def test_split_depends_on_seed_and_key_order_only():
     assert keys == [f"cat/{i}.txt" for i in range(100)], "split must not shuffle its input in place"
 
 
+def require_real_corpus(path: Path) -> Path:
+    """The real corpus is shared data beside the checkout (CC BY-ND: never in the repository); without it the checks
+    against it cannot run, and the skip says so."""
+    if not path.exists():
+        pytest.skip(f"needs the real livedoor corpus: {path} is not there (shared data beside the checkout, never in "
+                    "the repository); put ldcc-20140209.tar.gz and its MANIFEST.sha256 there to check prepare.py "
+                    "against it")
+    return path
+
+
+def test_real_corpus_skips_say_why(tmp_path):
+    with pytest.raises(pytest.skip.Exception, match="needs the real livedoor corpus: .* is not there"):
+        require_real_corpus(tmp_path / "ldcc-20140209.tar.gz")
+    assert require_real_corpus(tmp_path) == tmp_path
+
+
 def test_digest_constant_matches_manifest():
-    if not REAL_MANIFEST.exists():
-        pytest.skip(f"{REAL_MANIFEST} not present")
+    require_real_corpus(REAL_MANIFEST)
     lines = []
     for entry in REAL_MANIFEST.read_text(encoding="utf-8").splitlines():
         digest, path = entry.split("  ", 1)
@@ -308,6 +323,18 @@ def test_bad_article_in_tarball(tmp_path, capsys):
     one_line_error(capsys, rc, "beta-life-9.txt:1: not UTF-8")
 
 
+@pytest.mark.parametrize("layout", ["tarball", "directory"])
+def test_article_name_that_is_not_utf8(tmp_path, capsys, layout):
+    # tar and the file system hand over such bytes as lone surrogates, which no UTF-8 file can hold
+    files = corpus_files()
+    files["text/beta-life/beta-life-\udcff9.txt"] = files["text/beta-life/beta-life-1000.txt"]
+    source = (write_tarball(tmp_path / "a.tar.gz", files) if layout == "tarball"
+              else write_tree(tmp_path / "extracted", files))
+    rc = prepare.main(["--input", str(source), "--output_dir", str(tmp_path / "out"), "--no_verify"])
+    one_line_error(capsys, rc, "beta-life/beta-life-\\xff9.txt' is not UTF-8; rename it")
+    assert not (tmp_path / "out").exists()
+
+
 def test_output_path_is_a_file(tmp_path, corpus_tarball, capsys):
     out = tmp_path / "out"
     out.write_text("precious")
@@ -425,6 +452,8 @@ def test_tiny_own_data_warns_of_empty_split(tmp_path, capsys):
     (['{"text": "a", "label": "x"}', '{"text": "b"}'], [], "d.jsonl:2: no field 'label'"),
     (['{"body": "a", "label": "x"}'], [], "no field 'text' (fields there: body, label)"),
     (['{"text": "a", "label": "x"}', '{"text": "b", "label": "y"'], [], "d.jsonl:2: not valid JSON"),
+    (['{"text": "a", "label": "x"}', '{"text": "b\\ud800", "label": "y"}'], [],
+     "d.jsonl:2: holds a lone surrogate escape such as \\ud800, which is not text"),
     (['[1, 2]'], [], "d.jsonl:1: expected a JSON object"),
     (['{"text": ["a"], "label": "x"}'], [], "expected text"),
     (['{"text": "a", "label": ""}'], [], "empty label"),
@@ -518,6 +547,23 @@ def download_args(server, tmp_path, out="out"):
             "--no_verify"]
 
 
+def test_interrupted_prepare_says_what_it_leaves(tmp_path, monkeypatch, capsys):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(prepare, "load", interrupted)
+    argv = ["--url", "http://127.0.0.1:9/ldcc-20140209.tar.gz", "--download_dir", str(tmp_path / "data"),
+            "--output_dir", str(tmp_path / "out")]
+    assert prepare.main(argv) == 130
+    assert capsys.readouterr().err == ("prepare.py: interrupted; no dataset was written (one is swapped into place "
+                                       "only when complete)\n")
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "ldcc-20140209.tar.gz.part").write_bytes(b"half")
+    assert prepare.main(argv) == 130
+    assert capsys.readouterr().err.endswith(f"; the partial download {tmp_path / 'data/ldcc-20140209.tar.gz.part'} "
+                                            "is kept, and running again resumes it\n")
+
+
 def test_download_then_reuse(tmp_path, server, capsys):
     assert prepare.main(download_args(server, tmp_path)) == 0
     target = tmp_path / "data/ldcc-20140209.tar.gz"
@@ -572,9 +618,7 @@ def test_download_http_error_is_not_retried(tmp_path, server, capsys):
 
 @pytest.fixture(scope="module")
 def real_tarball() -> Path:
-    if not REAL_TARBALL.exists():
-        pytest.skip(f"{REAL_TARBALL} not present")
-    return REAL_TARBALL
+    return require_real_corpus(REAL_TARBALL)
 
 
 def test_real_corpus(tmp_path, real_tarball, capsys):

@@ -151,9 +151,9 @@ def test_killed_run_is_run_again_and_an_unknown_model_fails_alone(swept, tmp_pat
     argv = sweep_argv(out, flags, [UNKNOWN_MODEL, str(tiny_bert)], lrs=["1e-3"], seeds=["1"])
     assert sweep.main(argv) == 1
     stdout, stderr = capsys.readouterr()
-    [log] = (out / "sweep-logs").glob("no-such-org__no-such-model__*.log")
-    assert f"FAILED {UNKNOWN_MODEL} lr 0.001 seed 1 (exit 1)" in stderr and f"log: {log}" in stderr
-    assert "cannot load" in log.read_text()
+    assert f"sweep.py: FAILED {UNKNOWN_MODEL}: cannot load model '{UNKNOWN_MODEL}': " in stderr
+    assert "its 1 run skipped" in stderr and "1 failed" in stderr
+    assert not list((out / "sweep-logs").glob("no-such-org__no-such-model__*.log"))  # never launched
     assert "taking over stale lock" in stderr
     [rerun] = set(finished_runs(out)) - {d for d in before if (d / "test-metrics.json").exists()}
     assert len(finished_runs(out)) == 4 and rerun not in (victim, killed)
@@ -403,3 +403,54 @@ def test_tables_keep_truncations_apart(hand_made, capsys):
     # --long_context adds its models to those named
     assert sweep.main(["--no_run", "--output_dir", str(hand_made), "--model_names", "org/b", "--long_context"]) == 0
     assert sorted({r["model_name"] for r in csv_rows(capsys.readouterr().out)}) == ["org/b", long_model]
+
+
+def test_unloadable_models_are_reported_once_and_their_runs_skipped(tmp_path, tiny_dataset):
+    import socket
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))
+    endpoint = f"http://127.0.0.1:{closed.getsockname()[1]}"
+    closed.close()  # nothing listens there: the hub is unreachable
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
+    env |= {"HF_ENDPOINT": endpoint, "HF_HOME": str(tmp_path / "hf-home")}
+    out = tmp_path / "outputs"
+    argv = sweep_argv(out, ["--dataset_dir", str(tiny_dataset), "--epochs", "3"],
+                      ["some-org/model-a", str(tmp_path / "missing-model"), "some-org/model-a"], seeds=["1", "2"])
+    result = subprocess.run([sys.executable, str(REPO / "sweep.py"), *argv], env=env, capture_output=True, text=True,
+                            timeout=120)  # 4 runs of each hub model would wait ~95 s each for huggingface_hub
+    assert result.returncode == 1 and result.stdout == ",".join(sweep.RUN_COLUMNS) + "\n"
+    failed = [line for line in result.stderr.splitlines() if "FAILED" in line]
+    assert failed == [
+        f"sweep.py: FAILED some-org/model-a: cannot load model 'some-org/model-a': the Hugging Face Hub at {endpoint} "
+        "cannot be reached ([Errno 111] Connection refused); check your network, or work offline with "
+        "HF_HUB_OFFLINE=1 and a cached model (it is not in the cache yet) or a local directory; its 4 runs skipped",
+        f"sweep.py: FAILED {tmp_path / 'missing-model'}: model directory {tmp_path / 'missing-model'} not found: pass "
+        "an existing directory or a hub name such as cl-tohoku/bert-base-japanese-v3; its 4 runs skipped"]
+    assert "0 runs done, 8 failed" in result.stderr and not (out / "sweep-logs").exists()
+
+
+def test_the_dataset_and_the_schedule_are_checked_once_before_any_run(tmp_path, tiny_bert, tiny_dataset,
+                                                                       monkeypatch, capsys):
+    launched = []
+    monkeypatch.setattr(sweep.Sweep, "run", lambda self, combos: launched.extend(combos))
+    flags = ["--dataset_dir", str(tiny_dataset), "--epochs", "1", "--batch_size", "8"]
+    assert sweep.main(sweep_argv(tmp_path / "out", flags, [str(tiny_bert)])) == 0
+    warnings = [line for line in capsys.readouterr().err.splitlines() if "warning" in line]
+    # 80 examples in batches of 8: 10 steps, the default 2 warmup epochs 20: the lr peaks at half of each --lrs
+    assert warnings == ["sweep.py: every run: warning: the warmup (20 optimizer steps, --num_warmup_epochs 2) is "
+                        "longer than the run (10 steps, --epochs 1), so the learning rate peaks at 0.0005, 50% of "
+                        "--lr 0.001 (lower --num_warmup_epochs, e.g. to 0.1)"]
+    assert len(launched) == 4
+    one_label = shutil.copytree(tiny_dataset, tmp_path / "one-label")
+    (one_label / "label2id.json").write_text(json.dumps({"only": 0}), encoding="utf-8")
+    for split in ("train", "val", "test"):
+        rows = [json.loads(line) for line in (one_label / f"{split}.jsonl").read_text(encoding="utf-8").splitlines()]
+        (one_label / f"{split}.jsonl").write_text("".join(json.dumps({**r, "label": 0}) + "\n" for r in rows),
+                                                  encoding="utf-8")
+    launched.clear()
+    flags[1] = str(one_label)
+    assert sweep.main(sweep_argv(tmp_path / "out", flags, [str(tiny_bert)])) == 1
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"sweep.py: error: {one_label / 'train.jsonl'}: every example has the label 'only': a classifier needs "
+        "examples of at least 2 labels in train")
+    assert launched == []
