@@ -72,10 +72,13 @@ def is_run_dir(path: Path) -> bool:
 
 
 def selection_hint(experiments: Sequence[sweep.Experiment], model: str) -> str:
+    """The flag that picks the first experiment: a setting in which they differ, or its datasets."""
     column = sweep.distinguishing(experiments)[0]
-    if column == "dataset":
-        return f"--dataset_dirs {experiments[0].dataset_label.split('@')[0]}..."
-    return f"\"{model} --{column} {experiments[0].settings[column]}\""
+    if column != "dataset":
+        return f"\"{model} --{column} {experiments[0].settings[column]}\""
+    run = experiments[0].runs[0]
+    directory = Path(run.args.get("dataset_dir", ""))
+    return f"--dataset_dirs {directory.parent / 'fold-*' if run.fold else directory}"
 
 
 def side_runs(text: str, args: argparse.Namespace, runs: Sequence[sweep.FinishedRun], defaults: dict[str, Any],

@@ -126,7 +126,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="train nothing, only aggregate the finished runs in --output_dir; passed-through flags "
                         "then select the runs that were made with them (default: off)")
     p.add_argument("--best", action="store_true",
-                   help="one row per model: its best lr, mean and std over seeds (default: one row per run)")
+                   help="one row per experiment (model, settings, data): its best lr, mean and std over seeds and "
+                        "folds, 95%% intervals (default: one row per run)")
     p.add_argument("--markdown", action="store_true", help="print the --best table as Markdown (default: off)")
     p.add_argument("--resamples", type=positive_int, default=DEFAULT_RESAMPLES,
                    help="bootstrap resamples of the test examples for --best's intervals and tests "
@@ -272,6 +273,7 @@ class FinishedRun:
     test: dict[str, float]
     dataset_digest: str | None = None  # of its dataset's splits and label2id.json (config.json)
     fold: dict | None = None  # {"fold", "folds", "set"} when trained on a fold of prepare.py --folds
+    cache: dict = dataclasses.field(default_factory=dict, compare=False, repr=False)  # what is read on demand
 
     @property
     def age_key(self) -> tuple[str, str]:
@@ -654,13 +656,11 @@ class TestPredictions:
         return stats.scores(self.gold, self.predicted, len(self.labels))
 
 
-PREDICTIONS: dict[Path, TestPredictions] = {}  # read once per process
-
-
 def load_predictions(run: FinishedRun) -> TestPredictions:
-    """A finished run's test predictions; a missing or damaged file is a UserError saying what to do."""
-    if run.run_dir in PREDICTIONS:
-        return PREDICTIONS[run.run_dir]
+    """A finished run's test predictions (read once per FinishedRun); a missing or damaged file is a UserError
+    saying what to do."""
+    if "predictions" in run.cache:
+        return run.cache["predictions"]
     path = run.run_dir / "test-predictions.jsonl"
     redo = "move that run directory away and run it again (sweep.py reruns a missing run)"
     if not path.is_file():
@@ -675,8 +675,8 @@ def load_predictions(run: FinishedRun) -> TestPredictions:
         predicted = tuple(index[r["predicted"]] for r in rows)
     except (KeyError, TypeError):
         raise UserError(f"{path}: a gold or predicted label is missing or not among the labels: {redo}") from None
-    PREDICTIONS[run.run_dir] = TestPredictions(tuple(str(r.get("id")) for r in rows), labels, gold, predicted)
-    return PREDICTIONS[run.run_dir]
+    run.cache["predictions"] = TestPredictions(tuple(str(r.get("id")) for r in rows), labels, gold, predicted)
+    return run.cache["predictions"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -874,7 +874,10 @@ def markdown_table(rows: Sequence[dict[str, Any]], columns: Sequence[str], n_res
               f"difference on the same test examples (runs paired by seed and fold, {n_resamples} resamples), "
               f"two-sided p ≥ {ALPHA}.", "",
               "95% CI: percentile bootstrap over the test examples (each fold resampled on its own, the same "
-              "resample for every seed). ±: sample standard deviation over seeds and folds."]
+              "resample for every seed; with several seeds, the seeds resampled too). ±: sample standard deviation "
+              "over seeds and folds."]
+    if any(r["f1-p-vs-best"] is None for r in rows):
+        lines[-3] += " Rows that share no seed and fold with the best one are not compared (no mark)."
     return "\n".join(lines) + "\n"
 
 

@@ -30,7 +30,7 @@ def add_run(out: Path, model: str, seed: int, wrong: set[int], n: int = 60, fold
     time_of_day = f"10-{seed:02d}-{0 if fold is None else fold:02d}.{len(finished_runs(out)):06d}"
     fold_record = None if fold is None else {"fold": fold, "folds": 3, "set": "set-1"}
     run_dir = write_run(out, model, 1e-5, seed, time_of_day, 0.9, metrics(0.1, *[computed[m] for m in (
-        "accuracy", "precision", "recall", "f1")]), 1, args={"dataset_dir": f"data/fold-{fold}", **(args or {})},
+        "accuracy", "precision", "recall", "f1")]), 1, args={"dataset_dir": "data/main" if fold is None else f"data/fold-{fold}", **(args or {})},
         digest=digest or f"fold-{fold}", fold=fold_record, predictions=(gold, predicted))
     # each fold has its own examples
     lines = run_dir.joinpath("test-predictions.jsonl").read_text().splitlines()
@@ -119,26 +119,30 @@ def test_flags_select_runs_per_side_and_for_both(tmp_path, capsys):
                                f"with\n")
 
 
+def one_line_error(capsys, argv: list[str], message: str) -> None:
+    rc, out, _, err = run_compare(capsys, *argv)
+    assert rc == 1 and out == "" and "Traceback" not in err
+    assert err.splitlines()[-1] == f"compare.py: error: {message}"  # after the lines saying which runs were chosen
+
+
 def test_bad_input_is_one_line_error(tmp_path, capsys):
     a = add_run(tmp_path, "org/a", 1, wrong=set())
     other_data = add_run(tmp_path, "org/b", 1, wrong=set(), digest="other")
-    rc, out, _, err = run_compare(capsys, str(a), str(other_data))
-    assert rc == 1 and out == "" and err == (
-        f"compare.py: error: {a} and {other_data} were tested on different data (dataset digest or test example ids "
-        f"differ): compare runs made on the same dataset\n")
+    one_line_error(capsys, [str(a), str(other_data)], f"{a} and {other_data} were tested on different data (dataset "
+                   f"digest or test example ids differ): compare runs made on the same dataset")
     no_predictions = add_run(tmp_path, "org/c", 1, wrong=set())
     (no_predictions / "test-predictions.jsonl").unlink()
-    rc, out, _, err = run_compare(capsys, str(a), str(no_predictions))
-    assert rc == 1 and out == "" and err == (
-        f"compare.py: error: {no_predictions} has no test-predictions.jsonl, which intervals and tests need: move that "
-        f"run directory away and run it again (sweep.py reruns a missing run)\n")
+    one_line_error(capsys, [str(a), str(no_predictions)], f"{no_predictions} has no test-predictions.jsonl, which "
+                   f"intervals and tests need: move that run directory away and run it again (sweep.py reruns a "
+                   f"missing run)")
     unfinished = add_run(tmp_path, "org/d", 1, wrong=set())
     (unfinished / "test-metrics.json").unlink()
-    rc, out, _, err = run_compare(capsys, str(a), str(unfinished))
-    assert rc == 1 and err == f"compare.py: error: {unfinished} is not a finished run (no test-metrics.json): pass a " \
-                              f"finished run\n"
-    # model names whose runs share no seed on the same examples
-    add_run(tmp_path, "org/e", 7, wrong=set(), digest="other")
-    rc, out, _, err = run_compare(capsys, "org/a", "org/e", "--output_dir", str(tmp_path))
-    assert rc == 1 and out == "" and err.splitlines()[-1].startswith(
-        "compare.py: error: no run of A has a run of B with the same seed on the same test examples")
+    one_line_error(capsys, [str(a), str(unfinished)], f"{unfinished} is not a finished run (no test-metrics.json): "
+                   f"pass a finished run")
+    add_run(tmp_path, "org/e", 7, wrong=set(), digest="other")  # no seed and test set in common with org/a
+    one_line_error(capsys, ["org/a", "org/e", "--output_dir", str(tmp_path)], "no run of A has a run of B with the "
+                   "same seed on the same test examples (the seeds, or the datasets by digest or example ids, "
+                   "differ): run both with the same --seeds and data")
+    add_run(tmp_path, "org/a", 1, wrong=set(), fold=2)  # org/a now has runs on two datasets
+    one_line_error(capsys, ["org/a", "org/e", "--output_dir", str(tmp_path)], f"org/a has runs of 2 experiments "
+                   f"under {tmp_path} (they differ in dataset): select one, e.g. --dataset_dirs data/main")
