@@ -437,7 +437,7 @@ def check_dataset_dir(output_dir: Path) -> None:
                             f"pass a new or empty --output_dir")
 
 
-def link_or_copy(source: str, target: str) -> None:
+def link_or_copy(source: str | Path, target: str | Path) -> None:
     """A hard link where the file system has them (no bytes copied), else a copy."""
     try:
         os.link(source, target)

@@ -13,7 +13,7 @@ Every flag sweep.py does not know is passed to each bertcls.py run, which runs i
 GPU memory is freed in between) with its output in <output_dir>/sweep-logs/. The table goes to stdout,
 progress to stderr.
 
-Resuming: a combination (model, lr, seed and the passed-through flags) that already has a finished run
+Resuming: a combination (model, lr, seed, dataset and the passed-through flags) that already has a finished run
 (test-metrics.json) under --output_dir is not run again; an interrupted or failed run is run again.
 Combinations are matched on config.json "args": every bertcls.py setting except those that do not change
 results (IGNORED_FIELDS), numbers compared numerically. Of several finished runs of one combination the
@@ -29,8 +29,9 @@ known by content (config.json's dataset_digest), or on folds of one prepare.py -
 settings that tell experiments apart become columns. Per experiment: the lr with the highest mean best-val-f1
 over its seeds and folds (ties: the smaller lr), with the mean and the sample standard deviation (n - 1) over
 those runs of each metric (empty for one run), the numbers of seeds and folds, and a 95% confidence interval
-for test accuracy and macro-F1 from a bootstrap over the test examples (see bootstrap_runs). The Markdown table
-marks the rows not significantly worse than the best one (paired bootstrap, see compare.py).
+for test accuracy and macro-F1 from a bootstrap over the test examples and, given several seeds, over the seeds
+(see mean_interval). The Markdown table marks the rows not significantly worse than the best one (paired
+bootstrap, see paired_comparison and compare.py).
 """
 
 from __future__ import annotations

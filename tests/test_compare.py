@@ -10,7 +10,7 @@ import pytest
 
 import bertcls
 import compare
-from conftest import finished_runs, metrics, write_run
+from conftest import finished_runs, metrics, write_predictions, write_run
 
 LABELS = {0: "x", 1: "y", 2: "z"}
 
@@ -21,22 +21,25 @@ def predictions(n: int, wrong: set[int]) -> tuple[list[str], list[str]]:
     return gold, [LABELS[(i + (i in wrong)) % 3] for i in range(n)]
 
 
+def scored(gold: list[str], predicted: list[str]) -> dict:
+    """Test metrics as bertcls.py computes them."""
+    index = {name: i for i, name in LABELS.items()}
+    return bertcls.classification_metrics([index[g] for g in gold], [index[p] for p in predicted], 0.0, LABELS)
+
+
 def add_run(out: Path, model: str, seed: int, wrong: set[int], n: int = 60, fold: int | None = None,
             args: dict | None = None, digest: str | None = None) -> Path:
-    """A finished run whose test metrics are computed from its predictions by bertcls.py's own code."""
+    """A finished run whose test metrics are computed from its predictions."""
     gold, predicted = predictions(n, wrong)
-    index = {name: i for i, name in LABELS.items()}
-    computed = bertcls.classification_metrics([index[g] for g in gold], [index[p] for p in predicted], 0.0, LABELS)
+    computed = scored(gold, predicted)
     time_of_day = f"10-{seed:02d}-{0 if fold is None else fold:02d}.{len(finished_runs(out)):06d}"
-    fold_record = None if fold is None else {"fold": fold, "folds": 3, "set": "set-1"}
-    run_dir = write_run(out, model, 1e-5, seed, time_of_day, 0.9, metrics(0.1, *[computed[m] for m in (
-        "accuracy", "precision", "recall", "f1")]), 1, args={"dataset_dir": "data/main" if fold is None else f"data/fold-{fold}", **(args or {})},
-        digest=digest or f"fold-{fold}", fold=fold_record, predictions=(gold, predicted))
-    # each fold has its own examples
-    lines = run_dir.joinpath("test-predictions.jsonl").read_text().splitlines()
-    run_dir.joinpath("test-predictions.jsonl").write_text("".join(
-        json.dumps({**json.loads(line), "id": f"fold{fold}-{i}",
-                    "probabilities": {name: 0.0 for name in LABELS.values()}}) + "\n" for i, line in enumerate(lines)))
+    run_dir = write_run(out, model, 1e-5, seed, time_of_day, 0.9,
+                        metrics(0.1, *(computed[m] for m in ("accuracy", "precision", "recall", "f1"))), 1,
+                        args={"dataset_dir": "data/main" if fold is None else f"data/fold-{fold}", **(args or {})},
+                        digest=digest or f"fold-{fold}",
+                        fold=None if fold is None else {"fold": fold, "folds": 3, "set": "set-1"})
+    # three labels, and each fold its own examples
+    write_predictions(run_dir, gold, predicted, tuple(LABELS.values()), ids=[f"fold{fold}-{i}" for i in range(n)])
     return run_dir
 
 
@@ -48,9 +51,7 @@ def run_compare(capsys, *argv: str) -> tuple[int, str, dict | None, str]:
 
 
 def f1_of(wrong: set[int], n: int = 60) -> float:
-    gold, predicted = predictions(n, wrong)
-    index = {name: i for i, name in LABELS.items()}
-    return bertcls.classification_metrics([index[g] for g in gold], [index[p] for p in predicted], 0.0, LABELS)["f1"]
+    return scored(*predictions(n, wrong))["f1"]
 
 
 def test_two_run_directories(tmp_path, capsys):

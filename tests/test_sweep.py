@@ -218,10 +218,10 @@ def fold_swept(tmp_path_factory, tiny_bert, tiny_rows):
     stderr = io.StringIO()
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(stderr):
         rc = sweep.main(argv)
-    return types.SimpleNamespace(out=out, root=root, rc=rc, stderr=stderr.getvalue())
+    return types.SimpleNamespace(out=out, root=root, argv=argv, rc=rc, stderr=stderr.getvalue())
 
 
-def test_sweep_over_folds(fold_swept, capsys):
+def test_sweep_over_folds(fold_swept, monkeypatch, capsys):
     assert fold_swept.rc == 0, fold_swept.stderr
     assert "3 combinations, 0 already finished, 3 to run" in fold_swept.stderr
     assert f"lr 0.003 seed 1 dataset_dir {fold_swept.root / 'tiny' / 'fold-2'}" in fold_swept.stderr
@@ -243,6 +243,10 @@ def test_sweep_over_folds(fold_swept, capsys):
     assert sweep.main(["--no_run", "--output_dir", str(fold_swept.out), "--dataset_dirs",
                        str(fold_swept.root / "tiny" / "fold-1")]) == 0
     assert [r["fold"] for r in csv_rows(capsys.readouterr().out)] == ["1"]
+    # resumed, the sweep finds every fold finished
+    monkeypatch.setattr(sweep.subprocess, "Popen", None)  # any run attempt would raise
+    assert sweep.main(fold_swept.argv) == 0
+    assert "3 combinations, 3 already finished, 0 to run" in capsys.readouterr().err
 
 
 # ------------------------------------------------------------------------------ hand-made run dirs
