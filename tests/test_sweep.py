@@ -204,14 +204,14 @@ def test_lock_is_exclusive_and_stale_locks_are_taken_over(tmp_path):
 
 @pytest.fixture(scope="module")
 def fold_swept(tmp_path_factory, tiny_bert, tiny_rows):
-    """A real sweep over the 3 folds of prepare.py --folds 3 (120 articles: 40 / 40 / 40 per fold), one epoch."""
+    """A real sweep over the 3 folds of prepare.py --folds 3 (120 articles: 40 / 40 / 40 per fold), one epoch each."""
     root = tmp_path_factory.mktemp("folds")
     data = root / "tiny.jsonl"
     data.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for rows in tiny_rows.values() for r in rows))
     assert prepare.main(["--input", str(data), "--text_fields", "title,body", "--label_field", "category",
                          "--output_dir", str(root / "tiny"), "--folds", "3"]) == 0
     out = root / "outputs"
-    flags = bertcls_flags(tiny_bert, root / "tiny", out)
+    flags = [*bertcls_flags(tiny_bert, root / "tiny", out), "--epochs", "1"]
     del flags[flags.index("--dataset_dir"):flags.index("--dataset_dir") + 2]
     argv = ["--model_names", str(tiny_bert), "--lrs", "3e-3", "--seeds", "1", "--output_dir", str(out),
             "--dataset_dirs", *(str(root / "tiny" / f"fold-{i}") for i in range(3)), *flags]
