@@ -135,6 +135,20 @@ def load_label2id(dataset_dir: Path) -> dict[str, int]:
     return label2id
 
 
+def load_fold(dataset_dir: Path) -> dict | None:
+    """Which fold of which cross-validation set the dataset is (prepare.py --folds writes fold.json); None
+    for a plain split. config.json records it, so that sweep.py puts the runs over all folds in one row."""
+    path = dataset_dir / "fold.json"
+    if not path.is_file():
+        return None
+    fold = read_json(path, hint="re-run prepare.py --folds")
+    if not (isinstance(fold, dict) and isinstance(fold.get("set"), str)
+            and all(isinstance(fold.get(k), int) and not isinstance(fold.get(k), bool) for k in ("fold", "folds"))):
+        raise UserError(f"{path}: expected an object with integers 'fold', 'folds' and a string 'set'; "
+                        f"re-run prepare.py --folds")
+    return {k: fold[k] for k in ("fold", "folds", "set")}
+
+
 def example_text(row: dict) -> tuple[str, str | None]:
     """The model input of one example: the (title, body) pair when both exist, else `text`."""
     if isinstance(row.get("title"), str) and isinstance(row.get("body"), str):
@@ -955,6 +969,7 @@ class Run:
         self.id2label = {i: name for name, i in self.label2id.items()}
         self.dataset_digest = file_digest([dataset_dir / "label2id.json"] +
                                           [dataset_dir / f"{s}.jsonl" for s in SPLITS])
+        self.fold = load_fold(dataset_dir)
         torch.manual_seed(args.seed)
         self.tokenizer = load_tokenizer(args.model_name, args.mecab_dic, args.trust_remote_code, log)
         self.raw_model = load_model(args.model_name, self.label2id, args.trust_remote_code, log)
@@ -1006,7 +1021,7 @@ class Run:
                 "total_optimizer_steps": self.total_steps, "warmup_steps": self.warmup_steps,
                 "max_seq_len_used": self.spec.max_len, "params": self.params,
                 "params_non_embedding": self.params_non_embedding, "dataset_digest": self.dataset_digest,
-                "examples": {s: len(self.rows[s]) for s in SPLITS},
+                "fold": self.fold, "examples": {s: len(self.rows[s]) for s in SPLITS},
                 "versions": {"python": sys.version.split()[0], "torch": torch.__version__,
                              "transformers": transformers.__version__},
                 "started_at": datetime.datetime.now().isoformat(timespec="seconds")}

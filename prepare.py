@@ -9,11 +9,20 @@
 Writes all.jsonl, train.jsonl, val.jsonl, test.jsonl and label2id.json into --output_dir.
 Articles are sorted by path, shuffled with random.Random(seed) and cut into 10 near-equal parts:
 train = parts 1-8, val = part 9, test = part 10 (5895 / 736 / 736 for livedoor).
+
+    python prepare.py --folds 10                          # datasets/livedoor/fold-0/ ... fold-9/ as well
+
+--folds K cuts the same shuffle into K parts and writes K datasets <output_dir>/fold-<i>/ (train/val/test.jsonl,
+label2id.json and fold.json): fold i tests on part K-i, validates on the part before it (part K before
+part 1) and trains on the other K-2 parts in order. Every example is in the test set of exactly one fold and
+the val set of exactly one; fold-0 of --folds 10 is byte for byte the default split. The default split and
+the folds live side by side: writing one leaves the other in place.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import hashlib
 import http.client
@@ -34,7 +43,7 @@ import urllib.request
 import zlib
 from collections import Counter, defaultdict
 from pathlib import Path, PurePosixPath
-from typing import BinaryIO, Iterator
+from typing import BinaryIO, Callable, Iterator
 
 from common import (UserError, atomic_write_text, check_output_dir, decode_utf8, iter_jsonl, jsonl_line, read_bytes,
                     run_cli)
@@ -54,6 +63,7 @@ LINE_END_SPACES = " \t\r\n\f\v\u3000"
 OWN_DATA_SUFFIXES = {".jsonl", ".csv", ".tsv"}
 SPLIT_NAMES = ("train", "val", "test")
 OUTPUT_FILES = {"all.jsonl", "train.jsonl", "val.jsonl", "test.jsonl", "label2id.json"}
+FOLD_DIR = re.compile(r"fold-\d+")  # the datasets --folds writes next to the default split's files
 DOWNLOAD_TIMEOUT_S = 60.0
 DOWNLOAD_ATTEMPTS = 4
 RETRY_BACKOFF_S = 2.0
@@ -73,6 +83,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="dataset directory to write (default: datasets/livedoor, or datasets/<input stem> "
                         "for your own data)")
     p.add_argument("--seed", type=int, default=42, help="seed of the shuffle before the split (default: 42)")
+    p.add_argument("--folds", type=int, default=None, metavar="K",
+                   help="write K cross-validation datasets <output_dir>/fold-0 ... fold-<K-1>, (K-2):1:1 each, "
+                        "instead of the one 8:1:1 split; at least 3 (default: off)")
     p.add_argument("--url", default=CORPUS_URL, help=f"where to download the corpus (default: {CORPUS_URL})")
     p.add_argument("--download_dir", default="data", help="where the downloaded tarball is kept (default: data)")
     p.add_argument("--no_verify", action="store_true",
@@ -331,16 +344,44 @@ def own_rows(path: Path, text_fields: list[str], label_field: str) -> tuple[list
 
 # ---------------------------------------------------------------- split, duplicates, report
 
+def parts(items: list, seed: int, k: int) -> list[list]:
+    """Shuffle items (already sorted by key) with random.Random(seed) and cut them into k near-equal parts,
+    the first len(items) % k one larger."""
+    shuffled = list(items)
+    random.Random(seed).shuffle(shuffled)
+    base, extra = divmod(len(shuffled), k)
+    cut, start = [], 0
+    for i in range(k):
+        cut.append(shuffled[start: start + base + (i < extra)])
+        start += base + (i < extra)
+    return cut
+
+
 def split(items: list, seed: int) -> tuple[list, list, list]:
     """Shuffle items (already sorted by key) with random.Random(seed), cut into 10 near-equal parts
     (the first n % 10 one larger): train = parts 1-8, val = part 9, test = part 10."""
-    shuffled = list(items)
-    random.Random(seed).shuffle(shuffled)
-    base, extra = divmod(len(shuffled), 10)
-    bounds = [0]
-    for i in range(10):
-        bounds.append(bounds[-1] + base + (i < extra))
-    return shuffled[: bounds[8]], shuffled[bounds[8]: bounds[9]], shuffled[bounds[9]:]
+    cut = parts(items, seed, 10)
+    return [x for part in cut[:8] for x in part], cut[8], cut[9]
+
+
+def fold_splits(items: list, seed: int, k: int) -> list[tuple[list, list, list]]:
+    """(train, val, test) of each of k folds over the parts of the same shuffle as split(): fold i tests on
+    part k-1-i and validates on part k-2-i (mod k), and trains on the others in part order, so that every
+    item is tested once and validated once, and fold 0 of 10 is split()."""
+    cut = parts(items, seed, k)
+    folds = []
+    for i in range(k):
+        test, val = (k - 1 - i) % k, (k - 2 - i) % k
+        folds.append(([x for j, part in enumerate(cut) if j not in (test, val) for x in part], cut[val], cut[test]))
+    return folds
+
+
+def check_folds(k: int | None, n_examples: int | None = None) -> None:
+    if k is not None and k < 3:
+        raise UserError(f"--folds {k}: a fold needs a train, a val and a test part; use --folds 3 or more "
+                        f"(--folds 10 gives 8:1:1)")
+    if k is not None and n_examples is not None and k > n_examples:
+        raise UserError(f"--folds {k} is more than the {n_examples} examples: use --folds {n_examples} or fewer")
 
 
 def duplicate_groups(rows: list[dict]) -> list[list[str]]:
@@ -401,14 +442,28 @@ def check_dataset_dir(output_dir: Path) -> None:
     """Fail before any work if the output cannot be written without clobbering something else."""
     check_output_dir(output_dir)
     if output_dir.is_dir():
-        foreign = sorted(p.name for p in output_dir.iterdir() if p.name not in OUTPUT_FILES)
+        foreign = sorted(p.name for p in output_dir.iterdir()
+                         if p.name not in OUTPUT_FILES and not (p.is_dir() and FOLD_DIR.fullmatch(p.name)))
         if foreign:
             raise UserError(f"{output_dir} holds files prepare.py did not write ({', '.join(foreign[:3])}); "
                             f"pass a new or empty --output_dir")
 
 
-def write_dataset(output_dir: Path, splits: dict[str, list[dict]], label2id: dict[str, int]) -> None:
-    """Write everything into a sibling staging directory, then swap it into place."""
+def link_or_copy(source: str | Path, target: str | Path) -> None:
+    """A hard link where the file system has them (no bytes copied), else a copy."""
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copy2(source, target)
+
+
+@contextlib.contextmanager
+def staged_directory(output_dir: Path, keep: Callable[[Path], bool] = lambda entry: False) -> Iterator[Path]:
+    """A sibling staging directory to fill, swapped into place as output_dir once the block completes.
+
+    The entries of the old output_dir for which keep() is true are carried over (hard-linked), so that the
+    default split and the folds, each written in one swap, leave each other in place.
+    """
     output_dir = Path(os.path.abspath(output_dir))
     parent = output_dir.parent
     staging = parent / f".{output_dir.name}.{secrets.token_hex(4)}.tmp"
@@ -416,12 +471,13 @@ def write_dataset(output_dir: Path, splits: dict[str, list[dict]], label2id: dic
     try:
         parent.mkdir(parents=True, exist_ok=True)
         staging.mkdir()
-        for name, rows in splits.items():
-            with open(staging / f"{name}.jsonl", "w", encoding="utf-8", newline="\n") as f:
-                f.writelines(map(jsonl_line, rows))
-                f.flush()
-                os.fsync(f.fileno())
-        atomic_write_text(staging / "label2id.json", json.dumps(label2id, ensure_ascii=False, indent=2) + "\n")
+        yield staging
+        if output_dir.is_dir():
+            for entry in filter(keep, output_dir.iterdir()):
+                if entry.is_dir():
+                    shutil.copytree(entry, staging / entry.name, copy_function=link_or_copy)
+                else:
+                    link_or_copy(entry, staging / entry.name)
         if output_dir.exists():
             os.replace(output_dir, old)
         try:
@@ -435,6 +491,41 @@ def write_dataset(output_dir: Path, splits: dict[str, list[dict]], label2id: dic
     finally:
         shutil.rmtree(staging, ignore_errors=True)
         shutil.rmtree(old, ignore_errors=True)
+
+
+def is_fold_dir(entry: Path) -> bool:
+    return entry.is_dir() and FOLD_DIR.fullmatch(entry.name) is not None
+
+
+def write_dataset(output_dir: Path, splits: dict[str, list[dict]], label2id: dict[str, int],
+                  fold: dict | None = None) -> None:
+    """Write the splits, label2id.json (and a fold's fold.json) into a staging directory, then swap it into place."""
+    with staged_directory(output_dir, keep=is_fold_dir) as staging:
+        for name, rows in splits.items():
+            with open(staging / f"{name}.jsonl", "w", encoding="utf-8", newline="\n") as f:
+                f.writelines(map(jsonl_line, rows))
+                f.flush()
+                os.fsync(f.fileno())
+        atomic_write_text(staging / "label2id.json", json.dumps(label2id, ensure_ascii=False, indent=2) + "\n")
+        if fold is not None:
+            atomic_write_text(staging / "fold.json", json.dumps(fold, indent=2) + "\n")
+
+
+def folds_id(rows: list[dict], k: int, seed: int) -> str:
+    """What identifies a set of folds (the rows, K and the seed), so that their runs make one experiment."""
+    h = hashlib.sha256(f"{k} folds, seed {seed}\n".encode())
+    for row in rows:
+        h.update(jsonl_line(row).encode("utf-8"))
+    return h.hexdigest()[:16]
+
+
+def write_folds(output_dir: Path, folds: list[dict[str, list[dict]]], label2id: dict[str, int], fold_set: str,
+                seed: int) -> None:
+    """Every fold-<i>/ dataset, swapped into place together (the previous folds go, the default split stays)."""
+    with staged_directory(output_dir, keep=lambda entry: entry.name in OUTPUT_FILES) as staging:
+        for i, splits in enumerate(folds):
+            write_dataset(staging / f"fold-{i}", splits, label2id,
+                          {"fold": i, "folds": len(folds), "seed": seed, "set": fold_set})
 
 
 # ---------------------------------------------------------------- download
@@ -562,12 +653,15 @@ def prepare(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     default_dir = f"datasets/{Path(args.input).stem}" if is_own_data(args) else "datasets/livedoor"
     output_dir = Path(args.output_dir or default_dir)
+    check_folds(args.folds)
     check_dataset_dir(output_dir)
     rows, label2id, source_line = load(args)
     print(source_line)
     groups = duplicate_groups(rows)
     if args.dedupe:
         rows = drop_duplicates(rows, groups)
+    if args.folds is not None:
+        return prepare_folds(args, output_dir, rows, label2id, groups, started)
     train, val, test = split(rows, args.seed)
     splits = {"train": train, "val": val, "test": test, "all": rows}
     write_dataset(output_dir, splits, label2id)
@@ -593,6 +687,24 @@ def stopped_message(args: argparse.Namespace) -> str:
     if args.input is None and part.is_file():
         kept += f"; the partial download {part} is kept, and running again resumes it"
     return kept
+
+
+def prepare_folds(args: argparse.Namespace, output_dir: Path, rows: list[dict], label2id: dict[str, int],
+                  groups: list[list[str]], started: float) -> int:
+    check_folds(args.folds, len(rows))
+    folds = [{"train": train, "val": val, "test": test}
+             for train, val, test in fold_splits(rows, args.seed, args.folds)]
+    write_folds(output_dir, folds, label2id, folds_id(rows, args.folds, args.seed), args.seed)
+    for i, splits in enumerate(folds):
+        print(f"fold-{i}: " + ", ".join(f"{name} {len(splits[name])}" for name in SPLIT_NAMES))
+        warning = rare_label_warning({**splits, "all": rows}, label2id)
+        if warning:
+            print(warning.replace("prepare.py: warning:", f"prepare.py: warning: fold-{i}:", 1), file=sys.stderr)
+    split_of = {r["id"]: name for name in SPLIT_NAMES for r in folds[0][name]}
+    print("fold-0 " + duplicate_report(groups, split_of, args.dedupe))
+    print(f"wrote {output_dir}/fold-{{0..{args.folds - 1}}}/{{train,val,test}}.jsonl, label2id.json and fold.json "
+          f"(seed {args.seed}) in {time.perf_counter() - started:.1f} s")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -6,7 +6,9 @@
     python sweep.py --devices 0,1,2,3 > results/all.csv    # four runs at once, one per GPU
     python sweep.py --no_run --best > results/best.csv     # train nothing: best lr per model, mean +- std
     python sweep.py --no_run --markdown > results/best.md  # the same as a Markdown table
-    python sweep.py --long_context --truncations head head_tail --seeds 1 2 3 --max_seq_len 8192 \
+    python sweep.py --model_names xlm-roberta-base --lrs 3e-5 --seeds 1 2 \\
+        --dataset_dirs datasets/livedoor/fold-* > results/all.csv   # x the folds written by prepare.py --folds 10
+    python sweep.py --long_context --truncations head head_tail --seeds 1 2 3 --max_seq_len 8192 \\
         --max_batch_tokens 16384 > results/long.csv        # + the 8192-token Japanese encoders, x 2 truncations
 
 On a cluster (see the README): a Slurm job array, one combination and one GPU per task, or one sweep per node
@@ -19,7 +21,7 @@ Every flag sweep.py does not know is passed to each bertcls.py run, which runs i
 GPU memory is freed in between) with its output in <output_dir>/sweep-logs/. The table goes to stdout,
 progress to stderr.
 
-Resuming: a combination (model, lr, seed and the passed-through flags) that already has a finished run
+Resuming: a combination (model, lr, seed, dataset and the passed-through flags) that already has a finished run
 (test-metrics.json) under --output_dir is not run again; an interrupted or failed run is run again.
 Combinations are matched on config.json "args": every bertcls.py setting except those that do not change
 results (IGNORED_FIELDS), numbers compared numerically. Of several finished runs of one combination the
@@ -31,9 +33,17 @@ has not been refreshed for --lease_timeout seconds (a dead node, a killed sweep)
 combinations other sweeps hold, so none is lost when one of them dies. BERTCLS_HOSTNAME overrides the host
 name (for tests, and for containers that share a host name but not their process ids).
 
---best: per model (and truncation), the lr with the highest mean best-val-f1 over seeds (ties: the smaller
-lr), with the mean and the sample standard deviation (n - 1) over seeds of each metric; the std is empty for
-one seed.
+--dataset_dirs adds an axis over datasets (innermost): models x lrs x seeds x datasets.
+
+--best: one row per experiment: one model with the same settings on the same data. Runs are in one experiment
+when they agree in every bertcls.py setting but lr, seed and dataset_dir, and were trained on the same dataset,
+known by content (config.json's dataset_digest), or on folds of one prepare.py --folds set (its fold.json);
+settings that tell experiments apart become columns. Per experiment: the lr with the highest mean best-val-f1
+over its seeds and folds (ties: the smaller lr), with the mean and the sample standard deviation (n - 1) over
+those runs of each metric (empty for one run), the numbers of seeds and folds, and a 95% confidence interval
+for test accuracy and macro-F1 from a bootstrap over the test examples and, given several seeds, over the seeds
+(see mean_interval). The Markdown table marks the rows not significantly worse than the best one (paired
+bootstrap, see paired_comparison and compare.py).
 
 --long_context adds LONG_CONTEXT_MODELS (Japanese encoders of 8192 tokens) to the models; --truncations makes
 bertcls.py's --truncation a grid axis. With --max_seq_len 8192 the 512-token models are capped at their own
@@ -49,9 +59,11 @@ import dataclasses
 import errno
 import hashlib
 import io
+import itertools
 import json
 import math
 import os
+import random
 import secrets
 import shlex
 import socket
@@ -65,7 +77,9 @@ from typing import Any, Callable, Iterable, NamedTuple, Sequence
 
 import bertcls
 import families
-from common import UserError, atomic_write_text, first_line, log, positive_float, positive_int, run_cli, safe_name
+import stats
+from common import (UserError, atomic_write_text, first_line, log, positive_float, positive_int, read_jsonl, run_cli,
+                    safe_name)
 
 BERTCLS = Path(__file__).resolve().with_name("bertcls.py")
 DEFAULT_MODELS = [
@@ -87,10 +101,20 @@ IGNORED_FIELDS = frozenset({"output_dir", "cache_dir", "debug", "log_interval", 
 GRID_FLAGS = {"model_name": "--model_names", "lr": "--lrs", "seed": "--seeds", "truncation": "--truncations",
               "output_dir": "--output_dir"}
 METRICS = ("loss", "accuracy", "precision", "recall", "f1")
-RUN_COLUMNS = ["model_name", "truncation", "lr", "seed", "best-val-epoch", "best-val-f1", *METRICS, "params",
+# Columns after model_name come the settings that tell the table's experiments apart, if any.
+RUN_COLUMNS = ["model_name", "lr", "seed", "fold", "best-val-epoch", "best-val-f1", *METRICS, "params",
                "train_seconds"]
-BEST_COLUMNS = ["model_name", "truncation", "lr", "seeds", "best-val-f1", "best-val-f1-std",
-                *[c for m in METRICS for c in (m, f"{m}-std")], "params", "train_seconds"]
+CI_COLUMNS = ["f1-ci95-low", "f1-ci95-high", "accuracy-ci95-low", "accuracy-ci95-high"]
+BEST_COLUMNS = ["model_name", "lr", "seeds", "folds", "best-val-f1", "best-val-f1-std",
+                *[c for m in METRICS for c in (m, f"{m}-std")], *CI_COLUMNS, "f1-p-vs-best", "params",
+                "train_seconds"]
+# What may differ between the runs of one experiment (one row of --best): the lr is picked, seeds and folds are
+# averaged; the dataset is compared by content instead of by path.
+WITHIN_EXPERIMENT = frozenset({"model_name", "lr", "seed", "dataset_dir"})
+DATASET_FILES = ("train.jsonl", "val.jsonl", "test.jsonl", "label2id.json")
+DEFAULT_RESAMPLES = 2000
+LEVEL, ALPHA = 0.95, 0.05  # of every interval; the significance level of every test
+BOOTSTRAP_SEED = "bertcls-bootstrap-1"
 POLL_S = 0.2
 
 
@@ -125,6 +149,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--truncations", nargs="+", choices=bertcls.TRUNCATIONS, metavar="TRUNCATION",
                    help="bertcls.py --truncation values, head and/or head_tail (default: head; with --no_run: every "
                         "one found)")
+    p.add_argument("--dataset_dirs", nargs="+", metavar="DIR",
+                   help="datasets to train each combination on, e.g. datasets/livedoor/fold-* for the folds of "
+                        "prepare.py --folds (default: bertcls.py's --dataset_dir; with --no_run: every dataset found)")
     p.add_argument("--devices", type=device_list, default=None,
                    help="comma-separated GPU ids, e.g. 0,1,2,3: one run per listed GPU at once, each with its "
                         "CUDA_VISIBLE_DEVICES (default: one run at a time, CUDA_VISIBLE_DEVICES unchanged)")
@@ -135,7 +162,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="train nothing, only aggregate the finished runs in --output_dir; passed-through flags "
                         "then select the runs that were made with them (default: off)")
     p.add_argument("--best", action="store_true",
-                   help="one row per model: its best lr, mean and std over seeds (default: one row per run)")
+                   help="one row per experiment (model, settings, data): its best lr, mean and std over seeds and "
+                        "folds, 95%% intervals (default: one row per run)")
     p.add_argument("--markdown", action="store_true", help="print the --best table as Markdown (default: off)")
     p.add_argument("--list", nargs="?", const="table", choices=("table", "tsv", "json"), metavar="FORMAT",
                    help="train nothing: print the grid in its fixed order, one combination per line (index, grid "
@@ -157,6 +185,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="a lock held by a sweep on another host that has not been refreshed for this long is stale "
                         "(that host or sweep is taken as dead) and its combination is taken over; sweeps refresh "
                         "their locks every min(10, SECONDS / 5) s (default: %(default)g)")
+    p.add_argument("--resamples", type=positive_int, default=DEFAULT_RESAMPLES,
+                   help="bootstrap resamples of the test examples for --best's intervals and tests "
+                        "(default: %(default)s)")
     p.add_argument("--debug", action="store_true", help="show tracebacks for errors (default: off)")
     args, args.bertcls_flags = p.parse_known_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
@@ -168,8 +199,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         p.error("--sbatch and --max_running go with --slurm")
     if args.slurm and args.devices:
         p.error("--slurm gives each array task one GPU of its own (CUDA_VISIBLE_DEVICES set by Slurm): drop --devices")
-    for field in sorted(named_fields(args.bertcls_flags, bertcls_fields()) & GRID_FLAGS.keys()):
+    named = named_fields(args.bertcls_flags, bertcls_fields())
+    for field in sorted(named & GRID_FLAGS.keys()):
         p.error(f"--{field} is set by the sweep: use {GRID_FLAGS[field]} (spelled in full)")
+    if args.dataset_dirs and "dataset_dir" in named:
+        p.error("give the datasets either as --dataset_dir (one) or as --dataset_dirs (several), not both")
     return args
 
 
@@ -229,51 +263,77 @@ def matches(run_args: dict[str, Any], wanted: dict[str, Any], defaults: dict[str
     return all(same_value(normalize(k, run_args.get(k, defaults.get(k))), v) for k, v in wanted.items())
 
 
+def flag_value(value: Any) -> str:
+    return repr(value) if isinstance(value, float) else str(value)
+
+
 @dataclasses.dataclass(frozen=True)
 class Combination:
-    model_name: str
-    lr: float
-    seed: int
-    truncation: str
+    setting: dict[str, Any]  # its value on each axis of the grid (a bertcls.py setting), in axis order
     flags: tuple[str, ...]  # the full bertcls.py command line
     wanted: dict[str, Any]  # experiment() of its resolved args
+
+    @property
+    def model_name(self) -> str:
+        return self.setting["model_name"]
 
     @property
     def stem(self) -> str:
         """File name for its lock and log: readable, and unique per experiment thanks to the hash."""
         digest = hashlib.sha1(json.dumps(self.wanted, sort_keys=True, default=str).encode()).hexdigest()[:8]
-        return f"{safe_name(self.model_name)[-100:]}__lr{self.lr:g}__seed{self.seed}__{digest}"
+        return f"{safe_name(self.model_name)[-100:]}__lr{self.setting['lr']:g}__seed{self.setting['seed']}__{digest}"
 
     def describe(self) -> str:
-        truncation = "" if self.truncation == "head" else f" {self.truncation}"
-        return f"{self.model_name}{truncation} lr {self.lr:g} seed {self.seed}"
+        return " ".join([self.model_name, *(f"{axis} {value:g}" if isinstance(value, float) else f"{axis} {value}"
+                                            for axis, value in self.setting.items() if axis != "model_name")])
 
     def axes(self) -> dict[str, Any]:
-        """Its grid values: every field but the command line and the settings it resolves to."""
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in ("flags", "wanted")}
+        """Its grid values, as --list shows them."""
+        return dict(self.setting)
 
 
-def combinations(models: Sequence[str], lrs: Sequence[float], seeds: Sequence[int], passed: Sequence[str],
-                 output_dir: Path, truncations: Sequence[str] | None = None) -> list[Combination]:
+def grid_axes(args: argparse.Namespace) -> list[tuple[str, Sequence[Any]]]:
+    """The axes of the grid, outermost first: a bertcls.py setting and the values it takes."""
+    models = (args.model_names or DEFAULT_MODELS) + (LONG_CONTEXT_MODELS if args.long_context else [])
+    axes = [("model_name", models)]
+    if args.truncations:
+        axes.append(("truncation", args.truncations))
+    axes += [("lr", args.lrs or DEFAULT_LRS), ("seed", args.seeds or DEFAULT_SEEDS)]
+    if args.dataset_dirs:
+        axes.append(("dataset_dir", args.dataset_dirs))
+    return axes
+
+
+def combinations(axes: Sequence[tuple[str, Sequence[Any]]], passed: Sequence[str],
+                 output_dir: Path) -> list[Combination]:
+    """Every combination of the axes' values, in order (the last axis varies fastest)."""
     combos, seen = [], []
-    for model in models:
-        for truncation in truncations or [None]:  # None: bertcls.py's default
-            for lr in lrs:
-                for seed in seeds:
-                    flags = (*passed, "--model_name", model, "--lr", repr(lr), "--seed", str(seed),
-                             *(["--truncation", truncation] if truncation else []), "--output_dir", str(output_dir))
-                    wanted = experiment(resolve_bertcls_args(flags))
-                    if not any(matches(w, wanted, {}) for w in seen):  # a model or lr listed twice runs once
-                        seen.append(wanted)
-                        combos.append(Combination(model, lr, seed, wanted["truncation"], flags, wanted))
+    for values in itertools.product(*(values for _, values in axes)):
+        setting = {axis: value for (axis, _), value in zip(axes, values)}
+        flags = (*passed, *(t for axis, value in setting.items() for t in (f"--{axis}", flag_value(value))),
+                 "--output_dir", str(output_dir))
+        wanted = experiment(resolve_bertcls_args(flags))
+        if not any(matches(w, wanted, {}) for w in seen):  # a model or lr listed twice runs once
+            seen.append(wanted)
+            combos.append(Combination(setting, flags, wanted))
     return combos
 
 
 def grid(args: argparse.Namespace, output_dir: Path) -> list[Combination]:
     """The combinations of this sweep, in the order --list numbers them and --task_index picks them."""
-    models = (args.model_names or DEFAULT_MODELS) + (LONG_CONTEXT_MODELS if args.long_context else [])
-    return combinations(models, args.lrs or DEFAULT_LRS, args.seeds or DEFAULT_SEEDS, args.bertcls_flags,
-                        output_dir, args.truncations)
+    return combinations(grid_axes(args), args.bertcls_flags, output_dir)
+
+
+def check_dataset_dirs(dataset_dirs: Sequence[str]) -> None:
+    """Every dataset of --dataset_dirs is complete before anything runs."""
+    for directory in map(Path, dataset_dirs):
+        if not directory.is_dir():
+            raise UserError(f"--dataset_dirs: {directory} is not a directory: write it with prepare.py "
+                            f"(for folds: python prepare.py --folds K --output_dir {directory.parent})")
+        missing = [name for name in DATASET_FILES if not (directory / name).is_file()]
+        if missing:
+            raise UserError(f"--dataset_dirs: {directory} is incomplete (no {', '.join(missing)}): "
+                            f"write it again with prepare.py")
 
 
 # ----------------------------------------------------------------------------------------- runs
@@ -288,16 +348,27 @@ class FinishedRun:
     val_f1: float
     train_seconds: float
     test: dict[str, float]
+    dataset_digest: str | None = None  # of its dataset's splits and label2id.json (config.json)
+    fold: dict | None = None  # {"fold", "folds", "set"} when trained on a fold of prepare.py --folds
+    cache: dict = dataclasses.field(default_factory=dict, compare=False, repr=False)  # what is read on demand
 
     @property
     def age_key(self) -> tuple[str, str]:
         """<date>/<time> of its directory: sorts oldest first."""
         return self.run_dir.parent.name, self.run_dir.name
 
+    @property
+    def data_key(self) -> str:
+        """Its train/val/test data: the same key means the same examples."""
+        return self.dataset_digest or f"path {normalize('dataset_dir', self.args.get('dataset_dir'))}"
+
+    @property
+    def fold_index(self) -> int | None:
+        return None if self.fold is None else self.fold["fold"]
+
     def row(self) -> dict[str, Any]:
-        return {"model_name": self.args["model_name"], "truncation": truncation_of(self.args),
-                "lr": self.args["lr"], "seed": self.args["seed"],
-                "best-val-epoch": self.best_epoch, "best-val-f1": self.val_f1, **self.test,
+        return {"model_name": self.args["model_name"], "lr": self.args["lr"], "seed": self.args["seed"],
+                "fold": self.fold_index, "best-val-epoch": self.best_epoch, "best-val-f1": self.val_f1, **self.test,
                 "params": self.params, "train_seconds": self.train_seconds}
 
 
@@ -335,10 +406,17 @@ def load_run(run_dir: Path) -> FinishedRun:
         raise ValueError("config.json has no 'args' with a model_name")
     number(args, "lr", "config.json args")
     number(args, "seed", "config.json args", int)
+    digest, fold = config.get("dataset_digest"), config.get("fold")
+    if not (digest is None or isinstance(digest, str)) or not (fold is None or isinstance(fold, dict)):
+        raise ValueError("config.json: 'dataset_digest' or 'fold' is malformed")
+    if fold is not None:
+        number(fold, "fold", "config.json fold", int)
+        if not isinstance(fold.get("set"), str):
+            raise ValueError("config.json: 'fold' has no 'set'")
     return FinishedRun(run_dir, args, number(config, "params", "config.json", int),
                        number(val, "best_epoch", "val-metrics.json", int), number(val, "f1", "val-metrics.json"),
                        number(val, "train_seconds", "val-metrics.json"),
-                       {m: number(test, m, "test-metrics.json") for m in METRICS})
+                       {m: number(test, m, "test-metrics.json") for m in METRICS}, digest, fold)
 
 
 def scan_runs(directory: Path) -> tuple[list[FinishedRun], list[str]]:
@@ -359,26 +437,95 @@ def newest_match(runs: Iterable[FinishedRun], wanted: dict[str, Any], defaults: 
 
 
 def select_runs(runs: Sequence[FinishedRun], models: Sequence[str] | None, lrs: Sequence[float] | None,
-                seeds: Sequence[int] | None, wanted: dict[str, Any], defaults: dict[str, Any],
-                log: Callable[[str], None], truncations: Sequence[str] | None = None) -> list[FinishedRun]:
-    """--no_run: the newest run per (model, truncation, lr, seed) among those made with the wanted settings."""
+                seeds: Sequence[int] | None, dataset_dirs: Sequence[str] | None, wanted: dict[str, Any],
+                defaults: dict[str, Any], truncations: Sequence[str] | None = None
+                ) -> list[FinishedRun]:
+    """--no_run: among the runs made with the wanted settings, the newest of each experiment, lr, seed and dataset."""
     models = None if models is None else {normalize("model_name", m) for m in models}
-    groups: dict[tuple, list[FinishedRun]] = {}
+    dataset_dirs = None if dataset_dirs is None else {normalize("dataset_dir", d) for d in dataset_dirs}
+    newest: dict[tuple, FinishedRun] = {}
     for run in runs:
         model, lr, seed = normalize("model_name", run.args["model_name"]), run.args["lr"], run.args["seed"]
-        truncation = truncation_of(run.args)
+        dataset_dir = normalize("dataset_dir", run.args.get("dataset_dir", defaults.get("dataset_dir")))
         if ((models is None or model in models) and (lrs is None or any(same_value(lr, x) for x in lrs))
-                and (seeds is None or seed in seeds) and (truncations is None or truncation in truncations)
+                and (seeds is None or seed in seeds) and (dataset_dirs is None or dataset_dir in dataset_dirs)
+                and (truncations is None or truncation_of(run.args) in truncations)
                 and matches(run.args, wanted, defaults)):
-            groups.setdefault((model, truncation, float(lr), seed), []).append(run)
-    chosen = []
-    for (model, truncation, lr, seed), group in groups.items():
-        group.sort(key=lambda r: r.age_key)
-        if any(experiment(r.args) != experiment(group[-1].args) for r in group):
-            log(f"sweep.py: warning: {model} {truncation} lr {lr:g} seed {seed}: runs with different settings; "
-                f"using the newest, {group[-1].run_dir} (pass bertcls.py flags to select others)")
-        chosen.append(group[-1])
-    return chosen
+            key = (experiment_key(run, defaults), float(lr), seed, run.data_key)
+            if key not in newest or run.age_key > newest[key].age_key:
+                newest[key] = run
+    return list(newest.values())
+
+
+# ---------------------------------------------------------------------------------- experiments
+
+
+def experiment_settings(run: FinishedRun, defaults: dict[str, Any]) -> dict[str, Any]:
+    """The settings that make a run's experiment, beyond its model and data (a setting newer than the run: its
+    default)."""
+    fields = (run.args.keys() | defaults.keys()) - IGNORED_FIELDS - WITHIN_EXPERIMENT
+    return {k: normalize(k, run.args.get(k, defaults.get(k))) for k in sorted(fields)}
+
+
+def dataset_key(run: FinishedRun) -> str:
+    """The data of a run's experiment: the set of folds it is one of, or its own dataset."""
+    return f"folds {run.fold['set']}" if run.fold is not None else run.data_key
+
+
+def experiment_key(run: FinishedRun, defaults: dict[str, Any]) -> str:
+    return json.dumps([normalize("model_name", run.args["model_name"]), dataset_key(run),
+                       experiment_settings(run, defaults)], sort_keys=True, default=str)
+
+
+@dataclasses.dataclass
+class Experiment:
+    """The runs of one model with the same settings on the same data: one row of --best."""
+    model_name: str
+    settings: dict[str, Any]
+    dataset: str  # dataset_key
+    runs: list[FinishedRun]
+
+    @property
+    def dataset_label(self) -> str:
+        """For people: where the newest run found its data (for folds: their parent) and the start of the digest."""
+        newest = max(self.runs, key=lambda r: r.age_key)
+        path = normalize("dataset_dir", newest.args.get("dataset_dir"))
+        path = str(Path(path).parent) if path and newest.fold else path
+        digest = (newest.fold["set"] if newest.fold else newest.dataset_digest or "")[:8]
+        return "@".join(part for part in (path, digest) if part)
+
+
+def group_experiments(runs: Iterable[FinishedRun], defaults: dict[str, Any]) -> list[Experiment]:
+    groups: dict[str, Experiment] = {}
+    for run in runs:
+        key = experiment_key(run, defaults)
+        if key not in groups:
+            groups[key] = Experiment(normalize("model_name", run.args["model_name"]),
+                                     experiment_settings(run, defaults), dataset_key(run), [])
+        groups[key].runs.append(run)
+    return list(groups.values())
+
+
+def distinguishing(experiments: Sequence[Experiment]) -> list[str]:
+    """The settings (and "dataset") whose values differ between experiments: the columns that tell rows apart."""
+    if not experiments:
+        return []
+    fields = sorted({k for e in experiments for k in e.settings})
+    differ = [k for k in fields if len({json.dumps(e.settings.get(k), default=str) for e in experiments}) > 1]
+    return (["dataset"] if len({e.dataset for e in experiments}) > 1 else []) + differ
+
+
+def setting_cells(experiment: Experiment, columns: Sequence[str]) -> dict[str, Any]:
+    return {c: experiment.dataset_label if c == "dataset" else experiment.settings.get(c) for c in columns}
+
+
+def best_lr(runs: Sequence[FinishedRun]) -> tuple[float, list[FinishedRun]]:
+    """The lr with the highest mean best-val-f1 over its seeds and folds (ties: the smaller lr), and its runs."""
+    by_lr: dict[float, list[FinishedRun]] = {}
+    for run in runs:
+        by_lr.setdefault(float(run.args["lr"]), []).append(run)
+    lr = max(sorted(by_lr), key=lambda x: statistics.fmean(r.val_f1 for r in by_lr[x]))
+    return lr, by_lr[lr]
 
 
 # ---------------------------------------------------------------------------------------- locks
@@ -826,6 +973,161 @@ class Sweep:
             keeper.stop()
 
 
+# --------------------------------------------------------------------------- statistics over runs
+
+
+@dataclasses.dataclass(frozen=True)
+class TestPredictions:
+    """A run's test-predictions.jsonl, labels as indices into `labels` (label2id order)."""
+    ids: tuple[str, ...]
+    labels: tuple[str, ...]
+    gold: tuple[int, ...]
+    predicted: tuple[int, ...]
+
+    @property
+    def test_set(self) -> str:
+        """What the predictions were made on: the same string means the same examples, labels and order."""
+        return hashlib.sha256(json.dumps([self.ids, self.labels, self.gold]).encode()).hexdigest()
+
+    def correct(self) -> list[bool]:
+        return [g == p for g, p in zip(self.gold, self.predicted)]
+
+    def scores(self) -> tuple[float, float]:
+        """(accuracy, macro-F1), equal to test-metrics.json's."""
+        return stats.scores(self.gold, self.predicted, len(self.labels))
+
+
+def load_predictions(run: FinishedRun) -> TestPredictions:
+    """A finished run's test predictions (read once per FinishedRun); a missing or damaged file is a UserError
+    saying what to do."""
+    if "predictions" in run.cache:
+        return run.cache["predictions"]
+    path = run.run_dir / "test-predictions.jsonl"
+    redo = "move that run directory away and run it again (sweep.py reruns a missing run)"
+    if not path.is_file():
+        raise UserError(f"{run.run_dir} has no test-predictions.jsonl, which intervals and tests need: {redo}")
+    rows = read_jsonl(path)
+    if not rows or not isinstance(rows[0].get("probabilities"), dict):
+        raise UserError(f"{path}: expected lines with id, gold, predicted and probabilities: {redo}")
+    labels = tuple(rows[0]["probabilities"])
+    index = {label: i for i, label in enumerate(labels)}
+    try:
+        gold = tuple(index[r["gold"]] for r in rows)
+        predicted = tuple(index[r["predicted"]] for r in rows)
+    except (KeyError, TypeError):
+        raise UserError(f"{path}: a gold or predicted label is missing or not among the labels: {redo}") from None
+    run.cache["predictions"] = TestPredictions(tuple(str(r.get("id")) for r in rows), labels, gold, predicted)
+    return run.cache["predictions"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Replicates:
+    """A run's test accuracy and macro-F1 on each bootstrap resample of its test examples."""
+    accuracy: list[float]
+    f1: list[float]
+
+
+def bootstrap_runs(runs: Iterable[FinishedRun], n_resamples: int) -> dict[Path, Replicates]:
+    """Each run's scores on n_resamples resamples of its test examples.
+
+    The resamples of a test set are drawn from a generator seeded by BOOTSTRAP_SEED and the test set itself, so
+    every run on those examples (another seed, lr or model) is scored on the very same resamples: the same
+    outputs always give the same intervals, and differences between runs are paired. Folds have different test
+    sets, so each fold is resampled on its own (a stratified bootstrap over the pooled test examples).
+    """
+    by_test_set: dict[str, list[FinishedRun]] = {}
+    for run in runs:
+        by_test_set.setdefault(load_predictions(run).test_set, []).append(run)
+    replicates = {}
+    for test_set, members in by_test_set.items():
+        first = load_predictions(members[0])
+        scored = stats.resample_scores(first.gold, [load_predictions(r).predicted for r in members],
+                                       len(first.labels), n_resamples, random.Random(f"{BOOTSTRAP_SEED} {test_set}"))
+        replicates.update({r.run_dir: Replicates(*s) for r, s in zip(members, scored)})
+    return replicates
+
+
+def by_seed(items: Iterable[tuple[int, Any]]) -> list[list[Any]]:
+    grouped: dict[int, list[Any]] = {}
+    for seed, item in items:
+        grouped.setdefault(seed, []).append(item)
+    return [grouped[seed] for seed in sorted(grouped)]
+
+
+def seed_rng() -> random.Random:
+    """The generator that draws seeds in the second level of the bootstrap: the same every time."""
+    return random.Random(f"{BOOTSTRAP_SEED} seeds")
+
+
+def mean_interval(runs: Sequence[FinishedRun], replicates: dict[Path, Replicates], metric: str) -> tuple[float, float]:
+    """95% interval of a row's mean metric over its runs, from a two-level bootstrap: each fold's test examples
+    resampled (one resample for all seeds on it: their examples are the same) and, with several seeds, the
+    seeds drawn with replacement (stats.seed_means). It covers the test sample and, given several seeds, the
+    training seed; the ± std beside it is the plain spread over seeds and folds."""
+    per_seed = by_seed((r.args["seed"], getattr(replicates[r.run_dir], metric)) for r in runs)
+    return stats.percentile_interval(stats.seed_means(per_seed, seed_rng()), LEVEL)
+
+
+def pair_runs(a: Sequence[FinishedRun], b: Sequence[FinishedRun],
+              by_seed: bool = True) -> list[tuple[FinishedRun, FinishedRun]]:
+    """Runs of A and B with the same seed on the same test examples (one pair per seed and fold); without
+    by_seed, the one run of A with the one run of B. A pair tested on different data is a UserError."""
+    test_sets = {r.run_dir: load_predictions(r).test_set for r in [*a, *b]}
+    if not by_seed:
+        pairs = [(a[0], b[0])]
+    else:
+        b_by_key = {(r.args["seed"], test_sets[r.run_dir]): r for r in b}
+        pairs = [(r, b_by_key[k]) for r in a if (k := (r.args["seed"], test_sets[r.run_dir])) in b_by_key]
+    for run_a, run_b in pairs:
+        if test_sets[run_a.run_dir] != test_sets[run_b.run_dir] or (
+                run_a.dataset_digest and run_b.dataset_digest and run_a.dataset_digest != run_b.dataset_digest):
+            raise UserError(f"{run_a.run_dir} and {run_b.run_dir} were tested on different data (dataset digest or "
+                            f"test example ids differ): compare runs made on the same dataset")
+    return pairs
+
+
+def paired_comparison(pairs: Sequence[tuple[FinishedRun, FinishedRun]],
+                      replicates: dict[Path, Replicates]) -> dict[str, Any]:
+    """A minus B over the pairs: differences of mean accuracy and macro-F1 with paired-bootstrap intervals and
+    p-values, and the exact McNemar test for accuracy.
+
+    Bootstrap, on two levels as for a row's interval: each fold's test examples are resampled (the same
+    resample for every run on the fold) and, with several seeds, the seeds are drawn with replacement, a drawn
+    seed bringing its pairs; each replicate is the mean over the drawn pairs of A's score minus B's. Its
+    percentiles give the interval, stats.bootstrap_p the p-value. A difference that only one unlucky seed makes
+    is therefore not called significant.
+    McNemar needs each example once: per seed, the examples only A gets right and only B gets right are counted
+    over its folds (disjoint test sets), and stats.mcnemar_p_same_way combines the seeds: small only if every
+    seed points the same way (valid whatever the seeds' correlation).
+    """
+    test_sets = {load_predictions(a).test_set: len(load_predictions(a).ids) for a, _ in pairs}
+    result: dict[str, Any] = {"n_examples": sum(test_sets.values()), "pairs": len(pairs), "folds": len(test_sets),
+                              "seeds": sorted({a.args["seed"] for a, _ in pairs})}
+    for i, metric in enumerate(("accuracy", "f1")):
+        observed = [(load_predictions(a).scores()[i], load_predictions(b).scores()[i]) for a, b in pairs]
+        differences = stats.seed_means(by_seed(
+            (a.args["seed"], [x - y for x, y in zip(getattr(replicates[a.run_dir], metric),
+                                                    getattr(replicates[b.run_dir], metric))]) for a, b in pairs),
+            seed_rng())
+        result[f"{metric}_a"] = statistics.fmean(x for x, _ in observed)
+        result[f"{metric}_b"] = statistics.fmean(y for _, y in observed)
+        result[f"{metric}_diff"] = statistics.fmean(x - y for x, y in observed)
+        result[f"{metric}_diff_ci95"] = list(stats.percentile_interval(differences, LEVEL))
+        result[f"{metric}_bootstrap_p"] = stats.bootstrap_p(differences)
+    result["bootstrap_p"] = result["f1_bootstrap_p"]
+    tables: dict[int, list[int]] = {}
+    for a, b in pairs:
+        counts = tables.setdefault(a.args["seed"], [0, 0])
+        for right_a, right_b in zip(load_predictions(a).correct(), load_predictions(b).correct()):
+            counts[0] += right_a and not right_b
+            counts[1] += right_b and not right_a
+    result["mcnemar"] = [{"seed": seed, "only_a": only_a, "only_b": only_b, "p": stats.mcnemar_p(only_a, only_b)}
+                         for seed, (only_a, only_b) in sorted(tables.items())]
+    result["mcnemar_p"] = stats.mcnemar_p_same_way(list(tables.values()))
+    result["resamples"] = len(replicates[pairs[0][0].run_dir].f1)
+    return result
+
+
 # ------------------------------------------------------------------------------------- tables
 
 
@@ -834,33 +1136,44 @@ def mean_std(values: Sequence[float]) -> tuple[float, float | None]:
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else None
 
 
-def run_rows(runs: Iterable[FinishedRun]) -> list[dict[str, Any]]:
-    rows = [r.row() for r in runs]
-    rows.sort(key=lambda r: (r["model_name"], r["truncation"], r["lr"], r["seed"]))
+def run_rows(experiments: Sequence[Experiment], columns: Sequence[str]) -> list[dict[str, Any]]:
+    rows = [{**r.row(), **setting_cells(e, columns)} for e in experiments for r in e.runs]
+    rows.sort(key=lambda r: (r["model_name"], json.dumps([r[c] for c in columns], default=str), r["lr"], r["seed"],
+                             -1 if r["fold"] is None else r["fold"]))
     rows.sort(key=lambda r: r["f1"], reverse=True)
     return rows
 
 
-def best_rows(runs: Iterable[FinishedRun]) -> list[dict[str, Any]]:
-    """Per model and truncation, the lr with the highest mean best-val-f1 over seeds, with mean and std of each
-    metric."""
-    by_model: dict[tuple[str, str], dict[float, list[FinishedRun]]] = {}
-    for run in runs:
-        key = (run.args["model_name"], truncation_of(run.args))
-        by_model.setdefault(key, {}).setdefault(float(run.args["lr"]), []).append(run)
+def best_rows(experiments: Sequence[Experiment], columns: Sequence[str], n_resamples: int,
+              log: Callable[[str], None]) -> list[dict[str, Any]]:
+    """Per experiment, its best lr with mean and std of each metric over seeds and folds, and 95% intervals;
+    f1-p-vs-best: the paired-bootstrap p of the F1 difference to the best row on the same test examples."""
+    chosen = [(e, *best_lr(e.runs)) for e in experiments]
+    replicates = bootstrap_runs([r for _, _, runs in chosen for r in runs], n_resamples)
     rows = []
-    for (model, truncation), by_lr in by_model.items():
-        lr = max(sorted(by_lr), key=lambda x: statistics.fmean(r.val_f1 for r in by_lr[x]))  # ties: smaller lr
-        group = by_lr[lr]
-        row = {"model_name": model, "truncation": truncation, "lr": lr, "seeds": len(group)}
-        row["best-val-f1"], row["best-val-f1-std"] = mean_std([r.val_f1 for r in group])
+    for experiment, lr, runs in chosen:
+        seeds, folds = {r.args["seed"] for r in runs}, {r.data_key for r in runs}
+        if len(runs) != len(seeds) * len(folds):
+            log(f"sweep.py: warning: {experiment.model_name} lr {lr:g}: {len(runs)} runs for {len(seeds)} seeds x "
+                f"{len(folds)} folds; the means are over the runs there are")
+        row = {"model_name": experiment.model_name, **setting_cells(experiment, columns), "lr": lr,
+               "seeds": len(seeds), "folds": len(folds), "runs": runs}
+        row["best-val-f1"], row["best-val-f1-std"] = mean_std([r.val_f1 for r in runs])
         for metric in METRICS:
-            row[metric], row[f"{metric}-std"] = mean_std([r.test[metric] for r in group])
-        row["params"] = max(group, key=lambda r: r.age_key).params
-        row["train_seconds"] = statistics.fmean(r.train_seconds for r in group)
+            row[metric], row[f"{metric}-std"] = mean_std([r.test[metric] for r in runs])
+        for metric in ("f1", "accuracy"):
+            row[f"{metric}-ci95-low"], row[f"{metric}-ci95-high"] = mean_interval(runs, replicates, metric)
+        row["params"] = max(runs, key=lambda r: r.age_key).params
+        row["train_seconds"] = statistics.fmean(r.train_seconds for r in runs)
+        row["dataset_key"] = experiment.dataset
         rows.append(row)
-    rows.sort(key=lambda r: (r["model_name"], r["truncation"]))
+    rows.sort(key=lambda r: (r["model_name"], json.dumps([r[c] for c in columns], default=str)))
     rows.sort(key=lambda r: r["f1"], reverse=True)
+    for row in rows:
+        best = next(r for r in rows if r["dataset_key"] == row["dataset_key"])
+        pairs = pair_runs(best["runs"], row["runs"]) if row is not best else []
+        row["f1-p-vs-best"] = (1.0 if row is best else
+                               paired_comparison(pairs, replicates)["bootstrap_p"] if pairs else None)
     return rows
 
 
@@ -877,26 +1190,50 @@ def mean_pm_std(mean: float, std: float | None, scale: float, digits: int) -> st
     return text if std is None else f"{text} ± {std * scale:.{digits}f}"
 
 
-def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
-    lines = ["| model | lr | seeds | params (M) | val F1 (%) | accuracy (%) | precision (%) | recall (%) | "
-             "F1 (%) | loss |",
-             "|:--|--:|--:|--:|--:|--:|--:|--:|--:|--:|"]
+def markdown_cell(value: Any) -> str:
+    return str(value).replace("|", "\\|")
+
+
+def markdown_table(rows: Sequence[dict[str, Any]], columns: Sequence[str], n_resamples: int) -> str:
+    lines = ["| model | " + "".join(f"{c} | " for c in columns) + "lr | seeds | folds | params (M) | val F1 (%) | "
+             "accuracy (%) | accuracy 95% CI | precision (%) | recall (%) | F1 (%) | F1 95% CI | loss |",
+             "|:--|" + ":--|" * len(columns) + "--:|" * 12]
     for r in rows:
-        model = r["model_name"] + ("" if r["truncation"] == "head" else f" ({r['truncation']})")
-        cells = [model.replace("|", "\\|"), f"{r['lr']:g}", str(r["seeds"]), f"{r['params'] / 1e6:.1f}",
+        mark = " †" if r["f1-p-vs-best"] is not None and r["f1-p-vs-best"] >= ALPHA else ""
+        cells = [markdown_cell(r["model_name"]), *(markdown_cell(r[c]) for c in columns), f"{r['lr']:g}",
+                 str(r["seeds"]), str(r["folds"]), f"{r['params'] / 1e6:.1f}",
                  mean_pm_std(r["best-val-f1"], r["best-val-f1-std"], 100, 2),
-                 *[mean_pm_std(r[m], r[f"{m}-std"], 100, 2) for m in ("accuracy", "precision", "recall", "f1")],
+                 mean_pm_std(r["accuracy"], r["accuracy-std"], 100, 2),
+                 f"{100 * r['accuracy-ci95-low']:.2f}–{100 * r['accuracy-ci95-high']:.2f}",
+                 *[mean_pm_std(r[m], r[f"{m}-std"], 100, 2) for m in ("precision", "recall")],
+                 mean_pm_std(r["f1"], r["f1-std"], 100, 2) + mark,
+                 f"{100 * r['f1-ci95-low']:.2f}–{100 * r['f1-ci95-high']:.2f}",
                  mean_pm_std(r["loss"], r["loss-std"], 1, 4)]
         lines.append("| " + " | ".join(cells) + " |")
+    best = "the best macro-F1 of its dataset" if len({r["dataset_key"] for r in rows}) > 1 else "the best macro-F1"
+    lines += ["", f"† {best} and the rows not significantly worse than it: paired bootstrap test of the macro-F1 "
+              f"difference on the same test examples (runs paired by seed and fold, {n_resamples} resamples), "
+              f"two-sided p ≥ {ALPHA}.", "",
+              "95% CI: percentile bootstrap over the test examples (each fold resampled on its own, the same "
+              "resample for every seed; with several seeds, the seeds resampled too). ±: sample standard deviation "
+              "over seeds and folds."]
+    if any(r["f1-p-vs-best"] is None for r in rows):
+        lines[-3] += " Rows that share no seed and fold with the best one are not compared (no mark)."
     return "\n".join(lines) + "\n"
 
 
-def render(runs: Sequence[FinishedRun], best: bool, markdown: bool) -> str:
-    if markdown:
-        return markdown_table(best_rows(runs))
-    if best:
-        return csv_text(best_rows(runs), BEST_COLUMNS)
-    return csv_text(run_rows(runs), RUN_COLUMNS)
+def render(runs: Sequence[FinishedRun], args: argparse.Namespace, defaults: dict[str, Any],
+           log: Callable[[str], None]) -> str:
+    experiments = group_experiments(runs, defaults)
+    columns = distinguishing(experiments)
+    log(f"sweep.py: {len(runs)} runs in {len(experiments)} experiments (model x settings x dataset)"
+        + (f"; they differ in {', '.join(columns)}" if columns else ""))
+    if args.markdown:
+        return markdown_table(best_rows(experiments, columns, args.resamples, log), columns, args.resamples)
+    if args.best:
+        return csv_text(best_rows(experiments, columns, args.resamples, log), [*BEST_COLUMNS[:1], *columns,
+                                                                                 *BEST_COLUMNS[1:]])
+    return csv_text(run_rows(experiments, columns), [*RUN_COLUMNS[:1], *columns, *RUN_COLUMNS[1:]])
 
 
 # --------------------------------------------------- clusters: job arrays (--list, --task_index, --slurm)
@@ -1044,9 +1381,12 @@ def sweep(args: argparse.Namespace, log: Callable[[str], None]) -> int:
         for problem in problems:
             log(f"sweep.py: warning: {problem}")
         models = args.model_names and args.model_names + (LONG_CONTEXT_MODELS if args.long_context else [])
-        chosen = select_runs(runs, models, args.lrs, args.seeds, wanted, defaults, log, args.truncations)
+        chosen = select_runs(runs, models, args.lrs, args.seeds, args.dataset_dirs, wanted, defaults,
+                             args.truncations)
         log(f"sweep.py: {len(chosen)} finished runs selected of {len(runs)} in {output_dir}")
     else:
+        if args.dataset_dirs:
+            check_dataset_dirs(args.dataset_dirs)
         combos = grid(args, output_dir)
         if args.task_index is not None:
             index = pick_task(args.task_index, len(combos), dict(os.environ))
@@ -1071,7 +1411,7 @@ def sweep(args: argparse.Namespace, log: Callable[[str], None]) -> int:
         chosen = [run for c in combos if (run := newest_match(runs, c.wanted, defaults)) is not None]
         log(f"sweep.py: {runner.done} runs done, {runner.failed} failed, {runner.locked} left to another sweep; "
             f"{len(chosen)} of {len(combos)} combinations have results")
-    sys.stdout.write(render(chosen, args.best, args.markdown))
+    sys.stdout.write(render(chosen, args, defaults, log))
     sys.stdout.flush()
     return 1 if failed else 0
 

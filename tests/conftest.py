@@ -117,6 +117,44 @@ def finished_runs(output_dir: Path) -> list[Path]:
     return sorted(p.parent for p in output_dir.rglob("test-metrics.json"))
 
 
+# ------------------------------------------------------------ hand-made run directories, for sweep.py and compare.py
+
+
+def metrics(loss: float, accuracy: float, precision: float, recall: float, f1: float) -> dict:
+    return {"loss": loss, "accuracy": accuracy, "precision": precision, "recall": recall, "f1": f1}
+
+
+def write_predictions(run_dir: Path, gold: list[str], predicted: list[str], labels=("x", "y"),
+                      ids: list[str] | None = None) -> None:
+    ids = ids or [f"e{i}" for i in range(len(gold))]
+    lines = [{"id": i, "gold": g, "predicted": p, "probabilities": {label: float(label == p) for label in labels}}
+             for i, g, p in zip(ids, gold, predicted)]
+    (run_dir / "test-predictions.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+
+
+def right_then_wrong(n_right: int, n: int = 50) -> tuple[list[str], list[str]]:
+    """Gold labels x, y, x, y, ... and predictions right on the first n_right examples only."""
+    gold = ["x", "y"] * (n // 2)
+    return gold, [g if i < n_right else {"x": "y", "y": "x"}[g] for i, g in enumerate(gold)]
+
+
+def write_run(out: Path, model: str, lr: float, seed: int, time_of_day: str, val_f1: float, test: dict,
+              params: int, train_seconds: float = 100.0, args: dict | None = None, digest: str | None = "data-1",
+              fold: dict | None = None, predictions: tuple[list[str], list[str]] | None = None) -> Path:
+    """A finished run as bertcls.py leaves it; its test predictions are right on test["accuracy"] of 50 examples
+    unless given."""
+    run_dir = out / model.replace("/", "__") / "2024-05-01" / time_of_day
+    run_dir.mkdir(parents=True)
+    args = {"model_name": model, "lr": lr, "seed": seed, "epochs": 3, "output_dir": str(out), **(args or {})}
+    (run_dir / "config.json").write_text(json.dumps({"args": args, "params": params, "dataset_digest": digest,
+                                                     "fold": fold}))
+    (run_dir / "val-metrics.json").write_text(json.dumps({"best_epoch": 2, "train_seconds": train_seconds,
+                                                          "f1": val_f1}))
+    write_predictions(run_dir, *(predictions or right_then_wrong(round(test["accuracy"] * 50))))
+    (run_dir / "test-metrics.json").write_text(json.dumps(test))
+    return run_dir
+
+
 # ------------------------------------------------------------ tiny stand-ins for each model family of the table
 
 

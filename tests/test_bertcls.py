@@ -103,6 +103,15 @@ def test_label_names_are_mapped_and_text_field_used(tmp_path):
     assert bertcls.example_text(loaded[1]) == ("野球", "試合")
 
 
+def test_fold_record_is_read_from_fold_json(tmp_path):
+    assert bertcls.load_fold(tmp_path) is None  # a plain split
+    (tmp_path / "fold.json").write_text(json.dumps({"fold": 2, "folds": 5, "seed": 42, "set": "abc"}))
+    assert bertcls.load_fold(tmp_path) == {"fold": 2, "folds": 5, "set": "abc"}
+    (tmp_path / "fold.json").write_text(json.dumps({"fold": "2", "folds": 5, "set": "abc"}))
+    with pytest.raises(common.UserError, match="fold.json: expected an object with integers 'fold', 'folds'"):
+        bertcls.load_fold(tmp_path)
+
+
 def test_collate_pads_to_multiple_of_eight_and_masks():
     packed = bertcls.pack({"input_ids": [[5, 6, 7], [5] * 10], "token_type_ids": [[0, 0, 1], [0] * 10]})
     batch = bertcls.collate(packed, [1, 0], torch.tensor([4, 2]), pad_id=0)

@@ -372,6 +372,106 @@ def test_debug_shows_traceback(tmp_path, monkeypatch):
         prepare.main(["--input", str(tmp_path / "missing"), "--output_dir", str(tmp_path / "o")])
 
 
+# ---------------------------------------------------------------- k-fold cross-validation
+
+@pytest.mark.parametrize("k", [3, 4, 5, 10])
+@pytest.mark.parametrize("n", [10, 25, 101])
+def test_fold_splits_test_and_validate_every_example_once(k, n):
+    items = list(range(n))
+    folds = prepare.fold_splits(items, seed=7, k=k)
+    assert len(folds) == k
+    for train, val, test in folds:
+        assert sorted(train + val + test) == items  # complete, and no example in two splits of a fold
+    assert sorted(x for _, _, test in folds for x in test) == items  # each tested in exactly one fold
+    assert sorted(x for _, val, _ in folds for x in val) == items  # each validated in exactly one fold
+    parts = prepare.parts(items, 7, k)
+    assert [len(p) for p in parts] == [n // k + (i < n % k) for i in range(k)]  # the first n % k one larger
+    # (k-2):1:1 by parts; fold i tests on part k-1-i and validates on the part before it
+    assert [(val, test) for _, val, test in folds] == [(parts[(k - 2 - i) % k], parts[k - 1 - i]) for i in range(k)]
+
+
+@pytest.mark.parametrize("n", [*range(10, 31), 7367])
+def test_fold_0_of_10_is_the_default_split(n):
+    items = [f"cat/{i:05d}.txt" for i in range(n)]
+    assert prepare.fold_splits(items, 42, 10)[0] == prepare.split(items, 42)
+
+
+def test_folds_are_written_next_to_the_default_split(tmp_path, corpus_tarball, capsys):
+    out = tmp_path / "out"
+    base = ["--input", str(corpus_tarball), "--output_dir", str(out), "--no_verify"]
+    assert prepare.main(base) == 0
+    default = snapshot(out)
+    assert prepare.main([*base, "--folds", "10"]) == 0
+    assert {p.name for p in out.iterdir()} == {*OUTPUTS, *(f"fold-{i}" for i in range(10))}
+    assert {name: (out / name).read_bytes() for name in OUTPUTS} == default  # left as it was
+    fold_0 = snapshot(out / "fold-0")
+    assert sorted(fold_0) == ["fold.json", "label2id.json", "test.jsonl", "train.jsonl", "val.jsonl"]
+    for name in ("train.jsonl", "val.jsonl", "test.jsonl", "label2id.json"):
+        assert fold_0[name] == default[name], name  # byte for byte
+    records = [json.loads((out / f"fold-{i}" / "fold.json").read_text()) for i in range(10)]
+    assert [(r["fold"], r["folds"], r["seed"]) for r in records] == [(i, 10, 42) for i in range(10)]
+    assert len({r["set"] for r in records}) == 1
+    tested = [r["id"] for i in range(10) for r in read_rows(out / f"fold-{i}" / "test.jsonl")]
+    assert sorted(tested) == sorted(r["id"] for r in read_rows(out / "all.jsonl"))
+    stdout = capsys.readouterr().out
+    # 36 articles in parts of 4, 4, 4, 4, 4, 4, 3, 3, 3, 3: fold 9 tests on the first, validates on the last
+    assert "fold-0: train 30, val 3, test 3\n" in stdout and "fold-9: train 29, val 3, test 4\n" in stdout
+    # writing the default split again keeps the folds; fewer folds replace all of the old ones
+    folds = {i: snapshot(out / f"fold-{i}") for i in range(10)}
+    assert prepare.main(base) == 0
+    assert {i: snapshot(out / f"fold-{i}") for i in range(10)} == folds
+    assert prepare.main([*base, "--folds", "3", "--seed", "5"]) == 0
+    assert {p.name for p in out.iterdir()} == {*OUTPUTS, "fold-0", "fold-1", "fold-2"}
+    assert {name: (out / name).read_bytes() for name in OUTPUTS} == default
+    assert json.loads((out / "fold-2" / "fold.json").read_text())["set"] != records[0]["set"]
+    assert [len(read_rows(out / "fold-1" / f"{s}.jsonl")) for s in ("train", "val", "test")] == [12, 12, 12]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["corpus.tar.gz", "out"], "no staging dirs left"
+
+
+def test_folds_of_own_data(tmp_path, capsys):
+    data = write_jsonl(tmp_path / "reviews.jsonl", labelled(50))
+    out = tmp_path / "out"
+    assert prepare.main(["--input", str(data), "--output_dir", str(out), "--folds", "5"]) == 0
+    for i in range(5):
+        sizes = [len(read_rows(out / f"fold-{i}" / f"{s}.jsonl")) for s in ("train", "val", "test")]
+        assert sizes == [30, 10, 10]  # 3:1:1
+        assert json.loads((out / f"fold-{i}" / "label2id.json").read_text()) == {"neg": 0, "pos": 1}
+    assert not (out / "train.jsonl").exists()
+
+
+@pytest.mark.parametrize("folds, fragment", [
+    ("2", "--folds 2: a fold needs a train, a val and a test part; use --folds 3 or more"),
+    ("0", "use --folds 3 or more"),
+    ("37", "--folds 37 is more than the 36 examples: use --folds 36 or fewer"),
+])
+def test_bad_number_of_folds(tmp_path, corpus_tarball, capsys, folds, fragment):
+    out = tmp_path / "out"
+    rc = prepare.main(["--input", str(corpus_tarball), "--output_dir", str(out), "--no_verify", "--folds", folds])
+    one_line_error(capsys, rc, fragment)
+    assert not out.exists()
+
+
+def test_failed_folds_leave_the_previous_ones(tmp_path, corpus_tarball, capsys, monkeypatch):
+    out = tmp_path / "out"
+    assert prepare.main(["--input", str(corpus_tarball), "--output_dir", str(out), "--no_verify", "--folds", "3"]) == 0
+    before = {i: snapshot(out / f"fold-{i}") for i in range(3)}
+    written = []
+
+    def write_then_fail(output_dir, splits, label2id, fold=None):
+        if written:
+            raise prepare.UserError(f"cannot write {output_dir}: No space left on device")
+        written.append(output_dir)
+        original(output_dir, splits, label2id, fold)
+
+    original = prepare.write_dataset
+    monkeypatch.setattr(prepare, "write_dataset", write_then_fail)
+    rc = prepare.main(["--input", str(corpus_tarball), "--output_dir", str(out), "--no_verify", "--folds", "4"])
+    one_line_error(capsys, rc, "No space left")
+    assert {p.name for p in out.iterdir()} == {"fold-0", "fold-1", "fold-2"}
+    assert {i: snapshot(out / f"fold-{i}") for i in range(3)} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["corpus.tar.gz", "out"], "no staging dirs left"
+
+
 # ---------------------------------------------------------------- bring your own data
 
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
@@ -622,9 +722,15 @@ def real_tarball() -> Path:
 
 
 def test_real_corpus(tmp_path, real_tarball, capsys):
-    for out in ("a", "b"):
-        assert prepare.main(["--input", str(real_tarball), "--output_dir", str(tmp_path / out)]) == 0
-    assert snapshot(tmp_path / "a") == snapshot(tmp_path / "b")
+    assert prepare.main(["--input", str(real_tarball), "--output_dir", str(tmp_path / "a")]) == 0
+    # a second run, of 10 folds: its fold-0 is the default split byte for byte; every article is tested once
+    assert prepare.main(["--input", str(real_tarball), "--output_dir", str(tmp_path / "b"), "--folds", "10"]) == 0
+    assert sorted(snapshot(tmp_path / "b" / "fold-0")) == ["fold.json", "label2id.json", "test.jsonl", "train.jsonl",
+                                                            "val.jsonl"]
+    for name in ("train.jsonl", "val.jsonl", "test.jsonl", "label2id.json"):
+        assert (tmp_path / "b" / "fold-0" / name).read_bytes() == (tmp_path / "a" / name).read_bytes(), name
+    tested = [r["id"] for i in range(10) for r in read_rows(tmp_path / "b" / f"fold-{i}" / "test.jsonl")]
+    assert len(tested) == len(set(tested)) == 7367
     out = tmp_path / "a"
     sizes = {s: len(read_rows(out / f"{s}.jsonl")) for s in ("all", "train", "val", "test")}
     assert sizes == {"all": 7367, "train": 5895, "val": 736, "test": 736}

@@ -9,9 +9,11 @@ import io
 import json
 import math
 import os
+import random
 import shutil
 import signal
 import re
+import statistics
 import subprocess
 import sys
 import threading
@@ -21,8 +23,10 @@ from pathlib import Path
 
 import pytest
 
+import bertcls
+import prepare
 import sweep
-from conftest import REPO, finished_runs, train_args
+from conftest import REPO, finished_runs, metrics, train_args, write_predictions, write_run
 
 LRS = ("1e-3", "3e-3")
 SEEDS = ("1", "2")
@@ -171,7 +175,7 @@ def test_combination_held_by_a_live_sweep_is_waited_for_not_run(swept, tmp_path,
     corrupt = run_of(out, 3e-3, 2)
     metrics = (corrupt / "test-metrics.json").read_text()
     (corrupt / "test-metrics.json").write_text("{not json")  # a corrupt run does not count: it must run again
-    [combo] = sweep.combinations([str(tiny_bert)], [3e-3], [2], flags, out)
+    [combo] = sweep.combinations([("model_name", [str(tiny_bert)]), ("lr", [3e-3]), ("seed", [2])], flags, out)
     lock = sweep.lock_path(out, combo)
     before = run_dirs(out)
     held, start = threading.Event(), sweep.Sweep.start
@@ -247,25 +251,54 @@ def test_lock_is_exclusive_and_stale_locks_are_taken_over(tmp_path, monkeypatch)
     assert sorted(p.name for p in lock.parent.iterdir()) == ["x.lock"]  # no private files left behind
 
 
+@pytest.fixture(scope="module")
+def fold_swept(tmp_path_factory, tiny_bert, tiny_rows):
+    """A real sweep over the 3 folds of prepare.py --folds 3 (120 articles: 40 / 40 / 40 per fold), one epoch each."""
+    root = tmp_path_factory.mktemp("folds")
+    data = root / "tiny.jsonl"
+    data.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for rows in tiny_rows.values() for r in rows))
+    assert prepare.main(["--input", str(data), "--text_fields", "title,body", "--label_field", "category",
+                         "--output_dir", str(root / "tiny"), "--folds", "3"]) == 0
+    out = root / "outputs"
+    flags = [*bertcls_flags(tiny_bert, root / "tiny", out), "--epochs", "1"]
+    del flags[flags.index("--dataset_dir"):flags.index("--dataset_dir") + 2]
+    argv = ["--model_names", str(tiny_bert), "--lrs", "3e-3", "--seeds", "1", "--output_dir", str(out),
+            "--dataset_dirs", *(str(root / "tiny" / f"fold-{i}") for i in range(3)), *flags]
+    stderr = io.StringIO()
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(stderr):
+        rc = sweep.main(argv)
+    return types.SimpleNamespace(out=out, root=root, argv=argv, rc=rc, stderr=stderr.getvalue())
+
+
+def test_sweep_over_folds(fold_swept, monkeypatch, capsys):
+    assert fold_swept.rc == 0, fold_swept.stderr
+    assert "3 combinations, 0 already finished, 3 to run" in fold_swept.stderr
+    assert f"lr 0.003 seed 1 dataset_dir {fold_swept.root / 'tiny' / 'fold-2'}" in fold_swept.stderr
+    configs = [json.loads((d / "config.json").read_text()) for d in finished_runs(fold_swept.out)]
+    assert sorted(c["fold"]["fold"] for c in configs) == [0, 1, 2]
+    assert {c["fold"]["folds"] for c in configs} == {3} and len({c["fold"]["set"] for c in configs}) == 1
+    assert len({c["dataset_digest"] for c in configs}) == 3
+    for run_dir in finished_runs(fold_swept.out):
+        test = json.loads((run_dir / "test-metrics.json").read_text())
+        predictions = sweep.load_predictions(sweep.load_run(run_dir))
+        assert predictions.scores() == (test["accuracy"], test["f1"])  # the bootstrap scores as bertcls.py does
+    assert sweep.main(["--no_run", "--best", "--resamples", "300", "--output_dir", str(fold_swept.out)]) == 0
+    [row] = csv_rows(capsys.readouterr().out)
+    runs = [json.loads((d / "test-metrics.json").read_text()) for d in finished_runs(fold_swept.out)]
+    assert (row["seeds"], row["folds"]) == ("1", "3")
+    assert float(row["f1"]) == pytest.approx(statistics.fmean(r["f1"] for r in runs))
+    assert float(row["f1-ci95-low"]) <= float(row["f1"]) <= float(row["f1-ci95-high"])
+    # --dataset_dirs selects runs too
+    assert sweep.main(["--no_run", "--output_dir", str(fold_swept.out), "--dataset_dirs",
+                       str(fold_swept.root / "tiny" / "fold-1")]) == 0
+    assert [r["fold"] for r in csv_rows(capsys.readouterr().out)] == ["1"]
+    # resumed, the sweep finds every fold finished
+    monkeypatch.setattr(sweep.subprocess, "Popen", None)  # any run attempt would raise
+    assert sweep.main(fold_swept.argv) == 0
+    assert "3 combinations, 3 already finished, 0 to run" in capsys.readouterr().err
+
+
 # ------------------------------------------------------------------------------ hand-made run dirs
-
-
-def write_run(out: Path, model: str, lr: float, seed: int, time_of_day: str, val_f1: float, test: dict,
-              params: int, train_seconds: float = 100.0, truncation: str | None = None) -> Path:
-    run_dir = out / model.replace("/", "__") / "2024-05-01" / time_of_day
-    run_dir.mkdir(parents=True)
-    args = {"model_name": model, "lr": lr, "seed": seed, "epochs": 3, "output_dir": str(out)}
-    if truncation is not None:  # runs made before --truncation existed record none
-        args["truncation"] = truncation
-    (run_dir / "config.json").write_text(json.dumps({"args": args, "params": params}))
-    (run_dir / "val-metrics.json").write_text(json.dumps({"best_epoch": 2, "train_seconds": train_seconds,
-                                                          "f1": val_f1}))
-    (run_dir / "test-metrics.json").write_text(json.dumps(test))
-    return run_dir
-
-
-def metrics(loss: float, accuracy: float, precision: float, recall: float, f1: float) -> dict:
-    return {"loss": loss, "accuracy": accuracy, "precision": precision, "recall": recall, "f1": f1}
 
 
 @pytest.fixture
@@ -294,16 +327,166 @@ def test_best_picks_the_lr_with_the_highest_mean_val_f1(hand_made, capsys):
         assert float(a[column]) == pytest.approx(mean) and float(a[f"{column}-std"]) == pytest.approx(std), column
     assert float(a["train_seconds"]) == pytest.approx(110.0)
     assert (b["model_name"], float(b["lr"]), b["seeds"], float(b["f1"]), b["f1-std"]) == ("org/b", 2e-5, "1", 0.93, "")
+    assert list(a) == sweep.BEST_COLUMNS and a["folds"] == b["folds"] == "1"
+    # the predictions are right on 46 and 44 of 50 (a) and 47 of 50 (b): the intervals hold the accuracies
+    assert 0.7 < float(a["accuracy-ci95-low"]) < 0.88 and 0.92 < float(a["accuracy-ci95-high"]) <= 1.0
+    assert 0.84 < float(b["accuracy-ci95-low"]) < 0.94 < float(b["accuracy-ci95-high"]) == 1.0
+    assert float(b["f1-p-vs-best"]) == 1.0 and 0.05 < float(a["f1-p-vs-best"]) < 1.0
 
 
 def test_markdown_renders_the_best_table(hand_made, capsys):
+    assert sweep.main(["--no_run", "--best", "--output_dir", str(hand_made)]) == 0
+    b, a = csv_rows(capsys.readouterr().out)
     assert sweep.main(["--no_run", "--markdown", "--output_dir", str(hand_made)]) == 0
-    assert capsys.readouterr().out.splitlines() == [
-        "| model | lr | seeds | params (M) | val F1 (%) | accuracy (%) | precision (%) | recall (%) | F1 (%) | loss |",
-        "|:--|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
-        "| org/b | 2e-05 | 1 | 337.0 | 95.00 | 94.00 | 93.00 | 92.00 | 93.00 | 0.2000 |",
-        "| org/a | 3e-05 | 2 | 110.0 | 88.00 ± 2.83 | 90.00 ± 2.83 | 88.00 ± 2.83 | 87.00 ± 2.83 | 89.00 ± 2.83 "
-        "| 0.3500 ± 0.0707 |"]
+
+    def ci(row: dict, metric: str) -> str:
+        return f"{100 * float(row[f'{metric}-ci95-low']):.2f}–{100 * float(row[f'{metric}-ci95-high']):.2f}"
+
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[:4] == [
+        "| model | lr | seeds | folds | params (M) | val F1 (%) | accuracy (%) | accuracy 95% CI | precision (%) | "
+        "recall (%) | F1 (%) | F1 95% CI | loss |",
+        "|:--|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
+        f"| org/b | 2e-05 | 1 | 1 | 337.0 | 95.00 | 94.00 | {ci(b, 'accuracy')} | 93.00 | 92.00 | 93.00 † | "
+        f"{ci(b, 'f1')} | 0.2000 |",
+        f"| org/a | 3e-05 | 2 | 1 | 110.0 | 88.00 ± 2.83 | 90.00 ± 2.83 | {ci(a, 'accuracy')} | 88.00 ± 2.83 | "
+        f"87.00 ± 2.83 | 89.00 ± 2.83 † | {ci(a, 'f1')} | 0.3500 ± 0.0707 |"]
+    assert lines[4] == "" and lines[5].startswith("† the best macro-F1 and the rows not significantly worse than it: "
+                                                  "paired bootstrap test") and "p ≥ 0.05" in lines[5]
+
+
+def test_markdown_marks_the_rows_not_significantly_worse_than_the_best(tmp_path, capsys):
+    out, n = tmp_path / "outputs", 60
+    gold = ["x", "y", "z"] * (n // 3)
+    wrong = {"x": "y", "y": "z", "z": "x"}
+    labels = ("x", "y", "z")
+    for model, right in (("best", n), ("tie", n), ("close", n - 2), ("worse", n // 2)):
+        predicted = [g if i < right else wrong[g] for i, g in enumerate(gold)]
+        accuracy = right / n
+        write_run(out, f"org/{model}", 1e-5, 1, "10-00-00.000000", 0.9, metrics(0.1, accuracy, 0, 0, accuracy), 1,
+                  predictions=(gold, predicted))
+        for run_dir in finished_runs(out / f"org__{model}"):
+            write_predictions(run_dir, gold, predicted, labels)
+    # a model on other data is not compared with these: it is the best of its own dataset
+    write_run(out, "org/other", 1e-5, 1, "10-00-00.000000", 0.9, metrics(0.1, 0.5, 0, 0, 0.5), 1, digest="data-2",
+              predictions=(["x", "y"] * 5, ["x"] * 10))
+    assert sweep.main(["--no_run", "--markdown", "--resamples", "500", "--output_dir", str(out)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    marked = {line.split(" | ")[0][2:]: "†" in line for line in lines if line.startswith("| org/")}
+    # identical predictions: difference 0, p = 1; 2 of 60 wrong: not significant; 30 of 60 wrong: p = 2/501
+    assert marked == {"org/best": True, "org/tie": True, "org/close": True, "org/worse": False, "org/other": True}
+    assert any(line.startswith("† the best macro-F1 of its dataset and") for line in lines)
+    assert sweep.main(["--no_run", "--best", "--resamples", "500", "--output_dir", str(out)]) == 0
+    p_values = {r["model_name"]: float(r["f1-p-vs-best"]) for r in csv_rows(capsys.readouterr().out)}
+    assert p_values["org/worse"] == 2 / 501 and p_values["org/tie"] == 1.0
+
+
+def test_a_row_is_one_experiment(hand_made, capsys):
+    # the same model with another number of epochs, and on another dataset (by content): three rows, not one
+    write_run(hand_made, "org/a", 3e-5, 1, "13-00-00.000000", 0.5, metrics(0.9, 0.5, 0.5, 0.5, 0.5), 110_000_000,
+              args={"epochs": 5})
+    write_run(hand_made, "org/a", 3e-5, 1, "14-00-00.000000", 0.6, metrics(0.9, 0.6, 0.6, 0.6, 0.6), 110_000_000,
+              args={"dataset_dir": "datasets/other"}, digest="data-2")
+    assert sweep.main(["--no_run", "--best", "--output_dir", str(hand_made)]) == 0
+    out, err = capsys.readouterr()
+    rows = csv_rows(out)
+    assert list(rows[0])[:4] == ["model_name", "dataset", "epochs", "lr"]
+    assert sorted((r["model_name"], r["dataset"], r["epochs"], r["seeds"], r["f1"]) for r in rows) == [
+        ("org/a", "data-1", "3", "2", "0.89"), ("org/a", "data-1", "5", "1", "0.5"),
+        ("org/a", "datasets/other@data-2", "3", "1", "0.6"), ("org/b", "data-1", "3", "1", "0.93")]
+    assert "7 runs in 4 experiments (model x settings x dataset); they differ in dataset, epochs" in err
+    # the run listing keeps them apart too, and --no_run with a flag selects one experiment
+    assert sweep.main(["--no_run", "--output_dir", str(hand_made), "--epochs", "5"]) == 0
+    assert [(r["model_name"], r["f1"]) for r in csv_rows(capsys.readouterr().out)] == [("org/a", "0.5")]
+
+
+def fold_runs(out: Path, model: str, lr: float, val_f1: dict, right: dict, digests=("f0", "f1", "f2")) -> None:
+    """Runs of one lr on 3 folds x seeds: val_f1[seed] the val F1 on every fold, right[(seed, fold)] how many
+    of the fold's 20 test examples it gets right; test metrics computed from those predictions."""
+    labels = {0: "x", 1: "y"}
+    for (seed, fold), n_right in right.items():
+        gold = [labels[i % 2] for i in range(20)]
+        predicted = [g if i < n_right else labels[1 - i % 2] for i, g in enumerate(gold)]
+        computed = bertcls.classification_metrics([i % 2 for i in range(20)], [1 - i % 2 if i >= n_right else i % 2
+                                                                                for i in range(20)], 0.0, labels)
+        run_dir = write_run(out, model, lr, seed, f"{seed:02d}-{fold:02d}-{int(lr * 1e6):02d}.000000", val_f1[seed],
+                            {m: computed[m] for m in sweep.METRICS}, 1, digest=digests[fold],
+                            args={"dataset_dir": f"datasets/x/fold-{fold}"},
+                            fold={"fold": fold, "folds": 3, "set": "set-1"},
+                            predictions=(gold, predicted))
+        write_predictions(run_dir, gold, predicted, ids=[f"fold{fold}-{i}" for i in range(20)])
+
+
+def reference_interval(runs: list[tuple[int, str, list[int], list[int]]], n_resamples: int, metric: str) -> tuple:
+    """The row's interval the slow, obvious way: per replicate, each fold's examples drawn once (from its own
+    seeded generator) for all runs on it, the seeds drawn with replacement, bertcls's metrics per run, the mean
+    over the drawn seeds of their mean over folds; then the 2.5% and 97.5% quantiles."""
+    generators = {test_set: random.Random(f"{sweep.BOOTSTRAP_SEED} {test_set}") for _, test_set, _, _ in runs}
+    samples = [{test_set: rng.choices(range(20), k=20) for test_set, rng in generators.items()}
+               for _ in range(n_resamples)]
+    seeds, seed_rng = sorted({seed for seed, _, _, _ in runs}), random.Random(f"{sweep.BOOTSTRAP_SEED} seeds")
+    means = []
+    for sample in samples:
+        per_seed = {seed: statistics.fmean(
+            bertcls.classification_metrics([gold[i] for i in sample[test_set]],
+                                           [predicted[i] for i in sample[test_set]], 0.0, {0: "x", 1: "y"})[metric]
+            for run_seed, test_set, gold, predicted in runs if run_seed == seed) for seed in seeds}
+        means.append(statistics.fmean(per_seed[seed] for seed in seed_rng.choices(seeds, k=len(seeds))))
+    cuts = statistics.quantiles(means, n=40, method="inclusive")
+    return cuts[0], cuts[-1]
+
+
+def test_best_over_seeds_and_folds(tmp_path, capsys):
+    out = tmp_path / "outputs"
+    # lr 1e-5 wins on seed 1 (0.90 > 0.80) but loses the mean over both seeds (0.75 < 0.80)
+    fold_runs(out, "org/a", 1e-5, {1: 0.90, 2: 0.60}, {(s, f): 10 for s in (1, 2) for f in range(3)})
+    right = {(1, 0): 18, (1, 1): 16, (1, 2): 20, (2, 0): 17, (2, 1): 19, (2, 2): 14}
+    fold_runs(out, "org/a", 3e-5, {1: 0.80, 2: 0.80}, right)
+    assert sweep.main(["--no_run", "--best", "--resamples", "300", "--output_dir", str(out)]) == 0
+    [row] = csv_rows(capsys.readouterr().out)
+    assert (float(row["lr"]), row["seeds"], row["folds"]) == (3e-5, "2", "3")
+    accuracies = [n / 20 for n in right.values()]
+    assert float(row["accuracy"]) == pytest.approx(statistics.fmean(accuracies))
+    assert float(row["accuracy-std"]) == pytest.approx(statistics.stdev(accuracies))
+    chosen = [run for run in sweep.scan_runs(out)[0] if math.isclose(run.args["lr"], 3e-5)]
+    runs = [(r.args["seed"], sweep.load_predictions(r).test_set, [i % 2 for i in range(20)],
+             [i % 2 if i < right[(r.args["seed"], r.fold["fold"])] else 1 - i % 2 for i in range(20)]) for r in chosen]
+    for metric in ("accuracy", "f1"):
+        expected = reference_interval(runs, 300, metric)
+        assert (float(row[f"{metric}-ci95-low"]), float(row[f"{metric}-ci95-high"])) == pytest.approx(expected)
+    # the same outputs give the same table
+    assert sweep.main(["--no_run", "--best", "--resamples", "300", "--output_dir", str(out)]) == 0
+    assert csv_rows(capsys.readouterr().out) == [row]
+
+
+def test_best_needs_test_predictions(hand_made, capsys):
+    [run_dir] = [d for d in finished_runs(hand_made) if "org__b" in str(d)]
+    (run_dir / "test-predictions.jsonl").unlink()
+    assert sweep.main(["--no_run", "--best", "--output_dir", str(hand_made)]) == 1
+    out, err = capsys.readouterr()
+    assert out == "" and err.splitlines()[-1] == (
+        f"sweep.py: error: {run_dir} has no test-predictions.jsonl, which intervals and tests need: move that run "
+        f"directory away and run it again (sweep.py reruns a missing run)")
+    assert "Traceback" not in err
+
+
+def test_dataset_dirs_must_be_complete_before_anything_runs(tmp_path, tiny_dataset, monkeypatch, capsys):
+    monkeypatch.setattr(sweep.subprocess, "Popen", None)  # any run attempt would raise
+    incomplete = shutil.copytree(tiny_dataset, tmp_path / "fold-1")
+    (incomplete / "test.jsonl").unlink()
+    argv = ["--model_names", "m", "--lrs", "1e-3", "--output_dir", str(tmp_path / "out"), "--dataset_dirs",
+            str(tiny_dataset)]
+    assert sweep.main([*argv, str(tmp_path / "fold-*")]) == 1
+    assert capsys.readouterr().err == (f"sweep.py: error: --dataset_dirs: {tmp_path / 'fold-*'} is not a directory: "
+                                       f"write it with prepare.py (for folds: python prepare.py --folds K "
+                                       f"--output_dir {tmp_path})\n")
+    assert sweep.main([*argv, str(incomplete)]) == 1
+    assert capsys.readouterr().err == (f"sweep.py: error: --dataset_dirs: {incomplete} is incomplete (no test.jsonl): "
+                                       f"write it again with prepare.py\n")
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(SystemExit):
+        sweep.parse_args([*argv, "--dataset_dir", str(tiny_dataset)])
+    assert "either as --dataset_dir (one) or as --dataset_dirs (several)" in capsys.readouterr().err
 
 
 def test_malformed_run_directories_are_skipped_with_a_warning(hand_made, capsys):
@@ -371,16 +554,19 @@ def test_matching_helpers():
 
 
 def test_truncation_is_a_grid_axis_and_long_context_models_join_the_grid(tmp_path, capsys):
-    combos = sweep.combinations(["org/a", *sweep.LONG_CONTEXT_MODELS], [3e-5], [1], ["--epochs", "3"], tmp_path,
-                                ["head", "head_tail"])
+    args = sweep.parse_args(["--model_names", "org/a", "--long_context", "--truncations", "head", "head_tail",
+                             "--lrs", "3e-5", "--seeds", "1", "--epochs", "3"])
+    combos = sweep.grid(args, tmp_path)
     assert len(combos) == 6 * 2
-    assert [(c.model_name, c.truncation) for c in combos[:2]] == [("org/a", "head"), ("org/a", "head_tail")]
-    assert combos[1].flags[-4:] == ("--truncation", "head_tail", "--output_dir", str(tmp_path))
-    assert combos[1].describe() == "org/a head_tail lr 3e-05 seed 1" and combos[0].describe() == "org/a lr 3e-05 seed 1"
+    assert [(c.model_name, c.setting["truncation"]) for c in combos[:2]] == [("org/a", "head"), ("org/a", "head_tail")]
+    assert combos[1].flags[-10:] == ("--model_name", "org/a", "--truncation", "head_tail", "--lr", "3e-05", "--seed",
+                                     "1", "--output_dir", str(tmp_path))
+    assert combos[1].describe() == "org/a truncation head_tail lr 3e-05 seed 1"
+    assert [c.model_name for c in combos[2::2]] == sweep.LONG_CONTEXT_MODELS
     assert len({c.stem for c in combos}) == 12
     # without --truncations, bertcls.py's default: the combination of a run made before the flag existed
-    [plain] = sweep.combinations(["org/a"], [3e-5], [1], [], tmp_path)
-    assert plain.truncation == "head" and "--truncation" not in plain.flags
+    [plain] = sweep.grid(sweep.parse_args(["--model_names", "org/a", "--lrs", "3e-5", "--seeds", "1"]), tmp_path)
+    assert plain.wanted["truncation"] == "head" and "--truncation" not in plain.flags
     with pytest.raises(SystemExit):
         sweep.parse_args(["--truncation", "head_tail"])
     assert "--truncation is set by the sweep: use --truncations" in capsys.readouterr().err
@@ -391,18 +577,19 @@ def test_tables_keep_truncations_apart(hand_made, capsys):
     for time_of_day, val_f1, test_f1, truncation in (("13-00-00.000000", 0.97, 0.95, "head"),
                                                      ("13-00-01.000000", 0.98, 0.96, "head_tail")):
         write_run(hand_made, long_model, 3e-5, 1, time_of_day, val_f1, metrics(0.1, 0.96, 0.95, 0.94, test_f1),
-                  132_000_000, truncation=truncation)
+                  132_000_000, args={"truncation": truncation})
     assert sweep.main(["--no_run", "--best", "--output_dir", str(hand_made)]) == 0
     rows = csv_rows(capsys.readouterr().out)
+    # a run without a recorded truncation kept the head (bertcls.py's default)
     assert [(r["model_name"], r["truncation"], r["f1"]) for r in rows] == [
         (long_model, "head_tail", "0.96"), (long_model, "head", "0.95"), ("org/b", "head", "0.93"),
-        ("org/a", "head", "0.89")]  # a run without a recorded truncation kept the head
-    assert sweep.main(["--no_run", "--markdown", "--output_dir", str(hand_made), "--truncations", "head_tail"]) == 0
-    [_, _, line] = capsys.readouterr().out.splitlines()
-    assert line.startswith(f"| {long_model} (head_tail) | 3e-05 | 1 | 132.0 | 98.00 |")
+        ("org/a", "head", "0.89")]
+    assert sweep.main(["--no_run", "--best", "--output_dir", str(hand_made), "--truncations", "head_tail"]) == 0
+    assert [(r["model_name"], r["f1"]) for r in csv_rows(capsys.readouterr().out)] == [(long_model, "0.96")]
     # --long_context adds its models to those named
     assert sweep.main(["--no_run", "--output_dir", str(hand_made), "--model_names", "org/b", "--long_context"]) == 0
     assert sorted({r["model_name"] for r in csv_rows(capsys.readouterr().out)}) == ["org/b", long_model]
+
 
 
 def test_unloadable_models_are_reported_once_and_their_runs_skipped(tmp_path, tiny_dataset):
