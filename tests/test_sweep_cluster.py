@@ -28,9 +28,12 @@ FAKE = Path(__file__).resolve().with_name("fake_bertcls.py")
 MODEL = "org/m"
 # the grid: lr x seed, in the order --list numbers it
 GRID = [(1e-3, 1), (1e-3, 2), (3e-3, 1), (3e-3, 2)]
-# a sweep process whose child is the fake bertcls.py
+# a sweep process whose child is the fake bertcls.py; the checks of the real dataset and models made before any
+# run (sweep.check_dataset, sweep.unloadable_models) are off: these tests are about scheduling
 SWEEP_WITH_FAKE = (f"import pathlib, sys; sys.path.insert(0, {str(REPO)!r}); import sweep; "
-                   f"sweep.BERTCLS = pathlib.Path({str(FAKE)!r}); sys.exit(sweep.main(sys.argv[1:]))")
+                   f"sweep.BERTCLS = pathlib.Path({str(FAKE)!r}); "
+                   "sweep.check_dataset = lambda *a: None; sweep.unloadable_models = lambda *a: set(); "
+                   "sys.exit(sweep.main(sys.argv[1:]))")
 
 
 @pytest.fixture
@@ -40,6 +43,8 @@ def fake(tmp_path, monkeypatch) -> Path:
     monkeypatch.setenv("FAKE_BERTCLS_DEFAULTS", json.dumps(sweep.resolve_bertcls_args([])))
     monkeypatch.setenv("FAKE_BERTCLS_CALLS", str(calls))
     monkeypatch.setattr(sweep, "BERTCLS", FAKE)
+    monkeypatch.setattr(sweep, "check_dataset", lambda *args: None)  # see SWEEP_WITH_FAKE
+    monkeypatch.setattr(sweep, "unloadable_models", lambda *args: set())
     return calls
 
 
@@ -112,8 +117,7 @@ def test_task_index_runs_one_combination_and_list_shows_the_grid(tmp_path, fake,
     combos = sweep.grid(sweep.parse_args(grid_argv(out)), out)
     lock = sweep.lock_path(out, combos[2])
     lock.write_text(json.dumps({"pids": [4242, 4243], "host": "host-b"}))
-    expected = [{"index": i, "model_name": MODEL, "lr": lr, "seed": seed, "truncation": "head", "state": state,
-                 "run_dir": run, "holder": by}
+    expected = [{"index": i, "model_name": MODEL, "lr": lr, "seed": seed, "state": state, "run_dir": run, "holder": by}
                 for i, ((lr, seed), state, run, by) in enumerate(zip(
                     GRID, ["to do", "finished", "running", "to do"], [None, str(run_dir), None, None],
                     [None, None, "pid 4242, 4243 on host-b", None]))]
@@ -126,10 +130,10 @@ def test_task_index_runs_one_combination_and_list_shows_the_grid(tmp_path, fake,
     assert rows == [{k: "" if v is None else str(v) for k, v in row.items()} for row in expected]
     assert sweep.main(grid_argv(out, "--list")) == 0
     table = capsys.readouterr().out.splitlines()
-    assert table[0].split() == ["index", "model_name", "lr", "seed", "truncation", "state", "run_dir", "holder"]
+    assert table[0].split() == ["index", "model_name", "lr", "seed", "state", "run_dir", "holder"]
     state_at = table[0].index("state")  # columns are aligned
     assert [line[state_at:].split("  ")[0].strip() for line in table[1:]] == [r["state"] for r in expected]
-    assert table[2].split()[:5] == ["1", MODEL, "0.001", "2", "head"] and table[2].split()[6] == str(run_dir)
+    assert table[2].split()[:4] == ["1", MODEL, "0.001", "2"] and table[2].split()[5] == str(run_dir)
     # another host's lease that has not been refreshed for longer than --lease_timeout is not running
     long_ago = time.time() - 1000
     os.utime(lock, (long_ago, long_ago))
@@ -395,6 +399,8 @@ import contextlib, io, json, pathlib, sys
 sys.path.insert(0, {repo!r})
 import sweep
 sweep.BERTCLS = pathlib.Path({fake!r})
+sweep.check_dataset = lambda *a: None  # as SWEEP_WITH_FAKE
+sweep.unloadable_models = lambda *a: set()
 results = []
 for argv in json.loads(sys.argv[1]):
     out, err = io.StringIO(), io.StringIO()
