@@ -172,3 +172,9 @@ def test_the_cache_is_mapped_not_read(tmp_path):
     copied = resident_anonymous_bytes() - before
     assert copied > 90e6 and read["input_ids"].numel() == 25_000_000
     assert mapped < 20e6  # the offsets (0.4 MB), the example lengths as a list (~2 MB), one batch
+
+
+def test_the_number_of_workers_does_not_make_another_experiment():
+    import sweep
+    one, two = (vars(bertcls.parse_args(["--tokenize_workers", n])) for n in ("1", "2"))
+    assert one != two and sweep.experiment(one) == sweep.experiment(two)
