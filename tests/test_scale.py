@@ -5,6 +5,7 @@ test_families.py.)"""
 from __future__ import annotations
 
 import os
+import random
 import re
 import signal
 import subprocess
@@ -178,3 +179,40 @@ def test_the_number_of_workers_does_not_make_another_experiment():
     import sweep
     one, two = (vars(bertcls.parse_args(["--tokenize_workers", n])) for n in ("1", "2"))
     assert one != two and sweep.experiment(one) == sweep.experiment(two)
+
+
+# ----------------------------------------------------------------------------------- the scale benchmark
+
+
+def test_bench_scale_runs_end_to_end_at_a_tiny_scale(tmp_path, capsys):
+    """Every stage of scripts/bench_scale.py, on 3000 synthetic articles instead of 737k livedoor ones."""
+    import json
+
+    from conftest import make_rows
+    sys.path.insert(0, str(REPO / "scripts"))
+    import bench_scale
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("".join(common.jsonl_line({k: r[k] for k in ("id", "category", "title", "body")})
+                              for r in make_rows(1000)), encoding="utf-8")
+    assert bench_scale.main(["--corpus", str(corpus), "--copies", "1", "--ratio_examples", "2000",
+                             "--max_seq_len", "64", "--tokenize_workers", "2", "--work_dir", str(tmp_path / "w")]) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    report = json.loads(out[-1])
+    assert out[0].startswith("| | x1 (3000 articles) |")
+    x1 = report["x1"]
+    assert x1["examples"] == 3000 and x1["prepare"]["seconds"] > 0 and x1["prepare"]["peak_rss_mib"] > 10
+    assert report["tokenization_ratio"]["examples"] == 2000 and report["tokenization_ratio"]["speedup"] > 0
+    assert x1["alone_cold"]["tokenize_processes"] == 2 and x1["alone_cold"]["cache_mib"] > 0
+    assert x1["alone_warm"]["tokenize_processes"] is None  # the warm cache: nothing tokenized
+    assert x1["torchrun_cold"]["tokenize_processes"] == 2  # rank 0, with its workers, while rank 1 waited
+    for run in ("alone_cold", "alone_warm", "torchrun_cold"):
+        ranks = x1[run]["ranks"]
+        assert len(ranks) == (2 if run == "torchrun_cold" else 1)
+        assert all(0 < r["cache_rss_mib"] <= x1[run]["cache_mib"] + 0.1 < r["peak_rss_mib"] for r in ranks)
+    lines = (tmp_path / "w" / "corpus-x1.jsonl").read_text(encoding="utf-8").splitlines()
+    assert len(lines) == 3000 and len({json.loads(line)["id"] for line in lines}) == 3000
+    article = {"id": "a", "category": "c", "title": "t", "body": "一\n二\n三\n四"}
+    copy = bench_scale.edited(article, 7, random.Random(0))  # copies after the first: a new id, lightly edited
+    body_lines = copy["body"].split("\n")
+    assert copy["id"] == "a-7" and copy["title"] == "t" and len(body_lines) == 4 and "（写し7）" in body_lines
+    assert len(set(body_lines) & {"一", "二", "三", "四"}) == 3
