@@ -20,7 +20,8 @@ Reading guide (this file is the training story, in the order it happens):
     training loop                 train_epoch: one epoch of optimizer steps (AMP, accumulation, clipping)
     evaluation                    predict / evaluate: every example once, also under DDP
     metrics                       confusion matrix and macro precision / recall / F1 by hand
-    tokenization cache            tokenize once per (tokenizer, length, data), reuse across runs
+    tokenization cache            tokenize once per (tokenizer, length, data), in worker processes; the cache
+                                  is memory-mapped and reused across runs
     distributed                   torchrun process group and the collectives used
     outputs                       log.csv, learning curve, predictions, --save_model
     Run, train_and_evaluate, main set-up, the epoch loop with best-epoch selection, and the command line
@@ -1025,7 +1026,8 @@ class Run:
     """Everything a run sets up before its first step: settings, data, tokenizer, model, dtype, schedule.
 
     `raw_model` is the module that is trained and saved; wrap_model(run) gives the one that is called.
-    bench.py builds the same object to time the same code path.
+    The data are `splits` (labels and where each example is in its file; no texts) and `packed` (the tokens,
+    memory-mapped from the cache). bench.py builds the same object to time the same code path.
     """
 
     def __init__(self, args: argparse.Namespace, log=print, rank: int = 0, world_size: int = 1,
