@@ -723,22 +723,9 @@ def tokenize_in_workers(tokenizer_pickle: bytes, tokenizer_module: str, spec: In
     Each worker has two chunks in hand, so it never waits for the parent. A worker that dies (killed, out of
     memory) or fails ends the run with the chunk it was on; any exit, Ctrl-C included, stops every worker.
     """
-    context = worker_context(tokenizer_module)
     processes, conns, finished = [], [], False
     try:
-        for i in range(workers):
-            conn, child_conn = context.Pipe()
-            process = context.Process(target=tokenize_worker, args=(child_conn, tokenizer_pickle, spec),
-                                      name=f"bertcls-tokenize-{i}", daemon=True)
-            try:
-                process.start()
-            except OSError as e:  # it died at once, e.g. re-importing a main script that has no __main__ guard
-                raise UserError(f"cannot start tokenization worker processes ({e}); a script that runs bertcls must "
-                                "keep its top level under `if __name__ == \"__main__\":`, or pass --tokenize_workers 1"
-                                ) from None
-            child_conn.close()
-            processes.append(process)
-            conns.append(conn)
+        start_workers(worker_context(tokenizer_module), workers, tokenizer_pickle, spec, processes, conns)
         todo, held = collections.deque(range(len(chunks))), [collections.deque() for _ in range(workers)]
         results: dict[int, Encoded] = {}
         connected = set(range(workers))
@@ -751,8 +738,7 @@ def tokenize_in_workers(tokenizer_pickle: bytes, tokenizer_module: str, spec: In
                 except OSError:  # it died
                     raise worker_died(processes[worker], path, chunks, held[worker][0]) from None
 
-        for worker in range(workers):
-            hand_out(worker)
+        for worker in list(range(workers)) * 2:
             hand_out(worker)
         written = 0
         while written < len(chunks):
@@ -760,33 +746,55 @@ def tokenize_in_workers(tokenizer_pickle: bytes, tokenizer_module: str, spec: In
                 raise RuntimeError("every tokenization worker left before the last chunk")
             ready = multiprocessing.connection.wait([conns[w] for w in connected] +
                                                     [processes[w].sentinel for w in connected])
-            for worker in list(connected):
-                if conns[worker] in ready or processes[worker].sentinel in ready:
-                    try:
-                        message = conns[worker].recv()
-                    except (EOFError, OSError):  # it died
-                        if held[worker]:
-                            raise worker_died(processes[worker], path, chunks, held[worker][0]) from None
-                        connected.discard(worker)
-                        continue
-                    if message[0] == "error":
-                        raise worker_failed(message, path, chunks, held[worker][0])
-                    results[held[worker].popleft()] = message[1]
-                    hand_out(worker)
+            for worker in [w for w in connected if conns[w] in ready or processes[w].sentinel in ready]:
+                try:
+                    message = conns[worker].recv()
+                except (EOFError, OSError):  # it died, or it left with nothing in hand
+                    if held[worker]:
+                        raise worker_died(processes[worker], path, chunks, held[worker][0]) from None
+                    connected.discard(worker)
+                    continue
+                if message[0] == "error":
+                    raise worker_failed(message, path, chunks, held[worker][0])
+                results[held[worker].popleft()] = message[1]
+                hand_out(worker)
             while written in results:
                 append(results.pop(written))
                 written += 1
         finished = True
     finally:
-        for conn in conns:
-            conn.close()  # a worker waiting for a chunk sees the end of its connection and exits
-        for process in processes:
-            if not finished:
-                process.terminate()
-            process.join(timeout=10)
-            if process.is_alive():
-                process.kill()
-                process.join()
+        stop_workers(processes, conns, finished)
+
+
+def start_workers(context: Any, workers: int, tokenizer_pickle: bytes, spec: InputSpec, processes: list,
+                  conns: list) -> None:
+    """Start worker processes, appending each (and the parent's end of its connection) as it starts."""
+    for i in range(workers):
+        conn, child_conn = context.Pipe()
+        process = context.Process(target=tokenize_worker, args=(child_conn, tokenizer_pickle, spec),
+                                  name=f"bertcls-tokenize-{i}", daemon=True)
+        try:
+            process.start()
+        except OSError as e:  # it died at once, e.g. re-importing a main script that has no __main__ guard
+            raise UserError(f"cannot start tokenization worker processes ({e}); a script that runs bertcls must "
+                            "keep its top level under `if __name__ == \"__main__\":`, or pass --tokenize_workers 1"
+                            ) from None
+        child_conn.close()
+        processes.append(process)
+        conns.append(conn)
+
+
+def stop_workers(processes: list, conns: list, finished: bool) -> None:
+    """Finished: each worker sees its connection end and exits; otherwise (an error, Ctrl-C) they are stopped."""
+    for conn in conns:
+        conn.close()
+    for process in processes:
+        if not finished:
+            process.terminate()
+        process.join(timeout=10)
+        if process.is_alive():
+            process.kill()
+            process.join()
 
 
 def chunk_description(path: Path, chunks: Sequence[Chunk], index: int) -> str:

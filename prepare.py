@@ -475,12 +475,13 @@ def check_dataset_dir(output_dir: Path) -> None:
 
 def write_rows(path: Path, rows: Sequence[dict], lines: Iterable[str], progress: Progress) -> dict[str, range]:
     """Write the lines of rows; returns where each row's line is in the file, by row id."""
-    where = {}
+    where, offset = {}, 0
     with open(path, "wb") as f:
         for row, line in zip(rows, lines, strict=True):
             data = line.encode("utf-8")
-            where[row["id"]] = range(f.tell(), f.tell() + len(data))
+            where[row["id"]] = range(offset, offset + len(data))
             f.write(data)
+            offset += len(data)
             progress.update(1)
         f.flush()
         os.fsync(f.fileno())
