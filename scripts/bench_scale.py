@@ -45,9 +45,11 @@ from typing import Any, Sequence
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "scripts")]
 
-from common import jsonl_line, positive_int  # noqa: E402
+from common import jsonl_line, positive_int, run_cli  # noqa: E402
 
-DEFAULT_CORPUS = REPO.parent / "shared" / "data" / "livedoor" / "ldcc-20140209.tar.gz"
+SHARED_CORPUS = REPO.parent / "shared" / "data" / "livedoor" / "ldcc-20140209.tar.gz"
+# where prepare.py downloads the corpus, unless a shared copy sits beside the repository
+DEFAULT_CORPUS = SHARED_CORPUS if SHARED_CORPUS.is_file() else REPO / "data" / "ldcc-20140209.tar.gz"
 MIB = 2**20
 
 
@@ -277,6 +279,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     if args.tokenize_workers < 2:
         raise SystemExit("bench_scale.py: --tokenize_workers must be 2 or more: it is compared with 1")
+    return run_cli("bench_scale.py", lambda: bench(args))
+
+
+def bench(args: argparse.Namespace) -> int:
     work = Path(args.work_dir).resolve()
     started = time.perf_counter()
 
