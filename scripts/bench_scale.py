@@ -48,15 +48,14 @@ sys.path[:0] = [str(REPO), str(REPO / "scripts")]
 from common import jsonl_line, positive_int, run_cli  # noqa: E402
 
 SHARED_CORPUS = REPO.parent / "shared" / "data" / "livedoor" / "ldcc-20140209.tar.gz"
-# where prepare.py downloads the corpus, unless a shared copy sits beside the repository
-DEFAULT_CORPUS = SHARED_CORPUS if SHARED_CORPUS.is_file() else REPO / "data" / "ldcc-20140209.tar.gz"
+DOWNLOADED_CORPUS = REPO / "data" / "ldcc-20140209.tar.gz"  # where prepare.py downloads it
 MIB = 2**20
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     import bertcls
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--corpus", default=str(DEFAULT_CORPUS),
+    p.add_argument("--corpus", default=str(SHARED_CORPUS if SHARED_CORPUS.is_file() else DOWNLOADED_CORPUS),
                    help="livedoor tarball, or a JSONL of articles with id, category, title, body "
                         "(default: %(default)s)")
     p.add_argument("--copies", type=positive_int, default=100,
