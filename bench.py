@@ -26,6 +26,7 @@ import random
 import resource
 import sys
 import time
+from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
@@ -170,8 +171,9 @@ def measure(run: bertcls.Run, steps: int, warmup: int, tutorial_style: bool) -> 
     args, device = run.args, run.device
     n_batches = (warmup + steps) * args.grad_accum_steps
     if tutorial_style:
-        batches = random_batches(len(run.rows["train"]), args.batch_size, n_batches, random.Random(args.seed))
-        collate_fn = tutorial_collate(run.tokenizer, run.rows["train"], run.spec)
+        rows = bertcls.load_split(Path(args.dataset_dir), "train", run.label2id)  # the tutorial holds every text
+        batches = random_batches(len(rows), args.batch_size, n_batches, random.Random(args.seed))
+        collate_fn = tutorial_collate(run.tokenizer, rows, run.spec)
     else:
         batches = grouped_batches(run, n_batches)
         collate_fn = bertcls.collate

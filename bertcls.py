@@ -20,8 +20,9 @@ Reading guide (this file is the training story, in the order it happens):
     training loop                 train_epoch: one epoch of optimizer steps (AMP, accumulation, clipping)
     evaluation                    predict / evaluate: every example once, also under DDP
     metrics                       confusion matrix and macro precision / recall / F1 by hand
-    tokenization cache            (title, body) -> ids, cut to length (head / head_tail); once per (tokenizer,
-                                  input spec, data), reused across runs
+    tokenization cache            (title, body) -> ids, cut to length (head / head_tail), in worker
+                                  processes; once per (tokenizer, input spec, data), memory-mapped and
+                                  reused across runs
     distributed                   torchrun process group and the collectives used
     outputs                       log.csv, learning curve, predictions, --save_model
     Run, train_and_evaluate, main set-up, the epoch loop with best-epoch selection, and the command line
@@ -32,6 +33,8 @@ is loaded and fed).
 from __future__ import annotations
 
 import argparse
+import array
+import collections
 import contextlib
 import csv
 import datetime
@@ -39,13 +42,17 @@ import hashlib
 import io
 import json
 import math
+import multiprocessing
+import multiprocessing.connection
 import os
 import pickle
 import random
 import shutil
+import signal
 import sys
 import tempfile
 import time
+import traceback
 from collections import Counter
 from pathlib import Path
 from typing import Any, Callable, NamedTuple, Sequence
@@ -53,12 +60,15 @@ from typing import Any, Callable, NamedTuple, Sequence
 import torch
 import torch.nn.functional as F
 
-from common import (DistEnv, UserError, atomic_write_text, autocast_context, check_output_dir, dist_env, dtype_name,
-                    first_line, make_run_dir, non_negative_float, pick_device, positive_float, positive_int,
-                    read_json, read_jsonl, resolve_dtype, run_cli, write_json)
+from common import (DistEnv, Progress, UserError, atomic_write_text, autocast_context, check_output_dir, dist_env,
+                    dtype_name, first_line, iter_jsonl, make_run_dir, non_negative_float, pick_device, positive_float,
+                    positive_int, read_json, read_jsonl, resolve_dtype, run_cli, write_json)
 from families import effective_max_len, load_model, load_tokenizer, unknown_family_note, uses_token_type_ids
 
-CACHE_FORMAT = 1  # bump when the layout of the tokenization cache changes
+CACHE_FORMAT = 2  # bump when the layout or the key of the tokenization cache changes
+MAX_DEFAULT_WORKERS = 16  # each tokenization worker holds its own tokenizer (a MeCab dictionary and a vocabulary)
+PARALLEL_MIN_EXAMPLES = 2000  # fewer: starting worker processes would cost more than they save
+TOKENIZE_CHUNK = 1000  # examples per task of a tokenization worker: the grain of load balancing and progress
 NO_DECAY_SUFFIXES = ("bias", "layernorm.weight", "layer_norm.weight", "norm.weight", "ln.weight")
 SPLITS = ("train", "val", "test")
 OOM_ADVICE = ("lower --batch_size (with --grad_accum_steps to keep the effective batch), lower --max_seq_len, "
@@ -102,6 +112,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--output_dir", default="outputs", help="(default: %(default)s)")
     p.add_argument("--cache_dir", default=".cache/bertcls",
                    help="tokenization cache; '' disables it (default: %(default)s)")
+    p.add_argument("--tokenize_workers", type=positive_int, default=None,
+                   help="processes that tokenize a split of 2000+ examples; 1 tokenizes in this process (default: "
+                        f"the CPU cores this process may use, at most {MAX_DEFAULT_WORKERS})")
     p.add_argument("--save_model", action="store_true",
                    help="also save the best weights + tokenizer to <run dir>/model/ (default: off)")
     p.add_argument("--trust_remote_code", action="store_true",
@@ -115,6 +128,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.eval_batch_size is None:
         args.eval_batch_size = 2 * args.batch_size
+    if args.tokenize_workers is None:
+        args.tokenize_workers = default_tokenize_workers()
     return args
 
 
@@ -158,40 +173,99 @@ def example_text(row: dict) -> tuple[str, str | None]:
     raise ValueError("needs a string 'text', or string 'title' and 'body'")
 
 
-def load_split(dataset_dir: Path, split: str, label2id: dict[str, int]) -> list[dict]:
-    """Rows of one split, each with an int `label` in range and a text; bad rows are UserErrors."""
+def split_path(dataset_dir: Path, split: str) -> Path:
     path = dataset_dir / f"{split}.jsonl"
     if not path.is_file():
         raise UserError(f"{path} not found: create the dataset with `python prepare.py --output_dir {dataset_dir}`")
+    return path
+
+
+def example_label(row: dict, label2id: dict[str, int], where: str, label2id_path: Path) -> int:
+    """A row's label as an id (label names are mapped through label2id), once the row is checked."""
+    label = row.get("label")
+    if isinstance(label, str) and label in label2id:
+        label = label2id[label]
+    elif isinstance(label, bool) or not isinstance(label, int) or not 0 <= label < len(label2id):
+        raise UserError(f"{where}: label {label!r} is not in {label2id_path} (ids 0..{len(label2id) - 1}); "
+                        "the dataset and label2id.json disagree: re-run prepare.py")
+    try:
+        example_text(row)
+    except ValueError as e:
+        raise UserError(f"{where}: {e}") from None
+    return label
+
+
+def load_split(dataset_dir: Path, split: str, label2id: dict[str, int]) -> list[dict]:
+    """Rows of one split, each with an int `label` in range and a text; bad rows are UserErrors."""
+    path = split_path(dataset_dir, split)
     rows = read_jsonl(path)
     if not rows:
         raise UserError(f"{path} is empty: every split needs examples (re-run prepare.py with more data)")
-    for lineno, row in enumerate(rows, 1):
-        label = row.get("label")
-        if isinstance(label, str) and label in label2id:
-            row["label"] = label2id[label]
-        elif isinstance(label, bool) or not isinstance(label, int) or not 0 <= label < len(label2id):
-            raise UserError(f"{path}: example {lineno}: label {label!r} is not in {dataset_dir / 'label2id.json'} "
-                            f"(ids 0..{len(label2id) - 1}); the dataset and label2id.json disagree: re-run prepare.py")
-        try:
-            example_text(row)
-        except ValueError as e:
-            raise UserError(f"{path}: example {lineno}: {e}") from None
+    for number, row in enumerate(rows, 1):
+        row["label"] = example_label(row, label2id, f"{path}: example {number}", dataset_dir / "label2id.json")
     return rows
 
 
-def check_labels(rows: dict[str, list[dict]], id2label: dict[int, str], dataset_dir: Path) -> str | None:
+class SplitData(NamedTuple):
+    """A split as a run keeps it: the labels, and where each example's line is; the texts stay in the file."""
+    path: Path
+    labels: torch.Tensor
+    starts: array.array  # byte offset of each example's line in the file, then the end of the last one
+    digest: str  # sha256 of the file's bytes: the tokenization cache key
+    signature: tuple  # size and modification time, to notice the file changing under a run
+    pairs: bool  # some example is a (title, body) pair (else every one is a single text)
+
+
+def read_split(dataset_dir: Path, split: str, label2id: dict[str, int]) -> SplitData:
+    """Check every example of a split as load_split does, keeping only labels and offsets: a run's memory does
+    not grow with the texts of a large dataset (tokenization reads them again, chunk by chunk)."""
+    path = split_path(dataset_dir, split)
+    signature = file_signature(path)
+    labels, starts, digest, end, pairs = [], array.array("q"), hashlib.sha256(), 0, False
+    for line, row in iter_jsonl(path, digest):
+        labels.append(example_label(row, label2id, f"{path}: example {len(labels) + 1}", dataset_dir / "label2id.json"))
+        starts.append(line.start)
+        end = line.end
+        pairs = pairs or example_text(row)[1] is not None
+    if not labels:
+        raise UserError(f"{path} is empty: every split needs examples (re-run prepare.py with more data)")
+    starts.append(end)
+    return SplitData(path, torch.tensor(labels), starts, digest.hexdigest(), signature, pairs)
+
+
+def file_signature(path: Path) -> tuple:
+    stat = path.stat()
+    return stat.st_size, stat.st_mtime_ns
+
+
+def read_rows(path: Path, start: int, end: int) -> list[dict]:
+    """The rows whose lines fill bytes [start, end) of a JSONL file that read_split has checked."""
+    with open(path, "rb") as f:
+        f.seek(start)
+        text = f.read(end - start).decode("utf-8-sig" if start == 0 else "utf-8")
+    return [json.loads(line) for line in text.split("\n") if line.strip()]
+
+
+def split_ids(data: SplitData) -> list:
+    """The `id` of each example of a split (None where it has none), read from its file."""
+    ids = [row.get("id") for _, row in iter_jsonl(data.path)]
+    if len(ids) != len(data.labels) or file_signature(data.path) != data.signature:
+        raise UserError(f"{data.path} changed while bertcls.py was running; run again")
+    return ids
+
+
+def check_labels(labels: dict[str, torch.Tensor], id2label: dict[int, str], dataset_dir: Path) -> str | None:
     """Refuse a train split with fewer than 2 labels: there is nothing to classify, yet every score would come
     out perfect. Return a warning naming the val/test labels that train never shows (never learned)."""
-    seen = Counter(r["label"] for r in rows["train"])
+    seen = Counter(labels["train"].tolist())
     if len(seen) < 2:
         raise UserError(f"{dataset_dir / 'train.jsonl'}: every example has the label "
                         f"{id2label[next(iter(seen))]!r}: a classifier needs examples of at least 2 labels in train")
     unseen: dict[str, Counter] = {}
     for split in ("val", "test"):
-        for row in rows[split]:
-            if row["label"] not in seen:
-                unseen.setdefault(id2label[row["label"]], Counter())[split] += 1
+        for label in labels[split].tolist():
+            if label not in seen:
+                unseen.setdefault(id2label[label], Counter())[split] += 1
     if not unseen:
         return None
     listed = "; ".join(f"{name!r} ({', '.join(f'{n} in {split}' for split, n in counts.items())})"
@@ -199,19 +273,20 @@ def check_labels(rows: dict[str, list[dict]], id2label: dict[int, str], dataset_
     return f"warning: labels that train never shows, so the model cannot learn them: {listed}"
 
 
-def load_dataset(dataset_dir: Path, log: Callable[[str], None]) -> tuple[dict[str, int], dict[str, list[dict]]]:
-    """label2id and the rows of every split, checked: a classification run can be made of them."""
+def load_dataset(dataset_dir: Path, log: Callable[[str], None]) -> tuple[dict[str, int], dict[str, SplitData]]:
+    """label2id and every split (labels and line offsets), checked: a classification run can be made of them."""
     if not dataset_dir.is_dir():
         raise UserError(f"dataset directory {dataset_dir} not found: run `python prepare.py` first "
                         "(or pass --dataset_dir)")
     if not (dataset_dir / "label2id.json").is_file():
         raise UserError(f"{dataset_dir / 'label2id.json'} not found: run `python prepare.py` first")
     label2id = load_label2id(dataset_dir)
-    rows = {split: load_split(dataset_dir, split, label2id) for split in SPLITS}
-    warning = check_labels(rows, {i: name for name, i in label2id.items()}, dataset_dir)
+    splits = {split: read_split(dataset_dir, split, label2id) for split in SPLITS}
+    warning = check_labels({s: d.labels for s, d in splits.items()}, {i: name for name, i in label2id.items()},
+                           dataset_dir)
     if warning is not None:
         log(warning)
-    return label2id, rows
+    return label2id, splits
 
 
 def file_digest(paths: Sequence[Path]) -> str:
@@ -596,22 +671,29 @@ def check_room_for_text(max_len: int, tokenizer: Any, pair: bool) -> None:
                         f"tokens to each {'(title, body) pair' if pair else 'text'}; raise --max_seq_len")
 
 
-def tokenize_rows(tokenizer: Any, rows: Sequence[dict], spec: InputSpec, chunk_size: int = 256,
+def tokenize_rows(tokenizer: Any, rows: Sequence[dict], spec: InputSpec,
                   log: Callable[[str], None] = print) -> dict[str, list[list[int]]]:
     """Token ids of every row (see encode_one); one line says how many titles had to be cut."""
-    out: dict[str, list[list[int]]] = {"input_ids": [], "token_type_ids": []}
-    titles_cut = 0
-    for start in range(0, len(rows), chunk_size):
-        texts = [example_text(r) for r in rows[start:start + chunk_size]]
-        for first, second in texts:
-            enc = encode_one(tokenizer, first, second, spec)
-            out["input_ids"].append(enc["input_ids"])
-            out["token_type_ids"].append(enc.get("token_type_ids") or [])
-            titles_cut += enc["title_cut"]
-    if titles_cut:
-        log(f"note: {titles_cut} of {len(rows)} titles were cut to fit: each alone is longer than {spec.max_len} "
-            "tokens with the special tokens, so its example keeps the start of the title and none of its body")
+    out = encode_rows(tokenizer, rows, spec)
+    if out["titles_cut"]:
+        log(titles_cut_note(out["titles_cut"], len(rows), spec))
     return out
+
+
+def encode_rows(tokenizer: Any, rows: Sequence[dict], spec: InputSpec) -> dict[str, Any]:
+    """input_ids and token_type_ids of each row, and how many titles were cut (titles_cut)."""
+    out: dict[str, Any] = {"input_ids": [], "token_type_ids": [], "titles_cut": 0}
+    for row in rows:
+        enc = encode_one(tokenizer, *example_text(row), spec)
+        out["input_ids"].append(enc["input_ids"])
+        out["token_type_ids"].append(enc.get("token_type_ids") or [])
+        out["titles_cut"] += enc["title_cut"]
+    return out
+
+
+def titles_cut_note(titles_cut: int, n_rows: int, spec: InputSpec) -> str:
+    return (f"note: {titles_cut} of {n_rows} titles were cut to fit: each alone is longer than {spec.max_len} "
+            "tokens with the special tokens, so its example keeps the start of the title and none of its body")
 
 
 def encode_one(tokenizer: Any, first: str, second: str | None, spec: InputSpec) -> dict:
@@ -690,35 +772,300 @@ def pack(encoded: dict[str, list[list[int]]]) -> dict[str, torch.Tensor]:
     return packed
 
 
-def load_or_tokenize(tokenizer: Any, rows: Sequence[dict], spec: InputSpec, cache_dir: str, fingerprint: str,
-                     data_digest: str, log=print) -> dict[str, torch.Tensor]:
-    """Tokenize once per (tokenizer, input spec, data); a sweep over learning rates and seeds reuses it."""
-    key = hashlib.sha256(json.dumps([CACHE_FORMAT, fingerprint, *spec, data_digest]).encode()).hexdigest()[:32]
-    path = Path(cache_dir) / f"{key}.pt" if cache_dir else None
-    if path is not None and path.is_file():
+def load_or_tokenize(run: Run, split: str, fingerprint: str) -> dict[str, torch.Tensor]:
+    """A split's packed tokens, tokenized once per (tokenizer, input spec, data) and memory-mapped from the cache.
+
+    Mapped, not read: the ranks of one node share the file's pages, and a run holds in memory only the batches
+    it reads, however large the dataset. A sweep over learning rates and seeds tokenizes nothing after its first run.
+    """
+    data, log = run.splits[split], run.log
+    if not run.args.cache_dir:
+        with tempfile.TemporaryDirectory(ignore_cleanup_errors=True) as tmp:  # the mapping outlives the file
+            return tokenize_and_load(run, split, Path(tmp) / f"{split}.pt")
+    key = hashlib.sha256(json.dumps([CACHE_FORMAT, fingerprint, *run.spec, data.digest]).encode()).hexdigest()[:32]
+    path = Path(run.args.cache_dir) / f"{key}.pt"
+    if path.is_file():
         try:
-            cached = torch.load(path, weights_only=True)
-            if not is_packed(cached, len(rows)):
-                raise ValueError("unexpected contents")
-            return cached
-        except (RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError) as e:
-            log(f"warning: ignoring unreadable tokenization cache {path} ({first_line(e)})")
-    start = time.perf_counter()
-    packed = pack(tokenize_rows(tokenizer, rows, spec, log=log))
-    log(f"tokenized {len(rows)} examples in {time.perf_counter() - start:.1f}s")
-    if path is not None:
+            return load_packed(path, len(data.labels))
+        except ValueError as e:  # our own words: torch's advice for such files is to unpickle them unchecked
+            log(f"warning: ignoring unreadable tokenization cache {path} ({e}); tokenizing again")
+    with contextlib.suppress(OSError):
+        path.parent.mkdir(parents=True, exist_ok=True)
+    if not os.access(path.parent, os.W_OK):  # a cache is an optimisation: never fail a run over it
+        log(f"warning: cannot write the tokenization cache in {path.parent}; tokenizing without it")
+        with tempfile.TemporaryDirectory(ignore_cleanup_errors=True) as tmp:
+            return tokenize_and_load(run, split, Path(tmp) / f"{split}.pt")
+    return tokenize_and_load(run, split, path)
+
+
+def tokenize_and_load(run: Run, split: str, path: Path) -> dict[str, torch.Tensor]:
+    data = run.splits[split]
+    started = time.perf_counter()
+    try:
+        with Progress(len(data.labels), f"tokenizing {split}", enabled=run.rank == 0) as progress:
+            workers, titles_cut = tokenize_split(run.tokenizer, data, run.spec, run.args.tokenize_workers, path,
+                                                 progress, run.log)
+    except OSError as e:
+        raise UserError(f"cannot tokenize {data.path} into {path.parent}: {e.strerror or e} (full disk? pass "
+                        "--cache_dir elsewhere)") from None
+    run.log(f"tokenized {split}: {len(data.labels)} examples in {time.perf_counter() - started:.1f}s "
+            f"({workers} process{'es' if workers > 1 else ''})")
+    if titles_cut:
+        run.log(titles_cut_note(titles_cut, len(data.labels), run.spec))
+    return load_packed(path, len(data.labels))
+
+
+def default_tokenize_workers() -> int:
+    """The CPU cores this process may run on (its affinity: taskset, a batch scheduler), at most MAX_DEFAULT_WORKERS."""
+    if hasattr(os, "process_cpu_count"):  # Python 3.13+
+        cores = os.process_cpu_count()
+    elif hasattr(os, "sched_getaffinity"):
+        cores = len(os.sched_getaffinity(0))
+    else:
+        cores = os.cpu_count()
+    return max(1, min(cores or 1, MAX_DEFAULT_WORKERS))
+
+
+class Chunk(NamedTuple):
+    """A task of a tokenization worker: examples [first, last) of a split, bytes [start, end) of its file."""
+    first: int
+    last: int
+    start: int
+    end: int
+
+
+def chunks_of(data: SplitData, workers: int) -> list[Chunk]:
+    """At most TOKENIZE_CHUNK examples each, and several per worker, so that none idles long at the end."""
+    n = len(data.labels)
+    size = max(1, min(TOKENIZE_CHUNK, math.ceil(n / (4 * workers))))
+    return [Chunk(i, min(i + size, n), data.starts[i], data.starts[min(i + size, n)]) for i in range(0, n, size)]
+
+
+class Encoded(NamedTuple):
+    """A chunk's tokens as flat machine integers: cheap to send between processes and to append to a file."""
+    lengths: bytes  # int64 per example
+    input_ids: bytes  # int32 per token
+    token_type_ids: bytes  # int8 per token; empty when the model takes none
+    titles_cut: int  # examples whose title alone did not fit (see encode_one)
+
+
+def encode_chunk(tokenizer: Any, path: Path, chunk: Chunk, spec: InputSpec) -> Encoded:
+    encoded = encode_rows(tokenizer, read_rows(path, chunk.start, chunk.end), spec)
+    return Encoded(array.array("q", map(len, encoded["input_ids"])).tobytes(),
+                   array.array("i", (t for ids in encoded["input_ids"] for t in ids)).tobytes(),
+                   array.array("b", (t for types in encoded["token_type_ids"] for t in types)).tobytes(),
+                   encoded["titles_cut"])
+
+
+def tokenize_split(tokenizer: Any, data: SplitData, spec: InputSpec, workers: int, path: Path,
+                   progress: Progress, log=print) -> tuple[int, int]:
+    """Tokenize a split into the packed file `path` (written whole or not at all); returns the processes used and
+    the number of titles cut.
+
+    The chunks' tokens go to flat files beside `path` as they arrive, in order, and are saved from there: the
+    tokens of a large dataset are never all in memory. The result is the same, token for token, whatever the
+    number of workers.
+    """
+    chunks = chunks_of(data, workers)
+    workers = min(workers, len(chunks)) if len(data.labels) >= PARALLEL_MIN_EXAMPLES else 1
+    tokenizer_pickle = b""
+    if workers > 1:
         try:
-            write_cache(path, packed)
-        except OSError as e:  # a cache is an optimisation: never fail a run over it
-            log(f"warning: could not write the tokenization cache {path} ({first_line(e)})")
+            tokenizer_pickle = pickle.dumps(tokenizer)
+        except (pickle.PicklingError, TypeError, AttributeError) as e:
+            log(f"note: this tokenizer cannot be sent to worker processes ({first_line(e)}); tokenizing in one")
+            workers = 1
+    with tempfile.TemporaryDirectory(dir=path.parent, prefix=f".{path.name}.") as tmp:
+        lengths, titles_cut = array.array("q"), 0
+        ids_path, types_path = Path(tmp) / "input_ids.bin", Path(tmp) / "token_type_ids.bin"
+        with open(ids_path, "wb") as ids_file, open(types_path, "wb") as types_file:
+            def append(encoded: Encoded) -> None:
+                nonlocal titles_cut
+                titles_cut += encoded.titles_cut
+                lengths.frombytes(encoded.lengths)
+                ids_file.write(encoded.input_ids)
+                types_file.write(encoded.token_type_ids)
+                progress.update(len(encoded.lengths) // 8)
+
+            if workers == 1:
+                for chunk in chunks:
+                    append(encode_chunk(tokenizer, data.path, chunk, spec))
+            else:
+                tokenize_in_workers(tokenizer_pickle, type(tokenizer).__module__, spec, data.path, chunks, workers,
+                                    append)
+        if file_signature(data.path) != data.signature:
+            raise UserError(f"{data.path} changed while bertcls.py was tokenizing it; run again")
+        offsets = torch.zeros(len(lengths) + 1, dtype=torch.int64)
+        offsets[1:] = torch.cumsum(torch.frombuffer(lengths, dtype=torch.int64), 0)
+        n_tokens = int(offsets[-1])
+        packed = {"offsets": offsets,  # the token files mapped, not read: torch.save copies them page by page
+                  "input_ids": torch.from_file(str(ids_path), shared=False, size=n_tokens, dtype=torch.int32)}
+        if types_path.stat().st_size:
+            packed["token_type_ids"] = torch.from_file(str(types_path), shared=False, size=n_tokens, dtype=torch.int8)
+        write_cache(path, packed)
+    return workers, titles_cut
+
+
+def tokenize_worker(conn: Any, tokenizer_pickle: bytes, spec: InputSpec) -> None:
+    """A worker process: unpickles the parent's tokenizer once (the same object, so the same tokens), then
+    encodes each chunk it is sent until the parent closes the connection."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group; the parent stops us
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one core each: no Rust thread pool on top of the workers
+    stage = "loading the tokenizer"
+    try:
+        tokenizer = pickle.loads(tokenizer_pickle)
+        stage = "chunk"
+        while True:
+            path, chunk = conn.recv()
+            conn.send(("done", encode_chunk(tokenizer, path, chunk, spec)))
+    except (EOFError, BrokenPipeError):  # the parent closed the connection: finished or stopping
+        return
+    except Exception as e:  # reported to the parent, which names the chunk
+        with contextlib.suppress(OSError):
+            conn.send(("error", stage, f"{type(e).__name__}: {first_line(e)}", traceback.format_exc()))
+
+
+def worker_context(tokenizer_module: str) -> Any:
+    """The fork server where there is one: a fork of this process would copy torch's and the process group's
+    threads in whatever state they are in, while spawning imports torch and transformers again in every worker.
+    The fork server imports them once, in a process of its own; each worker then starts in a fraction of a second."""
+    if "forkserver" not in multiprocessing.get_all_start_methods():
+        return multiprocessing.get_context("spawn")
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(["torch", tokenizer_module])  # no effect once the server runs: it is imported
+    return context
+
+
+def tokenize_in_workers(tokenizer_pickle: bytes, tokenizer_module: str, spec: InputSpec, path: Path,
+                        chunks: Sequence[Chunk], workers: int, append: Callable[[Encoded], None]) -> None:
+    """Encode chunks in worker processes, passing each result to `append` in chunk order.
+
+    Each worker has two chunks in hand, so it never waits for the parent. A worker that dies (killed, out of
+    memory) or fails ends the run with the chunk it was on; any exit, Ctrl-C included, stops every worker.
+    """
+    processes, conns, finished = [], [], False
+    try:
+        start_workers(worker_context(tokenizer_module), workers, tokenizer_pickle, spec, processes, conns)
+        todo, held = collections.deque(range(len(chunks))), [collections.deque() for _ in range(workers)]
+        results: dict[int, Encoded] = {}
+        connected = set(range(workers))
+
+        def hand_out(worker: int) -> None:
+            if todo:
+                held[worker].append(todo.popleft())
+                try:
+                    conns[worker].send((path.resolve(), chunks[held[worker][-1]]))
+                except OSError:  # it died
+                    raise worker_died(processes[worker], path, chunks, held[worker][0]) from None
+
+        for worker in list(range(workers)) * 2:
+            hand_out(worker)
+        written = 0
+        while written < len(chunks):
+            if not connected:
+                raise RuntimeError("every tokenization worker left before the last chunk")
+            ready = multiprocessing.connection.wait([conns[w] for w in connected] +
+                                                    [processes[w].sentinel for w in connected])
+            for worker in [w for w in connected if conns[w] in ready or processes[w].sentinel in ready]:
+                try:
+                    message = conns[worker].recv()
+                except (EOFError, OSError):  # it died, or it left with nothing in hand
+                    if held[worker]:
+                        raise worker_died(processes[worker], path, chunks, held[worker][0]) from None
+                    connected.discard(worker)
+                    continue
+                if message[0] == "error":
+                    raise worker_failed(message, path, chunks, held[worker][0])
+                results[held[worker].popleft()] = message[1]
+                hand_out(worker)
+            while written in results:
+                append(results.pop(written))
+                written += 1
+        finished = True
+    finally:
+        stop_workers(processes, conns, finished)
+
+
+def start_workers(context: Any, workers: int, tokenizer_pickle: bytes, spec: InputSpec, processes: list,
+                  conns: list) -> None:
+    """Start worker processes, appending each (and the parent's end of its connection) as it starts."""
+    for i in range(workers):
+        conn, child_conn = context.Pipe()
+        process = context.Process(target=tokenize_worker, args=(child_conn, tokenizer_pickle, spec),
+                                  name=f"bertcls-tokenize-{i}", daemon=True)
+        try:
+            process.start()
+        except OSError as e:  # it died at once, e.g. re-importing a main script that has no __main__ guard
+            raise UserError(f"cannot start tokenization worker processes ({e}); a script that runs bertcls must "
+                            "keep its top level under `if __name__ == \"__main__\":`, or pass --tokenize_workers 1"
+                            ) from None
+        child_conn.close()
+        processes.append(process)
+        conns.append(conn)
+
+
+def stop_workers(processes: list, conns: list, finished: bool) -> None:
+    """Finished: each worker sees its connection end and exits; otherwise (an error, Ctrl-C) they are stopped."""
+    for conn in conns:
+        conn.close()
+    for process in processes:
+        if not finished:
+            process.terminate()
+        process.join(timeout=10)
+        if process.is_alive():
+            process.kill()
+            process.join()
+
+
+def chunk_description(path: Path, chunks: Sequence[Chunk], index: int) -> str:
+    chunk = chunks[index]
+    return f"examples {chunk.first + 1}-{chunk.last} of {path} (chunk {index + 1} of {len(chunks)})"
+
+
+def worker_died(process: Any, path: Path, chunks: Sequence[Chunk], index: int) -> UserError:
+    process.join(timeout=10)
+    code = process.exitcode
+    if code is not None and code < 0:
+        how = f"killed by {signal.Signals(-code).name}"
+        if -code == signal.SIGKILL:
+            how += ", as the out-of-memory killer does"
+    else:
+        how = f"exit code {code}"
+    return UserError(f"a tokenization worker died ({how}) while tokenizing {chunk_description(path, chunks, index)}; "
+                     "no cache was written (short of memory? lower --tokenize_workers)")
+
+
+def worker_failed(message: tuple, path: Path, chunks: Sequence[Chunk], index: int) -> UserError:
+    _, stage, error, worker_traceback = message
+    where = chunk_description(path, chunks, index) if stage == "chunk" else stage
+    e = UserError(f"a tokenization worker failed on {where}: {error} (--tokenize_workers 1 --debug shows where)")
+    e.add_note(f"in the worker:\n{worker_traceback}")
+    return e
+
+
+def load_packed(path: Path, n_examples: int) -> dict[str, torch.Tensor]:
+    """The packed tensors of a cache file, memory-mapped; ValueError says, in our words, why it cannot be used."""
+    try:
+        packed = torch.load(path, mmap=True, weights_only=True)
+    except pickle.UnpicklingError:
+        raise ValueError("it holds objects other than tensors") from None
+    except (RuntimeError, EOFError, OSError, KeyError, ValueError):
+        raise ValueError("truncated, or not a file bertcls.py wrote") from None
+    if not is_packed(packed, n_examples):
+        raise ValueError("its contents do not match the dataset")
     return packed
 
 
 def is_packed(obj: Any, n_examples: int) -> bool:
     """Whether obj has the layout pack() writes, for n_examples examples."""
-    return (isinstance(obj, dict) and isinstance(obj.get("offsets"), torch.Tensor)
-            and isinstance(obj.get("input_ids"), torch.Tensor) and len(obj["offsets"]) == n_examples + 1
-            and int(obj["offsets"][-1]) == len(obj["input_ids"]))
+    if not (isinstance(obj, dict) and isinstance(obj.get("offsets"), torch.Tensor)
+            and isinstance(obj.get("input_ids"), torch.Tensor)):
+        return False
+    offsets, n_tokens = obj["offsets"], len(obj["input_ids"])
+    types = obj.get("token_type_ids", torch.zeros(n_tokens, dtype=torch.int8))
+    return (offsets.dtype == torch.int64 and obj["input_ids"].dtype == torch.int32 and len(offsets) == n_examples + 1
+            and int(offsets[0]) == 0 and int(offsets[-1]) == n_tokens and bool((offsets[1:] >= offsets[:-1]).all())
+            and isinstance(types, torch.Tensor) and types.dtype == torch.int8 and len(types) == n_tokens)
 
 
 def write_cache(path: Path, packed: dict[str, torch.Tensor]) -> None:
@@ -729,11 +1076,6 @@ def write_cache(path: Path, packed: dict[str, torch.Tensor]) -> None:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
-
-
-def rows_digest(rows: Sequence[dict]) -> str:
-    texts = json.dumps([example_text(r) for r in rows], ensure_ascii=False)
-    return hashlib.sha256(texts.encode()).hexdigest()
 
 
 # -------------------------------------------------------------------------------------- distributed
@@ -885,12 +1227,12 @@ def learning_curve_svg(rows: list[dict], width: int = 640, height: int = 400) ->
     return "\n".join(parts)
 
 
-def write_predictions(path: Path, rows: Sequence[dict], probs: torch.Tensor, id2label: dict[int, str]) -> None:
+def write_predictions(path: Path, ids: Sequence, labels: torch.Tensor, probs: torch.Tensor,
+                      id2label: dict[int, str]) -> None:
     lines = []
-    for row, p in zip(rows, probs.tolist()):
+    for row_id, gold, p in zip(ids, labels.tolist(), probs.tolist()):
         predicted = max(range(len(p)), key=p.__getitem__)
-        lines.append(json.dumps({"id": row.get("id"), "gold": id2label[row["label"]],
-                                 "predicted": id2label[predicted],
+        lines.append(json.dumps({"id": row_id, "gold": id2label[gold], "predicted": id2label[predicted],
                                  "probabilities": {id2label[i]: round(x, 6) for i, x in enumerate(p)}},
                                 ensure_ascii=False))
     atomic_write_text(path, "\n".join(lines) + "\n")
@@ -941,7 +1283,8 @@ def write_results(run: Run, run_dir: Path, result: dict) -> None:
     """Metric files, test-metrics.json last: its presence is what marks a finished run."""
     write_json(run_dir / "val-metrics.json", {"best_epoch": result["best_epoch"],
                                               "train_seconds": round(result["train_seconds"], 3), **result["val"]})
-    write_predictions(run_dir / "test-predictions.jsonl", run.rows["test"], result["test_probs"], run.id2label)
+    write_predictions(run_dir / "test-predictions.jsonl", split_ids(run.splits["test"]), run.labels["test"],
+                      result["test_probs"], run.id2label)
     atomic_write_text(run_dir / "learning-curve.svg", learning_curve_svg(result["history"]))
     if run.args.save_model:
         save_model(run, run_dir / "model")
@@ -955,7 +1298,8 @@ class Run:
     """Everything a run sets up before its first step: settings, data, tokenizer, model, dtype, schedule.
 
     `raw_model` is the module that is trained and saved; wrap_model(run) gives the one that is called.
-    bench.py builds the same object to time the same code path.
+    The data are `splits` (labels and where each example is in its file; no texts) and `packed` (the tokens,
+    memory-mapped from the cache). bench.py builds the same object to time the same code path.
     """
 
     def __init__(self, args: argparse.Namespace, log=print, rank: int = 0, world_size: int = 1,
@@ -965,8 +1309,9 @@ class Run:
         self.dtype = resolve_dtype(args.dtype, self.device)
         self.ctx = autocast_context(self.device, self.dtype)
         dataset_dir = Path(args.dataset_dir)
-        self.label2id, self.rows = load_dataset(dataset_dir, log)
+        self.label2id, self.splits = load_dataset(dataset_dir, log)
         self.id2label = {i: name for name, i in self.label2id.items()}
+        self.labels = {split: self.splits[split].labels for split in SPLITS}
         self.dataset_digest = file_digest([dataset_dir / "label2id.json"] +
                                           [dataset_dir / f"{s}.jsonl" for s in SPLITS])
         self.fold = load_fold(dataset_dir)
@@ -978,8 +1323,7 @@ class Run:
         self.params, self.params_non_embedding = count_parameters(self.raw_model)
         self.spec = InputSpec(effective_max_len(args.max_seq_len, self.tokenizer, self.raw_model.config, log),
                               uses_token_type_ids(self.raw_model.config), args.truncation)
-        check_room_for_text(self.spec.max_len, self.tokenizer,
-                            pair=any(example_text(r)[1] is not None for rows in self.rows.values() for r in rows))
+        check_room_for_text(self.spec.max_len, self.tokenizer, pair=any(d.pairs for d in self.splits.values()))
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         self.buckets = compile_buckets(self.spec.max_len) if args.compile else None
         widest = padded_length(self.spec.max_len, buckets=self.buckets)
@@ -987,7 +1331,6 @@ class Run:
             raise UserError(f"--max_batch_tokens {args.max_batch_tokens} cannot hold one example of "
                             f"{self.spec.max_len} tokens (padded to {widest}): raise it or lower --max_seq_len")
         self.packed = self.tokenize_all()
-        self.labels = {s: torch.tensor([r["label"] for r in self.rows[s]]) for s in SPLITS}
         # batches of a token budget vary in number from epoch to epoch: count every epoch's
         steps = [optimizer_steps_per_epoch(len(train_batches(self, epoch)), args.grad_accum_steps)
                  for epoch in range(1, args.epochs + 1)]
@@ -1003,12 +1346,10 @@ class Run:
         fingerprint = tokenizer_fingerprint(self.tokenizer) if self.args.cache_dir else ""
         packed = {}
         for rank_turn in ([0, 1] if self.world_size > 1 else [self.rank]):
-            # rank 0 tokenizes and fills the cache first; the other ranks then read it
+            # rank 0 tokenizes (with its worker processes) and fills the cache first; the other ranks then map it
             if (rank_turn == 0) == (self.rank == 0):
                 for split in SPLITS:
-                    packed[split] = load_or_tokenize(self.tokenizer, self.rows[split], self.spec,
-                                                     self.args.cache_dir, fingerprint,
-                                                     rows_digest(self.rows[split]), self.log)
+                    packed[split] = load_or_tokenize(self, split, fingerprint)
             if self.world_size > 1 and rank_turn == 0:
                 barrier(self.world_size)
         return packed
@@ -1021,7 +1362,7 @@ class Run:
                 "total_optimizer_steps": self.total_steps, "warmup_steps": self.warmup_steps,
                 "max_seq_len_used": self.spec.max_len, "params": self.params,
                 "params_non_embedding": self.params_non_embedding, "dataset_digest": self.dataset_digest,
-                "fold": self.fold, "examples": {s: len(self.rows[s]) for s in SPLITS},
+                "fold": self.fold, "examples": {s: len(self.labels[s]) for s in SPLITS},
                 "versions": {"python": sys.version.split()[0], "torch": torch.__version__,
                              "transformers": transformers.__version__},
                 "started_at": datetime.datetime.now().isoformat(timespec="seconds")}
@@ -1050,7 +1391,7 @@ def train_and_evaluate(run: Run, run_dir: Path | None) -> dict:
     scaler = torch.amp.GradScaler(run.device.type, enabled=run.dtype == torch.float16)
     if run_dir is not None:
         write_json(run_dir / "config.json", run.config_record())
-    log(f"examples: train {len(run.rows['train'])}, val {len(run.rows['val'])}, test {len(run.rows['test'])} | "
+    log(f"examples: train {len(run.labels['train'])}, val {len(run.labels['val'])}, test {len(run.labels['test'])} | "
         f"epochs {args.epochs} | per-device batch "
         f"{args.batch_size if not args.max_batch_tokens else f'of <= {args.max_batch_tokens} tokens'} x world size "
         f"{run.world_size} x accumulation {args.grad_accum_steps} = effective batch "

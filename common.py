@@ -1,11 +1,13 @@
 """Things every bertcls script keeps doing: errors, files, flags, devices, run directories, the command-line tail.
 
 What this module is not about: BERT, tokenizers, models, datasets or training. It imports only the standard
-library and torch, and every other file of the project may import it (nothing here imports them back).
+library and torch (and tqdm, which transformers installs, for progress bars on a terminal), and every other file
+of the project may import it (nothing here imports them back).
 
 - errors: `UserError` (a problem the user can fix, printed as one line) and `run_cli`, the one place that turns
   a UserError, an out-of-memory error, Ctrl-C or SIGTERM into a one-line message and an exit code
 - files: atomic writes, and JSON / JSONL reading whose errors name the file and line
+- progress: bars on a terminal, plain lines in logs
 - flags: argparse validators
 - devices: torchrun's environment, the device and the autocast dtype
 - run directories: outputs/<model>/<date>/<time>/
@@ -23,6 +25,7 @@ import re
 import secrets
 import signal
 import sys
+import time
 from pathlib import Path
 from typing import Any, Callable, Iterator, NamedTuple
 
@@ -142,24 +145,60 @@ def write_json(path: Path, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, ensure_ascii=False, indent=2) + "\n")
 
 
+def not_utf8(where: str, line: int, byte: int, advice: str = "convert the file to UTF-8") -> UserError:
+    return UserError(f"{where}:{line}: not UTF-8 (byte 0x{byte:02x}); {advice}")
+
+
 def decode_utf8(data: bytes, where: str, advice: str = "convert the file to UTF-8") -> str:
     """Decode UTF-8 (a leading BOM is dropped); a bad byte is a UserError naming the line."""
     try:
         return data.decode("utf-8-sig")
     except UnicodeDecodeError as e:
-        line = data.count(b"\n", 0, e.start) + 1
-        raise UserError(f"{where}:{line}: not UTF-8 (byte 0x{data[e.start]:02x}); {advice}") from None
+        raise not_utf8(where, data.count(b"\n", 0, e.start) + 1, data[e.start], advice) from None
 
 
-def read_bytes(path: Path) -> bytes:
+@contextlib.contextmanager
+def reading(path: Path) -> Iterator[None]:
+    """Turn the ways opening or reading a file fails into a UserError naming it."""
     try:
-        return Path(path).read_bytes()
+        yield
     except FileNotFoundError:
         raise UserError(f"{path} does not exist; check the path") from None
     except IsADirectoryError:
         raise UserError(f"{path} is a directory; expected a file") from None
     except OSError as e:
         raise UserError(f"cannot read {path}: {e.strerror}") from None
+
+
+def read_bytes(path: Path) -> bytes:
+    with reading(path):
+        return Path(path).read_bytes()
+
+
+class Line(NamedTuple):
+    number: int  # 1-based
+    start: int  # byte offsets of the line in its file, its end of line included
+    end: int
+    text: str
+
+
+def iter_lines(path: Path, digest: Any = None) -> Iterator[Line]:
+    """The lines of a UTF-8 file, read as a stream (a file larger than memory is fine); a leading BOM is dropped.
+
+    Lines end at "\n" only: JSON strings may hold U+2028 and other characters str.splitlines() breaks at.
+    `digest` (a hashlib object), when given, is fed every byte of the file.
+    """
+    with reading(path), open(path, "rb") as f:
+        start = 0
+        for number, raw in enumerate(f, 1):
+            if digest is not None:
+                digest.update(raw)
+            try:
+                text = raw.decode("utf-8-sig" if start == 0 else "utf-8")
+            except UnicodeDecodeError as e:
+                raise not_utf8(str(path), number, raw[e.start]) from None
+            yield Line(number, start, start + len(raw), text)
+            start += len(raw)
 
 
 def read_json(path: Path, hint: str = "") -> Any:
@@ -189,17 +228,15 @@ def parse_json_object(line: str) -> dict:
     return row
 
 
-def iter_jsonl(path: Path) -> Iterator[tuple[int, dict]]:
-    """Yield (line number, object) for each non-empty line."""
-    text = decode_utf8(read_bytes(path), str(path))
-    # split on "\n" only: JSON strings may hold U+2028 and other characters str.splitlines() breaks at
-    for lineno, line in enumerate(text.split("\n"), 1):
-        if not line.strip():
+def iter_jsonl(path: Path, digest: Any = None) -> Iterator[tuple[Line, dict]]:
+    """Yield (line, object) for each non-empty line, reading the file as a stream (see iter_lines)."""
+    for line in iter_lines(path, digest):
+        if not line.text.strip():
             continue
         try:
-            yield lineno, parse_json_object(line)
+            yield line, parse_json_object(line.text)
         except ValueError as e:
-            raise UserError(f"{path}:{lineno}: {e}") from None
+            raise UserError(f"{path}:{line.number}: {e}") from None
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -211,6 +248,59 @@ def jsonl_line(row: dict) -> str:
     # these three survive ensure_ascii=False unescaped, and str.splitlines() would break a line at them
     line = json.dumps(row, ensure_ascii=False)
     return line.replace("\x85", "\\u0085").replace("\u2028", "\\u2028").replace("\u2029", "\\u2029") + "\n"
+
+
+# ----------------------------------------------------------------------------------------- progress
+
+PROGRESS_EVERY_S = 30.0  # off a terminal: seconds between plain progress lines
+
+
+def format_duration(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "?"
+    minutes, secs = divmod(round(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
+
+
+class Progress:
+    """Progress of a long step on stderr: a tqdm bar on a terminal; elsewhere (nohup, CI, the logs of a sweep's
+    runs) a plain line every PROGRESS_EVERY_S seconds, since a bar's carriage returns make a log unreadable."""
+
+    def __init__(self, total: float, desc: str, unit: str = "examples", enabled: bool = True):
+        self.total, self.desc, self.unit, self.enabled = total, desc, unit, enabled
+        self.done, self.started = 0, time.monotonic()
+        self.shown = self.started
+        self.bar = None
+        if enabled and sys.stderr.isatty():
+            from tqdm.auto import tqdm  # installed with transformers
+            self.bar = tqdm(total=total, desc=desc, unit=f" {unit}", dynamic_ncols=True, leave=False)
+
+    def update(self, n: float) -> None:
+        self.done += n
+        if self.bar is not None:
+            self.bar.update(n)
+        elif self.enabled and time.monotonic() - self.shown >= PROGRESS_EVERY_S:
+            self.shown = time.monotonic()
+            log(self.line())
+
+    def line(self) -> str:
+        seconds = time.monotonic() - self.started
+        rate = self.done / seconds if seconds > 0 else 0.0
+        left = (self.total - self.done) / rate if rate > 0 else math.inf
+        percent = 100 * self.done / (self.total or 1)
+        return (f"{self.desc}: {self.done:.0f}/{self.total:.0f} {self.unit} ({percent:.0f}%), "
+                f"{rate:.0f} {self.unit}/s, {format_duration(left)} left")
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+    def __enter__(self) -> Progress:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
 
 
 # ------------------------------------------------------------------------------------------ devices

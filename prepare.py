@@ -26,7 +26,6 @@ import contextlib
 import csv
 import hashlib
 import http.client
-import io
 import json
 import os
 import random
@@ -43,10 +42,10 @@ import urllib.request
 import zlib
 from collections import Counter, defaultdict
 from pathlib import Path, PurePosixPath
-from typing import BinaryIO, Callable, Iterator
+from typing import BinaryIO, Callable, Iterable, Iterator, NamedTuple, Sequence
 
-from common import (UserError, atomic_write_text, check_output_dir, decode_utf8, iter_jsonl, jsonl_line, read_bytes,
-                    run_cli)
+from common import (Line, Progress, UserError, atomic_write_text, check_output_dir, decode_utf8, iter_jsonl,
+                    iter_lines, jsonl_line, run_cli)
 
 CORPUS_URL = "https://www.rondhuit.com/download/ldcc-20140209.tar.gz"
 N_CATEGORIES = 9
@@ -284,17 +283,65 @@ def parse_text_fields(spec: str, label_field: str) -> list[str]:
     return fields
 
 
-def iter_csv(path: Path) -> Iterator[tuple[int, dict]]:
-    text = decode_utf8(read_bytes(path), str(path))
+def csv_delimiter(path: Path) -> str:
+    return "\t" if path.suffix.lower() == ".tsv" else ","
+
+
+def cut_at_lone_cr(text: str) -> list[str]:
+    """Text also cut after each lone "\\r" (an old Mac line end), as csv reads a file opened with newline=""."""
+    return [piece for piece in re.split(r"(?<=\r)(?!\n)", text) if piece] if "\r" in text else [text]
+
+
+def csv_pieces(line: Line) -> list[tuple[int, int, str]]:
+    """A line cut as csv reads it, with the bytes [start, end) of each piece."""
+    pieces = cut_at_lone_cr(line.text)
+    if len(pieces) == 1:
+        return [(line.start, line.end, line.text)]
+    bounds = [line.end]
+    for piece in reversed(pieces[1:]):
+        bounds.insert(0, bounds[0] - len(piece.encode("utf-8")))
+    bounds.insert(0, line.start)  # the first piece also holds the BOM, if any
+    return [(bounds[i], bounds[i + 1], piece) for i, piece in enumerate(pieces)]
+
+
+def iter_csv(path: Path) -> Iterator[tuple[int, int, int, dict]]:
+    """(line number, start, end, row) of each non-empty record, read as a stream; [start, end) are its bytes."""
     # the default field limit (128 KiB) is smaller than some documents
     csv.field_size_limit(2**31 - 1)
-    reader = csv.DictReader(io.StringIO(text, newline=""), delimiter="\t" if path.suffix.lower() == ".tsv" else ",")
+    span: list[int] = []  # bytes of the pieces read since the last record: [start, end]
+
+    def pieces() -> Iterator[str]:
+        for line in iter_lines(path):
+            for start, end, text in csv_pieces(line):
+                span[:] = [span[0] if span else start, end]
+                yield text
+
+    reader = csv.DictReader(pieces(), delimiter=csv_delimiter(path))
     try:
+        reader.fieldnames  # reads the header, which belongs to no record
+        span.clear()
         for row in reader:
+            start, end = span
+            span.clear()
             if any(v not in (None, "") for v in row.values()):
-                yield reader.line_num, row
+                yield reader.line_num, start, end, row
     except csv.Error as e:
         raise UserError(f"{path}:{reader.line_num}: bad CSV ({e}); fix that line") from None
+
+
+def csv_header(path: Path) -> list[str]:
+    return csv.DictReader((text for line in iter_lines(path) for *_, text in csv_pieces(line)),
+                          delimiter=csv_delimiter(path)).fieldnames or []
+
+
+def read_record(f: BinaryIO, start: int, end: int, fieldnames: list[str] | None, delimiter: str) -> dict:
+    """The record in bytes [start, end) of own data that own_rows has checked; fieldnames: the CSV header."""
+    f.seek(start)
+    text = f.read(end - start).decode("utf-8-sig" if start == 0 else "utf-8")
+    if fieldnames is None:
+        return json.loads(text)
+    lines = [piece for line in re.split(r"(?<=\n)", text) for piece in cut_at_lone_cr(line) if piece]
+    return next(csv.DictReader(lines, fieldnames=fieldnames, delimiter=delimiter))
 
 
 def field_text(value: object, where: str, field: str) -> str:
@@ -307,6 +354,10 @@ def field_text(value: object, where: str, field: str) -> str:
     raise UserError(f"{where}: field {field!r} holds {type(value).__name__}, expected text; fix that line")
 
 
+def text_digest(text: str) -> bytes:
+    return hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=16).digest()
+
+
 def label_order(names: set[str]) -> list[str]:
     """By name; integer labels numerically, so that labels 0..K-1 keep their ids."""
     if all(re.fullmatch(r"-?\d+", n) for n in names):
@@ -314,32 +365,59 @@ def label_order(names: set[str]) -> list[str]:
     return sorted(names)
 
 
-def own_rows(path: Path, text_fields: list[str], label_field: str) -> tuple[list[dict], dict[str, int]]:
-    """Rows sorted by id from a .jsonl/.csv/.tsv, and label2id from the label values."""
-    records = list(iter_jsonl(path) if path.suffix.lower() == ".jsonl" else iter_csv(path))
-    if not records:
+class OwnData(NamedTuple):
+    """How to read examples of your own data back from the file: rows keep their bytes, not their texts."""
+    path: Path
+    text_fields: list[str]
+    fieldnames: list[str] | None  # the CSV header; None for JSONL
+
+    def lines(self, rows: Sequence[dict]) -> Iterator[str]:
+        """The output line of each row, its texts read again from the input."""
+        names = ["text"] if len(self.text_fields) == 1 else ["title", "body"]
+        with open(self.path, "rb") as f:
+            for row in rows:
+                record = read_record(f, *row["at"], self.fieldnames, csv_delimiter(self.path))
+                texts = [field_text(record[field], "", field) for field in self.text_fields]
+                yield jsonl_line({"id": row["id"], "label": row["label"], "category": row["category"],
+                                  **dict(zip(names, texts))})
+
+
+def own_rows(path: Path, text_fields: list[str], label_field: str) -> tuple[list[dict], dict[str, int], OwnData]:
+    """Rows sorted by id from a .jsonl/.csv/.tsv, label2id from the label values, and how to read the texts back.
+
+    The file is read as a stream, and a row keeps its id, label, the bytes of its record in the file and a
+    digest of its body (for the duplicate report), not its texts: a few hundred bytes per example, whatever
+    the length of the texts. The texts are read again when the dataset is written.
+    """
+    is_jsonl = path.suffix.lower() == ".jsonl"
+    records = ((line.number, line.start, line.end, row) for line, row in iter_jsonl(path)) if is_jsonl \
+        else iter_csv(path)
+    rows, lines_by_id, categories = [], {}, {}
+    with Progress(path.stat().st_size / 2**20, f"reading {path.name}", unit="MiB") as progress:
+        for index, (lineno, start, end, record) in enumerate(records):
+            progress.update(end / 2**20 - progress.done)
+            where = f"{path}:{lineno}"
+            for field in [*text_fields, label_field]:
+                if record.get(field) is None:
+                    have = ", ".join(k for k in record if k is not None) or "none"
+                    raise UserError(f"{where}: no field {field!r} (fields there: {have}); "
+                                    f"name yours with --text_fields and --label_field")
+            category = field_text(record[label_field], where, label_field)
+            if not category:
+                raise UserError(f"{where}: empty label in field {label_field!r}; give every example a label")
+            row_id = str(record["id"]) if record.get("id") not in (None, "") else str(index)
+            if row_id in lines_by_id:
+                raise UserError(f"{where}: id {row_id!r} already used on line {lines_by_id[row_id]}; "
+                                "ids must be unique")
+            lines_by_id[row_id] = lineno
+            texts = [field_text(record[f], where, f) for f in text_fields]
+            rows.append({"id": row_id, "category": categories.setdefault(category, category), "at": (start, end),
+                         "body_digest": text_digest(texts[-1])})
+    if not rows:
         raise UserError(f"{path} holds no records; expected one object (or CSV row) per example")
-    rows, lines_by_id = [], {}
-    for index, (lineno, record) in enumerate(records):
-        where = f"{path}:{lineno}"
-        for field in [*text_fields, label_field]:
-            if record.get(field) is None:
-                have = ", ".join(k for k in record if k is not None) or "none"
-                raise UserError(f"{where}: no field {field!r} (fields there: {have}); "
-                                f"name yours with --text_fields and --label_field")
-        category = field_text(record[label_field], where, label_field)
-        if not category:
-            raise UserError(f"{where}: empty label in field {label_field!r}; give every example a label")
-        row_id = str(record["id"]) if record.get("id") not in (None, "") else str(index)
-        if row_id in lines_by_id:
-            raise UserError(f"{where}: id {row_id!r} already used on line {lines_by_id[row_id]}; ids must be unique")
-        lines_by_id[row_id] = lineno
-        texts = [field_text(record[f], where, f) for f in text_fields]
-        names = ["text"] if len(texts) == 1 else ["title", "body"]
-        rows.append({"id": row_id, "category": category, **dict(zip(names, texts))})
-    label2id = {name: i for i, name in enumerate(label_order({r["category"] for r in rows}))}
+    label2id = {name: i for i, name in enumerate(label_order(set(categories)))}
     rows = [{"id": r["id"], "label": label2id[r["category"]], **r} for r in sorted(rows, key=lambda r: r["id"])]
-    return rows, label2id
+    return rows, label2id, OwnData(path, text_fields, None if is_jsonl else csv_header(path))
 
 
 # ---------------------------------------------------------------- split, duplicates, report
@@ -386,9 +464,9 @@ def check_folds(k: int | None, n_examples: int | None = None) -> None:
 
 def duplicate_groups(rows: list[dict]) -> list[list[str]]:
     """Ids of rows sharing an identical body (or text), groups of two or more, in row order."""
-    by_text: dict[str, list[str]] = defaultdict(list)
+    by_text: dict[str | bytes, list[str]] = defaultdict(list)
     for row in rows:
-        by_text[row.get("body", row.get("text", ""))].append(row["id"])
+        by_text[row["body_digest"] if "body_digest" in row else row.get("body", row.get("text", ""))].append(row["id"])
     return [ids for ids in by_text.values() if len(ids) > 1]
 
 
@@ -449,6 +527,33 @@ def check_dataset_dir(output_dir: Path) -> None:
                             f"pass a new or empty --output_dir")
 
 
+def write_rows(path: Path, rows: Sequence[dict], lines: Iterable[str], progress: Progress) -> dict[str, range]:
+    """Write the lines of rows; returns where each row's line is in the file, by row id."""
+    where, offset = {}, 0
+    with open(path, "wb") as f:
+        for row, line in zip(rows, lines, strict=True):
+            data = line.encode("utf-8")
+            where[row["id"]] = range(offset, offset + len(data))
+            f.write(data)
+            offset += len(data)
+            progress.update(1)
+        f.flush()
+        os.fsync(f.fileno())
+    return where
+
+
+def copy_rows(source: BinaryIO, where: dict[str, range], path: Path, rows: Sequence[dict], progress: Progress) -> None:
+    """Write the lines of rows by copying them from the file that `where` describes."""
+    with open(path, "wb") as f:
+        for row in rows:
+            line = where[row["id"]]
+            source.seek(line.start)
+            f.write(source.read(len(line)))
+            progress.update(1)
+        f.flush()
+        os.fsync(f.fileno())
+
+
 def link_or_copy(source: str | Path, target: str | Path) -> None:
     """A hard link where the file system has them (no bytes copied), else a copy."""
     try:
@@ -498,14 +603,23 @@ def is_fold_dir(entry: Path) -> bool:
 
 
 def write_dataset(output_dir: Path, splits: dict[str, list[dict]], label2id: dict[str, int],
-                  fold: dict | None = None) -> None:
-    """Write the splits, label2id.json (and a fold's fold.json) into a staging directory, then swap it into place."""
-    with staged_directory(output_dir, keep=is_fold_dir) as staging:
-        for name, rows in splits.items():
-            with open(staging / f"{name}.jsonl", "w", encoding="utf-8", newline="\n") as f:
-                f.writelines(map(jsonl_line, rows))
-                f.flush()
-                os.fsync(f.fileno())
+                  lines: Callable[[Sequence[dict]], Iterable[str]] | None = None, fold: dict | None = None) -> None:
+    """Write the splits, label2id.json (and a fold's fold.json) into a staging directory, then swap it into place.
+
+    `lines` gives the output line of each row (default: the row as JSON; your own data reads its texts back from
+    the input). With an "all" split each line is made once, for all.jsonl, and the split files copy theirs from it.
+    """
+    lines = lines or (lambda rows: map(jsonl_line, rows))
+    with staged_directory(output_dir, keep=is_fold_dir) as staging, \
+            Progress(sum(map(len, splits.values())), "writing") as progress:
+        if "all" in splits:
+            where = write_rows(staging / "all.jsonl", splits["all"], lines(splits["all"]), progress)
+            with open(staging / "all.jsonl", "rb") as all_file:
+                for name in SPLIT_NAMES:
+                    copy_rows(all_file, where, staging / f"{name}.jsonl", splits[name], progress)
+        else:
+            for name in SPLIT_NAMES:
+                write_rows(staging / f"{name}.jsonl", splits[name], lines(splits[name]), progress)
         atomic_write_text(staging / "label2id.json", json.dumps(label2id, ensure_ascii=False, indent=2) + "\n")
         if fold is not None:
             atomic_write_text(staging / "fold.json", json.dumps(fold, indent=2) + "\n")
@@ -520,11 +634,11 @@ def folds_id(rows: list[dict], k: int, seed: int) -> str:
 
 
 def write_folds(output_dir: Path, folds: list[dict[str, list[dict]]], label2id: dict[str, int], fold_set: str,
-                seed: int) -> None:
+                seed: int, lines: Callable[[Sequence[dict]], Iterable[str]] | None = None) -> None:
     """Every fold-<i>/ dataset, swapped into place together (the previous folds go, the default split stays)."""
     with staged_directory(output_dir, keep=lambda entry: entry.name in OUTPUT_FILES) as staging:
         for i, splits in enumerate(folds):
-            write_dataset(staging / f"fold-{i}", splits, label2id,
+            write_dataset(staging / f"fold-{i}", splits, label2id, lines,
                           {"fold": i, "folds": len(folds), "seed": seed, "set": fold_set})
 
 
@@ -623,16 +737,18 @@ def is_own_data(args: argparse.Namespace) -> bool:
     return args.input is not None and Path(args.input).suffix.lower() in OWN_DATA_SUFFIXES
 
 
-def load(args: argparse.Namespace) -> tuple[list[dict], dict[str, int], str]:
-    """Rows sorted by key, label2id, and a line saying where they came from."""
+def load(args: argparse.Namespace) -> tuple[list[dict], dict[str, int], str, Callable | None]:
+    """Rows sorted by key, label2id, a line saying where they came from, and how to write rows out (for
+    write_dataset; None: as they are)."""
     source = Path(args.input) if args.input else None
     own_data = is_own_data(args)
     if (args.text_fields or args.label_field) and not own_data:
         raise UserError("--text_fields and --label_field are for your own .jsonl/.csv/.tsv input only")
     if own_data:
         label_field = args.label_field or "label"
-        rows, label2id = own_rows(source, parse_text_fields(args.text_fields or "text", label_field), label_field)
-        return rows, label2id, f"read {len(rows)} examples with {len(label2id)} labels from {source}"
+        rows, label2id, own_data = own_rows(source, parse_text_fields(args.text_fields or "text", label_field),
+                                            label_field)
+        return rows, label2id, f"read {len(rows)} examples with {len(label2id)} labels from {source}", own_data.lines
     if source is None:
         source = download(args.url, Path(args.download_dir))
     if source.is_dir():
@@ -646,7 +762,7 @@ def load(args: argparse.Namespace) -> tuple[list[dict], dict[str, int], str]:
         verify_corpus(articles, source)
     rows, label2id = livedoor_rows(articles, source)
     checked = "not verified (--no_verify)" if args.no_verify else "verified as ldcc-20140209"
-    return rows, label2id, f"read {len(rows)} articles in {len(label2id)} categories from {source}, {checked}"
+    return rows, label2id, f"read {len(rows)} articles in {len(label2id)} categories from {source}, {checked}", None
 
 
 def prepare(args: argparse.Namespace) -> int:
@@ -655,16 +771,16 @@ def prepare(args: argparse.Namespace) -> int:
     output_dir = Path(args.output_dir or default_dir)
     check_folds(args.folds)
     check_dataset_dir(output_dir)
-    rows, label2id, source_line = load(args)
+    rows, label2id, source_line, lines = load(args)
     print(source_line)
     groups = duplicate_groups(rows)
     if args.dedupe:
         rows = drop_duplicates(rows, groups)
     if args.folds is not None:
-        return prepare_folds(args, output_dir, rows, label2id, groups, started)
+        return prepare_folds(args, output_dir, rows, label2id, groups, started, lines)
     train, val, test = split(rows, args.seed)
     splits = {"train": train, "val": val, "test": test, "all": rows}
-    write_dataset(output_dir, splits, label2id)
+    write_dataset(output_dir, splits, label2id, lines)
     split_of = {r["id"]: name for name in SPLIT_NAMES for r in splits[name]}
     print(summary(splits, label2id))
     print(duplicate_report(groups, split_of, args.dedupe))
@@ -690,11 +806,12 @@ def stopped_message(args: argparse.Namespace) -> str:
 
 
 def prepare_folds(args: argparse.Namespace, output_dir: Path, rows: list[dict], label2id: dict[str, int],
-                  groups: list[list[str]], started: float) -> int:
+                  groups: list[list[str]], started: float,
+                  lines: Callable[[Sequence[dict]], Iterable[str]] | None = None) -> int:
     check_folds(args.folds, len(rows))
     folds = [{"train": train, "val": val, "test": test}
              for train, val, test in fold_splits(rows, args.seed, args.folds)]
-    write_folds(output_dir, folds, label2id, folds_id(rows, args.folds, args.seed), args.seed)
+    write_folds(output_dir, folds, label2id, folds_id(rows, args.folds, args.seed), args.seed, lines)
     for i, splits in enumerate(folds):
         print(f"fold-{i}: " + ", ".join(f"{name} {len(splits[name])}" for name in SPLIT_NAMES))
         warning = rare_label_warning({**splits, "all": rows}, label2id)

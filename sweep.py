@@ -97,7 +97,7 @@ LONG_CONTEXT_MODELS = [
 DEFAULT_LRS = [1e-5, 3e-5, 5e-5]
 DEFAULT_SEEDS = [42]
 # bertcls.py settings that change where or how verbosely a run works, not what it computes.
-IGNORED_FIELDS = frozenset({"output_dir", "cache_dir", "debug", "log_interval", "device"})
+IGNORED_FIELDS = frozenset({"output_dir", "cache_dir", "debug", "log_interval", "device", "tokenize_workers"})
 GRID_FLAGS = {"model_name": "--model_names", "lr": "--lrs", "seed": "--seeds", "truncation": "--truncations",
               "output_dir": "--output_dir"}
 METRICS = ("loss", "accuracy", "precision", "recall", "f1")

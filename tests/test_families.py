@@ -15,9 +15,12 @@ import fugashi
 import ipadic
 import pytest
 import sentencepiece
+import torch
 import unidic_lite
 
+
 import bertcls
+import common
 import families
 from conftest import (build_tiny_bert_japanese, build_tiny_luke, build_tiny_modernbert, build_tiny_multilingual_bert,
                       build_tiny_xlm_roberta, finished_runs, save_tiny_model, train_args, train_tiny_sentencepiece,
@@ -174,6 +177,29 @@ def test_token_type_ids_only_for_models_with_segment_embeddings(family_models, t
         assert "token_type_ids" not in batch
         model = families.load_model(str(model_dir), {"a": 0, "b": 1, "c": 2})
         assert model(**batch).logits.shape == (4, 3)  # LUKE without entity inputs: words only
+
+
+@pytest.mark.parametrize("family", ["tiny_bert", *FAMILIES])
+def test_worker_processes_tokenize_as_one_process(request, family_models, tiny_rows, tmp_path, monkeypatch, family):
+    """Each worker unpickles the parent's tokenizer (its MeCab dictionary, its numbering fix): same ids, same order."""
+    from transformers import AutoConfig
+    model_dir = request.getfixturevalue("tiny_bert") if family == "tiny_bert" else family_models(family)
+    rows = tiny_rows["train"][:20] + [{"id": f"s{i}", "label": i % 3, "text": s} for i, s in enumerate(SENTENCES)]
+    write_dataset(tmp_path, {"train": rows})
+    label2id = bertcls.load_label2id(tmp_path)
+    tokenizer = families.load_tokenizer(str(model_dir), log=lambda message: None)
+    spec = bertcls.InputSpec(64, families.uses_token_type_ids(AutoConfig.from_pretrained(model_dir)))
+    expected = bertcls.pack(bertcls.tokenize_rows(tokenizer, bertcls.load_split(tmp_path, "train", label2id), spec))
+    monkeypatch.setattr(bertcls, "PARALLEL_MIN_EXAMPLES", 0)
+    monkeypatch.setattr(bertcls, "TOKENIZE_CHUNK", 3)  # 8 chunks
+    data = bertcls.read_split(tmp_path, "train", label2id)
+    for workers in (1, 2):
+        path = tmp_path / f"{workers}.pt"
+        with common.Progress(len(rows), "tokenizing", enabled=False) as progress:
+            assert bertcls.tokenize_split(tokenizer, data, spec, workers, path, progress) == workers
+        packed = bertcls.load_packed(path, len(rows))
+        assert packed.keys() == expected.keys()
+        assert all(torch.equal(packed[k], expected[k]) for k in expected), f"{workers} worker(s)"
 
 
 # -------------------------------------------------------------------------------- sequence length

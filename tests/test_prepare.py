@@ -6,6 +6,7 @@ import csv
 import gzip
 import hashlib
 import http.server
+import io
 import json
 import sys
 import tarfile
@@ -516,6 +517,51 @@ def test_own_csv_title_body_pair_and_ids(tmp_path):
     assert json.loads((out / "label2id.json").read_text()) == {"1": 0, "2": 1, "10": 2}
     row = read_rows(out / "all.jsonl")[4]
     assert row == {"id": "n04", "label": 1, "category": "2", "title": "見出し4", "body": "本文,4\n2行目"}
+
+
+def reference_csv_rows(text: str) -> list[dict]:
+    """The records csv reads from the whole text at once, as a file opened with newline="" gives them."""
+    return [r for r in csv.DictReader(io.StringIO(text, newline="")) if any(v not in (None, "") for v in r.values())]
+
+
+def test_own_csv_read_as_a_stream_gives_the_records_of_the_whole_file(tmp_path):
+    records = [["id", "text", "label"]] + [[f"r{i}", f"本文{i}" + ["", ",カンマ", "\n改行", '"引用"', "\r\n行"][i % 5],
+                                            "ab"[i % 2]] for i in range(40)]
+    buffer = io.StringIO(newline="")
+    for i, record in enumerate(records):  # Windows, Unix and old Mac line ends; empty lines between records
+        ending = ["\r\n", "\n", "\r"][i % 3]  # csv.writer quotes a field with "\n" only when "\n" ends its lines
+        csv.writer(buffer, lineterminator=ending, quoting=csv.QUOTE_ALL if ending == "\r" else csv.QUOTE_MINIMAL
+                   ).writerow(record)
+        buffer.write("\n" if i % 7 == 3 else "")
+    text = "\ufeff" + buffer.getvalue()
+    data = tmp_path / "mixed.csv"
+    data.write_text(text, encoding="utf-8", newline="")
+    expected = reference_csv_rows(text.removeprefix("\ufeff"))
+    assert [r["id"] for r in expected] == [f"r{i}" for i in range(40)]
+    streamed = list(prepare.iter_csv(data))
+    assert [row for *_, row in streamed] == expected
+    header = prepare.csv_header(data)
+    with open(data, "rb") as f:  # each record's bytes hold that record alone
+        assert [prepare.read_record(f, start, end, header, ",") for _, start, end, _ in streamed] == expected
+    out = tmp_path / "out"
+    assert prepare.main(["--input", str(data), "--output_dir", str(out)]) == 0
+    assert [r["text"] for r in read_rows(out / "all.jsonl")] == [r["text"] for r in sorted(expected,
+                                                                                            key=lambda r: r["id"])]
+
+
+def test_own_data_rows_keep_no_texts_and_progress_is_shown(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(common, "PROGRESS_EVERY_S", 0.0)  # stderr is not a terminal here: plain lines
+    data = write_jsonl(tmp_path / "d.jsonl", [{"id": f"r{i}", "title": "題" * 50, "body": "本文" * 500,
+                                               "label": "ab"[i % 2]} for i in range(20)])
+    rows, label2id, own_data = prepare.own_rows(data, ["title", "body"], "label")
+    assert [set(r) for r in rows] == [{"id", "label", "category", "at", "body_digest"}] * 20  # ids, not texts
+    assert next(own_data.lines(rows[:1])) == common.jsonl_line(
+        {"id": "r0", "label": 0, "category": "a", "title": "題" * 50, "body": "本文" * 500})
+    assert prepare.main(["--input", str(data), "--output_dir", str(tmp_path / "out"),
+                         "--text_fields", "title,body"]) == 0
+    err = capsys.readouterr().err
+    assert f"reading d.jsonl: {data.stat().st_size / 2**20:.0f}/{data.stat().st_size / 2**20:.0f} MiB (100%)" in err
+    assert "writing: 40/40 examples (100%)" in err  # all.jsonl, then train/val/test copied from it
 
 
 def test_own_data_split_independent_of_line_order(tmp_path):

@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 import bertcls
+import common
 from conftest import finished_runs, train_args
 
 
@@ -67,3 +68,26 @@ def test_an_unreadable_cache_is_never_used(tiny_bert, tiny_dataset, tmp_path, ca
     assert err.count("tokenized") == 3
     first, second = [json.loads((r / "test-metrics.json").read_text()) for r in finished_runs(tmp_path / "out")]
     assert first == second
+
+
+def test_a_cache_holding_objects_is_ignored_without_torchs_unsafe_advice(tiny_bert, tiny_dataset, tmp_path, capsys):
+    args = bertcls.parse_args(train_args(tiny_bert, tiny_dataset, tmp_path / "out"))
+    # cloned: the cache files are mapped, and this test overwrites them in place (bertcls replaces them whole)
+    first = {split: {k: v.clone() for k, v in packed.items()}
+             for split, packed in bertcls.Run(args, log=lambda message: None).packed.items()}
+    marker = tmp_path / "code-ran"
+    cache_files = sorted((tmp_path / "out" / "cache").glob("*.pt"))
+    assert len(cache_files) == 3
+    for path in cache_files:  # what a file from elsewhere could hold: torch refuses it under weights_only...
+        torch.save({"offsets": torch.zeros(1, dtype=torch.int64), "payload": RunsCode(marker)}, path)
+    second = bertcls.Run(args, log=common.log)
+    lines = capsys.readouterr().err.strip().splitlines()
+    # ...and its message advises loading with weights_only=False, which would run the payload: not passed on
+    assert not any("weights_only" in line or "trust" in line for line in lines)
+    assert sorted(line for line in lines if "cache" in line) == sorted(
+        f"warning: ignoring unreadable tokenization cache {path} (it holds objects other than tensors); "
+        "tokenizing again" for path in cache_files)
+    assert sum(line.startswith("tokenized ") for line in lines) == 3
+    assert not marker.exists()
+    for split in bertcls.SPLITS:  # rebuilt, the same as before
+        assert all(torch.equal(first[split][k], second.packed[split][k]) for k in first[split])
