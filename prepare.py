@@ -625,11 +625,11 @@ def write_dataset(output_dir: Path, splits: dict[str, list[dict]], label2id: dic
             atomic_write_text(staging / "fold.json", json.dumps(fold, indent=2) + "\n")
 
 
-def folds_id(rows: list[dict], k: int, seed: int) -> str:
-    """What identifies a set of folds (the rows, K and the seed), so that their runs make one experiment."""
+def folds_id(lines: Iterable[str], k: int, seed: int) -> str:
+    """What identifies a set of folds (the examples' lines, K and the seed), so that their runs make one experiment."""
     h = hashlib.sha256(f"{k} folds, seed {seed}\n".encode())
-    for row in rows:
-        h.update(jsonl_line(row).encode("utf-8"))
+    for line in lines:
+        h.update(line.encode("utf-8"))
     return h.hexdigest()[:16]
 
 
@@ -811,7 +811,8 @@ def prepare_folds(args: argparse.Namespace, output_dir: Path, rows: list[dict], 
     check_folds(args.folds, len(rows))
     folds = [{"train": train, "val": val, "test": test}
              for train, val, test in fold_splits(rows, args.seed, args.folds)]
-    write_folds(output_dir, folds, label2id, folds_id(rows, args.folds, args.seed), args.seed, lines)
+    lines = lines or (lambda rows: map(jsonl_line, rows))
+    write_folds(output_dir, folds, label2id, folds_id(lines(rows), args.folds, args.seed), args.seed, lines)
     for i, splits in enumerate(folds):
         print(f"fold-{i}: " + ", ".join(f"{name} {len(splits[name])}" for name in SPLIT_NAMES))
         warning = rare_label_warning({**splits, "all": rows}, label2id)

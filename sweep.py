@@ -803,13 +803,24 @@ class LeaseKeeper:
 # ------------------------------------------------------------------------------------ preflight
 
 
-def check_dataset(passed: dict[str, Any], lrs: Sequence[float], log: Callable[[str], None]) -> None:
+def check_datasets(combos: Sequence[Combination], passed: dict[str, Any], lrs: Sequence[float],
+                   log: Callable[[str], None]) -> None:
+    """check_dataset for each dataset the combinations train on; a warning common to them is said once."""
+    said: set[str] = set()
+    for dataset_dir in dict.fromkeys(c.wanted["dataset_dir"] for c in combos):
+        check_dataset(Path(dataset_dir), passed, lrs, lambda line: said.add(line) if line not in said else None)
+    for line in sorted(said):
+        log(line)
+
+
+def check_dataset(dataset_dir: Path, passed: dict[str, Any], lrs: Sequence[float],
+                  log: Callable[[str], None]) -> None:
     """What every run would find out alone, said once: a dataset no run can use is an error, a schedule that
     cannot reach the swept learning rates (e.g. --epochs 1 with the default 2 warmup epochs) a warning."""
-    _, rows = bertcls.load_dataset(Path(passed["dataset_dir"]), lambda line: log(f"sweep.py: {line}"))
+    _, splits = bertcls.load_dataset(dataset_dir, lambda line: log(f"sweep.py: {line}"))
     if passed.get("max_batch_tokens") is not None:  # batches per epoch depend on the token lengths: runs warn
         return
-    n_batches = math.ceil(len(rows["train"]) / passed["batch_size"])  # one process per run
+    n_batches = math.ceil(len(splits["train"].labels) / passed["batch_size"])  # one process per run
     steps_per_epoch = bertcls.optimizer_steps_per_epoch(n_batches, passed["grad_accum_steps"])
     settings = argparse.Namespace(**{**passed, "lr": lrs[0]})
     warning = bertcls.schedule_warning(steps_per_epoch * passed["epochs"],
@@ -1397,7 +1408,7 @@ def sweep(args: argparse.Namespace, log: Callable[[str], None]) -> int:
         log(f"sweep.py: {len(combos)} combinations, {len(combos) - len(todo)} already finished, {len(todo)} to run "
             f"(logs in {output_dir / 'sweep-logs'})")
         if todo:
-            check_dataset(passed, args.lrs or DEFAULT_LRS, log)
+            check_datasets(todo, passed, args.lrs or DEFAULT_LRS, log)
         bad_models = unloadable_models(todo, log)
         skipped = [c for c in todo if c.model_name in bad_models]
         writable_dir(output_dir)

@@ -125,6 +125,9 @@ def mecab_tokenizer(directory: Path, articles: list[dict], vocab_size: int = 327
         "tokenizer_class": "BertJapaneseTokenizer", "word_tokenizer_type": "mecab",
         "mecab_kwargs": {"mecab_dic": "unidic_lite"}, "subword_tokenizer_type": "wordpiece",
         "do_lower_case": False, "model_max_length": 512}), encoding="utf-8")
+    # a model directory is what bertcls loads tokenizers from: the config of a BERT this vocabulary would feed
+    (directory / "config.json").write_text(json.dumps({"model_type": "bert", "vocab_size": len(vocab)}),
+                                           encoding="utf-8")
     return families.load_tokenizer(str(directory), log=lambda message: None)
 
 

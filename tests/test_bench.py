@@ -84,7 +84,7 @@ def test_tokenization_cache_is_reused_and_invalidated(tiny_bert, tiny_dataset, t
     cache = tmp_path / "cache"
     first = make_run(tiny_bert, tiny_dataset, cache)
     assert len(list(cache.glob("*.pt"))) == 3  # one file per split
-    monkeypatch.setattr(bertcls, "tokenize_rows", refuse_tokenizing)
+    monkeypatch.setattr(bertcls, "encode_rows", refuse_tokenizing)
     second = make_run(tiny_bert, tiny_dataset, cache)  # same tokenizer, max_seq_len and data: nothing to do
     for split in bertcls.SPLITS:
         assert all(torch.equal(first.packed[split][k], second.packed[split][k]) for k in first.packed[split])

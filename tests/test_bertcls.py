@@ -143,15 +143,19 @@ def test_schedule_warning_gives_the_peak_lr_reached():
 
 def test_check_labels_refuses_one_label_and_names_labels_train_never_shows():
     id2label = {0: "movie", 1: "sports", 2: "tech"}
-    rows = {"train": [{"label": 0}, {"label": 0}], "val": [{"label": 1}], "test": [{"label": 0}]}
+    labels = {"train": [0, 0], "val": [1], "test": [0]}
+
+    def check() -> str | None:
+        return bertcls.check_labels({s: torch.tensor(v) for s, v in labels.items()}, id2label, Path("d"))
+
     with pytest.raises(common.UserError, match=r"train.jsonl: every example has the label 'movie': a classifier "
                                                r"needs examples of at least 2 labels"):
-        bertcls.check_labels(rows, id2label, Path("d"))
-    rows["train"].append({"label": 1})
-    assert bertcls.check_labels(rows, id2label, Path("d")) is None
-    rows["val"] += [{"label": 2}, {"label": 2}]
-    rows["test"].append({"label": 2})
-    assert bertcls.check_labels(rows, id2label, Path("d")) == \
+        check()
+    labels["train"].append(1)
+    assert check() is None
+    labels["val"] += [2, 2]
+    labels["test"].append(2)
+    assert check() == \
         "warning: labels that train never shows, so the model cannot learn them: 'tech' (2 in val, 1 in test)"
 
 
@@ -284,7 +288,7 @@ def test_second_run_reuses_the_tokenization_cache(tiny_bert, tiny_dataset, tmp_p
     def no_tokenizing(*a, **k):
         raise AssertionError("tokenized again despite a warm cache")
 
-    monkeypatch.setattr(bertcls, "tokenize_rows", no_tokenizing)
+    monkeypatch.setattr(bertcls, "encode_rows", no_tokenizing)
     assert bertcls.main(args) == 0
 
 

@@ -196,7 +196,7 @@ def test_worker_processes_tokenize_as_one_process(request, family_models, tiny_r
     for workers in (1, 2):
         path = tmp_path / f"{workers}.pt"
         with common.Progress(len(rows), "tokenizing", enabled=False) as progress:
-            assert bertcls.tokenize_split(tokenizer, data, spec, workers, path, progress) == workers
+            assert bertcls.tokenize_split(tokenizer, data, spec, workers, path, progress) == (workers, 0)
         packed = bertcls.load_packed(path, len(rows))
         assert packed.keys() == expected.keys()
         assert all(torch.equal(packed[k], expected[k]) for k in expected), f"{workers} worker(s)"

@@ -458,11 +458,11 @@ def test_failed_folds_leave_the_previous_ones(tmp_path, corpus_tarball, capsys, 
     before = {i: snapshot(out / f"fold-{i}") for i in range(3)}
     written = []
 
-    def write_then_fail(output_dir, splits, label2id, fold=None):
+    def write_then_fail(output_dir, splits, label2id, *args):
         if written:
             raise prepare.UserError(f"cannot write {output_dir}: No space left on device")
         written.append(output_dir)
-        original(output_dir, splits, label2id, fold)
+        original(output_dir, splits, label2id, *args)
 
     original = prepare.write_dataset
     monkeypatch.setattr(prepare, "write_dataset", write_then_fail)

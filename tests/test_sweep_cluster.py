@@ -32,7 +32,7 @@ GRID = [(1e-3, 1), (1e-3, 2), (3e-3, 1), (3e-3, 2)]
 # run (sweep.check_dataset, sweep.unloadable_models) are off: these tests are about scheduling
 SWEEP_WITH_FAKE = (f"import pathlib, sys; sys.path.insert(0, {str(REPO)!r}); import sweep; "
                    f"sweep.BERTCLS = pathlib.Path({str(FAKE)!r}); "
-                   "sweep.check_dataset = lambda *a: None; sweep.unloadable_models = lambda *a: set(); "
+                   "sweep.check_datasets = lambda *a: None; sweep.unloadable_models = lambda *a: set(); "
                    "sys.exit(sweep.main(sys.argv[1:]))")
 
 
@@ -43,7 +43,7 @@ def fake(tmp_path, monkeypatch) -> Path:
     monkeypatch.setenv("FAKE_BERTCLS_DEFAULTS", json.dumps(sweep.resolve_bertcls_args([])))
     monkeypatch.setenv("FAKE_BERTCLS_CALLS", str(calls))
     monkeypatch.setattr(sweep, "BERTCLS", FAKE)
-    monkeypatch.setattr(sweep, "check_dataset", lambda *args: None)  # see SWEEP_WITH_FAKE
+    monkeypatch.setattr(sweep, "check_datasets", lambda *args: None)  # see SWEEP_WITH_FAKE
     monkeypatch.setattr(sweep, "unloadable_models", lambda *args: set())
     return calls
 
@@ -399,7 +399,7 @@ import contextlib, io, json, pathlib, sys
 sys.path.insert(0, {repo!r})
 import sweep
 sweep.BERTCLS = pathlib.Path({fake!r})
-sweep.check_dataset = lambda *a: None  # as SWEEP_WITH_FAKE
+sweep.check_datasets = lambda *a: None  # as SWEEP_WITH_FAKE
 sweep.unloadable_models = lambda *a: set()
 results = []
 for argv in json.loads(sys.argv[1]):
