@@ -829,8 +829,8 @@ def write_checkpoint(run_dir: Path, epoch: int, run_id: str, weights: dict[str, 
         shutil.rmtree(tmp, ignore_errors=True)
         if not isinstance(e, (OSError, RuntimeError, SafetensorError)):  # torch.save reports I/O as RuntimeError
             raise
-        kept = [p for p in checkpoint_dirs(run_dir) if (p / MANIFEST).is_file()]
-        then = (f"the checkpoint of epoch {checkpoint_epoch(kept[0])} is kept: free space, then continue with "
+        kept = last_complete_epoch(run_dir)
+        then = (f"the checkpoint of epoch {kept} is kept: free space, then continue with "
                 f"`python bertcls.py --resume {run_dir}`" if kept else "free space and start the run again")
         raise UserError(f"could not write the checkpoint of epoch {epoch} ({first_line(e)}; "
                         f"{shutil.disk_usage(run_dir).free / 2**20:.0f} MiB free on its disk); {then}") from e
@@ -862,6 +862,11 @@ def checkpoint_dirs(run_dir: Path) -> list[Path]:
     """The run's checkpoint directories, newest epoch first, usable or not (read_checkpoint tells)."""
     found = [p for p in run_dir.glob(f"{CHECKPOINT_PREFIX}*") if p.name[len(CHECKPOINT_PREFIX):].isdigit()]
     return sorted(found, key=checkpoint_epoch, reverse=True)
+
+
+def last_complete_epoch(run_dir: Path) -> int | None:
+    """The epoch of the newest checkpoint written to the end (its manifest is there), for messages."""
+    return next((checkpoint_epoch(p) for p in checkpoint_dirs(run_dir) if (p / MANIFEST).is_file()), None)
 
 
 def remove_checkpoints(run_dir: Path, keep: Path | None = None) -> None:
@@ -988,10 +993,11 @@ def resume_settings(args: argparse.Namespace, argv: Sequence[str] | None) -> arg
                         f"({', '.join(unknown)}); resume it with the version that started it")
     settings = {**defaults, **saved, "resume": str(run_dir)}
     for name, value in command_line_settings(argv).items():
+        run_value = saved.get(name, defaults[name])
         if name in RESUME_MAY_CHANGE:
             settings[name] = value
-        elif name != "resume" and value != saved.get(name, defaults[name]):
-            raise UserError(f"--{name} {value} contradicts the run's --{name} {saved.get(name, defaults[name])} "
+        elif name != "resume" and value != run_value:
+            raise UserError(f"--{name} {value} contradicts the run's --{name} {run_value} "
                             f"(in {run_dir / 'config.json'}): leave it out to resume, or start a new run")
     usable, problems = usable_checkpoints(run_dir, run_identity(config))
     if not usable:
@@ -1165,7 +1171,7 @@ def train_and_evaluate(run: Run, run_dir: Path | None, checkpoint: dict | None =
         f"optimizer steps {run.total_steps} (warmup {run.warmup_steps}) | device {run.device} {run.dtype} | "
         f"params {run.params / 1e6:.2f}M | max_seq_len {run.spec.max_len}")
     if checkpoint is not None:
-        log(f"resuming {run_dir or args.resume} after epoch {training.epoch} (optimizer step {training.step}) "
+        log(f"resuming {args.resume} after epoch {training.epoch} (optimizer step {training.step}) "
             f"from {checkpoint['path']}")
     from tqdm.auto import tqdm
     quiet = run.rank != 0 or not sys.stderr.isatty()
@@ -1203,18 +1209,19 @@ def fine_tune(args: argparse.Namespace, env: DistEnv, log: Callable[[str], None]
 
     With args.resume (settings from resume_settings), the run continues in its own directory from its
     newest usable checkpoint."""
+    resuming = args.resume is not None
     with contextlib.ExitStack() as held:
-        run_dir = Path(args.resume) if args.resume else None
-        if run_dir is not None and env.rank == 0:
-            held.enter_context(hold_run_dir(run_dir))  # before reading it: no other process may write it now
-            outcome["run_dir"] = run_dir
-        if run_dir is None:
+        if resuming:
+            outcome["run_dir"] = run_dir = Path(args.resume)
+            if env.rank == 0:  # before reading it: from now on no other process may write it
+                held.enter_context(hold_run_dir(run_dir))
+        else:
             check_output_dir(Path(args.output_dir))
         device = init_distributed(args.device, env)
         random.seed(args.seed)
         run = Run(args, log, env.rank, env.world_size, device)
         checkpoint = None
-        if run_dir is not None:
+        if resuming:
             config = read_json(run_dir / "config.json")
             check_resumable(run, config)
             checkpoint = load_resume_checkpoint(run, run_dir, run_identity(config))
@@ -1249,11 +1256,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         run_dir = outcome.get("run_dir")
         if not run_dir:
             return "no run directory was made"
-        kept = [p for p in checkpoint_dirs(run_dir) if (p / MANIFEST).is_file()]
-        if not kept:
+        kept = last_complete_epoch(run_dir)
+        if kept is None:
             return f"{run_dir} keeps config.json and log.csv, no metrics"
-        return (f"{run_dir} keeps config.json, log.csv and the checkpoint of epoch {checkpoint_epoch(kept[0])}, "
-                f"no metrics: continue with `python bertcls.py --resume {run_dir}`")
+        return (f"{run_dir} keeps config.json, log.csv and the checkpoint of epoch {kept}, no metrics: continue "
+                f"with `python bertcls.py --resume {run_dir}`")
 
     try:
         return run_cli("bertcls.py", work, args.debug, stopped, OOM_ADVICE,
