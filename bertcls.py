@@ -916,7 +916,8 @@ def read_checkpoint(path: Path, run_id: str) -> dict:
     try:
         weights = load_file(path / WEIGHTS)
         best_weights = load_file(path / BEST_WEIGHTS) if BEST_WEIGHTS in manifest["files"] else weights
-        state = torch.load(path / TRAINING_STATE, weights_only=True)  # never runs code from the file
+        # weights_only: never runs code from the file; on the CPU first, or every rank would fill cuda:0
+        state = torch.load(path / TRAINING_STATE, map_location="cpu", weights_only=True)
     except (OSError, RuntimeError, EOFError, SafetensorError, pickle.UnpicklingError) as e:
         raise ValueError(f"cannot be read ({first_line(e)})") from None
     if not isinstance(state, dict) or state.get("epoch") != manifest["epoch"]:

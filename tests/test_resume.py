@@ -334,3 +334,39 @@ def test_checkpoint_contents(interrupted):
     assert all({"exp_avg", "exp_avg_sq"} <= set(m) for m in moments.values())
     manifest = json.loads((interrupted / "checkpoint-epoch2" / bertcls.MANIFEST).read_text())
     assert set(manifest["files"]) <= {bertcls.WEIGHTS, bertcls.BEST_WEIGHTS, bertcls.TRAINING_STATE}
+
+
+# ------------------------------------------------------------------------------------------- CUDA
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@needs_cuda
+def test_cuda_random_states_are_restored():
+    device = torch.device("cuda")
+    torch.manual_seed(0)
+    saved = bertcls.rng_state(device)
+    first = torch.nn.functional.dropout(torch.ones(1000, device=device), 0.5)
+    bertcls.set_rng_state(saved, device)
+    assert torch.equal(torch.nn.functional.dropout(torch.ones(1000, device=device), 0.5), first)
+    assert saved["cuda"] is not None and not torch.equal(torch.nn.functional.dropout(
+        torch.ones(1000, device=device), 0.5), first)
+
+
+@needs_cuda
+def test_resume_on_cuda(tiny_bert, tiny_dataset, tmp_path):
+    """On a GPU the resumed run matches the uninterrupted one as closely as two uninterrupted runs do
+    (some GPU kernels add in a varying order)."""
+    def on_cuda(argv: list[str]) -> list[str]:
+        argv[argv.index("--device") + 1] = "cuda"
+        return argv
+
+    assert bertcls.main(on_cuda(train_args(tiny_bert, tiny_dataset, tmp_path / "whole", *EPOCHS))) == 0
+    run_dir = interrupt(on_cuda(train_args(tiny_bert, tiny_dataset, tmp_path / "resumed", *EPOCHS)), epoch=3)
+    checkpoint = bertcls.read_checkpoint(run_dir / "checkpoint-epoch2", bertcls.run_identity(config(run_dir)))
+    assert checkpoint["state"]["rng"][0]["cuda"] is not None
+    assert bertcls.main(["--resume", str(run_dir)]) == 0
+    whole, resumed = results(only_run(tmp_path / "whole")), results(run_dir)
+    for a, b in zip(whole["log"], resumed["log"], strict=True):
+        for column in ("train_loss", "val_loss", "lr"):
+            assert float(b[column]) == pytest.approx(float(a[column]), rel=1e-3), column
