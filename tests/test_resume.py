@@ -113,8 +113,8 @@ def interrupt(argv: list[str], epoch: int, keep_old_checkpoints: bool = False) -
 
 @pytest.fixture(scope="module")
 def interrupted(tiny_bert, tiny_dataset, tmp_path_factory) -> Path:
-    """The reference run stopped during epoch 3, keeping the checkpoints of epochs 1 and 2: both are there
-    when a kill comes between writing the newer one and removing the older."""
+    """The reference run once more, stopped during epoch 3, keeping the checkpoints of epochs 1 and 2: both are
+    there when a kill comes between writing the newer one and removing the older."""
     out = tmp_path_factory.mktemp("interrupted")
     run_dir = interrupt(train_args(tiny_bert, tiny_dataset, out, *EPOCHS), epoch=3, keep_old_checkpoints=True)
     assert checkpoint_files(run_dir) == ["checkpoint-epoch1", "checkpoint-epoch2"] and log_rows(run_dir) == 2
