@@ -6,11 +6,14 @@ Several GPUs on one node (DistributedDataParallel under torchrun):
     torchrun --standalone --nproc_per_node 4 bertcls.py --model_name cl-tohoku/bert-base-japanese-v3
 Two nodes (run on each, with its --node_rank):
     torchrun --nnodes 2 --nproc_per_node 8 --rdzv_backend c10d --rdzv_endpoint HOST:29500 bertcls.py ...
+An interrupted run, from its last checkpoint (see --checkpoint_minutes), in its own directory:
+    python bertcls.py --resume outputs/<model>/<date>/<time>
 
 Reads datasets/livedoor/{train,val,test}.jsonl + label2id.json (see prepare.py), trains with AdamW and a
 linear warmup/decay schedule, picks the epoch with the best validation macro F1, evaluates val and test
 once with its weights and writes everything under outputs/<model>/<date>/<time>/. test-metrics.json is
-written last: a run directory without it is not a finished run.
+written last: a run directory without it is not a finished run. A long run also writes a checkpoint at the
+end of an epoch every --checkpoint_minutes, so that a killed run loses at most that much.
 
 Reading guide (this file is the training story, in the order it happens):
     parse_args                    every setting, with its default
@@ -25,7 +28,9 @@ Reading guide (this file is the training story, in the order it happens):
                                   reused across runs
     distributed                   torchrun process group and the collectives used
     outputs                       log.csv, learning curve, predictions, --save_model
-    Run, train_and_evaluate, main set-up, the epoch loop with best-epoch selection, and the command line
+    checkpoints + --resume        epoch checkpoints written all or nothing, and continuing from one exactly
+    Run, train_and_evaluate, main set-up, the epoch loop with best-epoch selection and early stopping, and
+                                  the command line
 Below it: common.py (errors, files, devices; nothing about BERT) and families.py (how each model family
 is loaded and fed).
 """
@@ -37,6 +42,7 @@ import array
 import collections
 import contextlib
 import csv
+import dataclasses
 import datetime
 import hashlib
 import io
@@ -59,10 +65,13 @@ from typing import Any, Callable, NamedTuple, Sequence
 
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
 
 from common import (DistEnv, Progress, UserError, atomic_write_text, autocast_context, check_output_dir, dist_env,
-                    dtype_name, first_line, iter_jsonl, make_run_dir, non_negative_float, pick_device, positive_float,
-                    positive_int, read_json, read_jsonl, resolve_dtype, run_cli, write_json)
+                    dtype_name, finite_float, first_line, hold_run_dir, iter_jsonl, make_run_dir, non_negative_float,
+                    pick_device, positive_float, positive_int, read_json, read_jsonl, resolve_dtype, run_cli,
+                    write_json)
 from families import effective_max_len, load_model, load_tokenizer, unknown_family_note, uses_token_type_ids
 
 CACHE_FORMAT = 2  # bump when the layout or the key of the tokenization cache changes
@@ -75,7 +84,7 @@ OOM_ADVICE = ("lower --batch_size (with --grad_accum_steps to keep the effective
               "or add --gradient_checkpointing")
 
 
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model_name", default="cl-tohoku/bert-base-japanese-v3",
                    help="hub name or local directory (default: %(default)s)")
@@ -124,8 +133,22 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         "configs that name none (default: auto)")
     p.add_argument("--log_interval", type=positive_int, default=20,
                    help="optimizer steps between progress updates and NaN checks (default: %(default)s)")
+    p.add_argument("--patience", type=positive_int, default=None,
+                   help="early stopping: stop when val F1 has not improved for this many epochs; the learning-rate "
+                        "schedule stays the one planned for --epochs (default: off)")
+    p.add_argument("--checkpoint_minutes", type=finite_float, default=10,
+                   help="at the end of an epoch, write a checkpoint to resume from when at least this many minutes "
+                        "have passed since the run started or since the last one; 0: after every epoch, negative: "
+                        "never. A finished run deletes its checkpoint (default: %(default)s)")
+    p.add_argument("--resume", metavar="RUN_DIR", default=None,
+                   help="continue an interrupted run from its last checkpoint, with the settings of its config.json, "
+                        "and finish it in RUN_DIR; other flags must agree with them (default: off)")
     p.add_argument("--debug", action="store_true", help="show tracebacks for errors (default: off)")
-    args = p.parse_args(argv)
+    return p
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    args = build_parser().parse_args(argv)
     if args.eval_batch_size is None:
         args.eval_batch_size = 2 * args.batch_size
     if args.tokenize_workers is None:
@@ -1147,7 +1170,7 @@ def wrap_model(run: Run) -> torch.nn.Module:
 
 
 LOG_FIELDS = ["epoch", "train_loss", "val_loss", "val_accuracy", "val_precision", "val_recall", "val_f1",
-              "lr", "seconds", "examples_per_s"]
+              "lr", "seconds", "examples_per_s", "stop_reason"]
 
 
 def write_log_csv(path: Path, rows: list[dict]) -> None:
@@ -1279,8 +1302,14 @@ def save_model(run: Run, model_dir: Path) -> None:
     os.replace(tmp, model_dir)
 
 
+def update_config(run_dir: Path, **fields: Any) -> None:
+    """Add fields to config.json (when the run was resumed, how its training ended), keeping the rest."""
+    write_json(run_dir / "config.json", {**read_json(run_dir / "config.json"), **fields})
+
+
 def write_results(run: Run, run_dir: Path, result: dict) -> None:
     """Metric files, test-metrics.json last: its presence is what marks a finished run."""
+    update_config(run_dir, training_end=result["training_end"])
     write_json(run_dir / "val-metrics.json", {"best_epoch": result["best_epoch"],
                                               "train_seconds": round(result["train_seconds"], 3), **result["val"]})
     write_predictions(run_dir / "test-predictions.jsonl", split_ids(run.splits["test"]), run.labels["test"],
@@ -1289,6 +1318,308 @@ def write_results(run: Run, run_dir: Path, result: dict) -> None:
     if run.args.save_model:
         save_model(run, run_dir / "model")
     write_json(run_dir / "test-metrics.json", result["test"])
+    remove_checkpoints(run_dir)  # only now: a kill before test-metrics.json can still resume
+
+
+# ------------------------------------------------------------------------------ checkpoints + --resume
+
+
+CHECKPOINT_FORMAT = 1
+CHECKPOINT_PREFIX = "checkpoint-epoch"  # <run dir>/checkpoint-epoch<N>/, written as .checkpoint-epoch<N>.tmp/
+WEIGHTS, BEST_WEIGHTS, TRAINING_STATE, MANIFEST = ("model.safetensors", "best-model.safetensors",
+                                                   "training-state.pt", "manifest.json")
+# settings that change how a run works, not what it computes: --resume may give them new values
+# (--device and --dtype only while they resolve to the device type and dtype the run started with)
+RESUME_MAY_CHANGE = frozenset({"debug", "log_interval", "cache_dir", "checkpoint_minutes", "device", "dtype"})
+
+
+@dataclasses.dataclass
+class TrainingState:
+    """Where training stands after `epoch` epochs: what the epoch loop carries on, and a checkpoint keeps
+    (with the weights, the optimizer, the GradScaler and the random states)."""
+    epoch: int = 0  # epochs done
+    step: int = 0  # optimizer steps taken: the position in the learning-rate schedule
+    train_seconds: float = 0.0
+    history: list[dict] = dataclasses.field(default_factory=list)  # the rows of log.csv
+    best: dict | None = None  # the best epoch so far: {"epoch", "val" (its metrics), "state" (its weights)}
+
+
+def cpu_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """A copy of the weights on the CPU (copying also unties shared tensors, which safetensors refuses)."""
+    return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in model.state_dict().items()}
+
+
+def rng_state(device: torch.device) -> dict[str, Any]:
+    """This process's random states: Python's, and torch's generator that dropout draws from."""
+    return {"python": random.getstate(), "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
+
+
+def set_rng_state(state: dict[str, Any], device: torch.device) -> None:
+    random.setstate(state["python"])
+    torch.set_rng_state(state["torch"])
+    if device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def run_identity(config: dict) -> str:
+    """What makes a run this run: a checkpoint that another run wrote is never taken for its own."""
+    key = json.dumps([config.get("args"), config.get("dataset_digest"), config.get("started_at")], sort_keys=True)
+    return hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
+def checkpoint_due(minutes: float, since: float, world_size: int) -> bool:
+    """Whether --checkpoint_minutes have passed since `since` (time.monotonic()). Rank 0's clock decides
+    for every rank: they write a checkpoint together."""
+    return broadcast_object(minutes >= 0 and time.monotonic() - since >= minutes * 60, world_size)
+
+
+def save_checkpoint(run: Run, run_dir: Path | None, run_id: str, training: TrainingState,
+                    optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler) -> None:
+    """Checkpoint the epoch just done: every rank's random states go to rank 0, which writes it."""
+    rngs = gather_objects(rng_state(run.device), run.world_size)
+    if run_dir is None:
+        return
+    start = time.perf_counter()
+    best_is_current = training.best["epoch"] == training.epoch  # its weights are the ones in hand: store them once
+    state = {"epoch": training.epoch, "step": training.step, "train_seconds": training.train_seconds,
+             "history": training.history, "best_epoch": training.best["epoch"], "best_val": training.best["val"],
+             "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "rng": rngs}
+    weights = training.best["state"] if best_is_current else cpu_state(run.raw_model)
+    path = write_checkpoint(run_dir, training.epoch, run_id, weights,
+                            None if best_is_current else training.best["state"], state)
+    size = sum(f.stat().st_size for f in path.iterdir())
+    run.log(f"checkpoint of epoch {training.epoch}: {size / 2**20:.1f} MiB written in "
+            f"{time.perf_counter() - start:.2f}s -> {path}")
+
+
+def write_checkpoint(run_dir: Path, epoch: int, run_id: str, weights: dict[str, torch.Tensor],
+                     best_weights: dict[str, torch.Tensor] | None, state: dict) -> Path:
+    """<run dir>/checkpoint-epoch<N>/, all or nothing: the files go to a temporary directory, its manifest
+    last, which is then renamed into place; only after that are the older checkpoints removed. A kill or
+    a full disk at any moment leaves the previous checkpoint whole; a failed write is a UserError."""
+    path = run_dir / f"{CHECKPOINT_PREFIX}{epoch}"
+    tmp = run_dir / f".{path.name}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)  # left by a run killed while writing
+    try:
+        tmp.mkdir()
+        save_weights(tmp / WEIGHTS, weights)
+        if best_weights is not None:
+            save_weights(tmp / BEST_WEIGHTS, best_weights)
+        with open(tmp / TRAINING_STATE, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        files = {f.name: f.stat().st_size for f in tmp.iterdir()}
+        write_json(tmp / MANIFEST, {"format": CHECKPOINT_FORMAT, "epoch": epoch, "run": run_id, "files": files})
+        shutil.rmtree(path, ignore_errors=True)  # an unusable one of this epoch, from before a resume
+        os.replace(tmp, path)
+        fsync_dir(run_dir)
+    except BaseException as e:  # a signal included: the half-written directory goes, the previous one stays
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not isinstance(e, (OSError, RuntimeError, SafetensorError)):  # torch.save reports I/O as RuntimeError
+            raise
+        kept = last_complete_epoch(run_dir)
+        then = (f"the checkpoint of epoch {kept} is kept: free space, then continue with "
+                f"`python bertcls.py --resume {run_dir}`" if kept else "free space and start the run again")
+        raise UserError(f"could not write the checkpoint of epoch {epoch} ({first_line(e)}; "
+                        f"{shutil.disk_usage(run_dir).free / 2**20:.0f} MiB free on its disk); {then}") from e
+    remove_checkpoints(run_dir, keep=path)
+    return path
+
+
+def save_weights(path: Path, weights: dict[str, torch.Tensor]) -> None:
+    save_file(weights, str(path))
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())  # on the disk before the manifest says it is there
+
+
+def fsync_dir(directory: Path) -> None:
+    """Make a rename in `directory` survive a crash of the machine (POSIX; elsewhere a no-op)."""
+    if os.name == "posix":
+        fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def checkpoint_epoch(path: Path) -> int:
+    return int(path.name[len(CHECKPOINT_PREFIX):])
+
+
+def checkpoint_dirs(run_dir: Path) -> list[Path]:
+    """The run's checkpoint directories, newest epoch first, usable or not (read_checkpoint tells)."""
+    found = [p for p in run_dir.glob(f"{CHECKPOINT_PREFIX}*") if p.name[len(CHECKPOINT_PREFIX):].isdigit()]
+    return sorted(found, key=checkpoint_epoch, reverse=True)
+
+
+def last_complete_epoch(run_dir: Path) -> int | None:
+    """The epoch of the newest checkpoint written to the end (its manifest is there), for messages."""
+    return next((checkpoint_epoch(p) for p in checkpoint_dirs(run_dir) if (p / MANIFEST).is_file()), None)
+
+
+def remove_checkpoints(run_dir: Path, keep: Path | None = None) -> None:
+    for path in [*checkpoint_dirs(run_dir), *run_dir.glob(f".{CHECKPOINT_PREFIX}*.tmp")]:
+        if path != keep:
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def read_manifest(path: Path, run_id: str) -> dict:
+    """A checkpoint's manifest, checked against its files; ValueError says why the checkpoint is unusable."""
+    try:
+        manifest = json.loads((path / MANIFEST).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ValueError("half-written (no manifest)") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"unreadable manifest ({first_line(e)})") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError("not a checkpoint of this bertcls.py's format")
+    if manifest.get("run") != run_id or manifest.get("epoch") != checkpoint_epoch(path):
+        raise ValueError("written by another run, or moved from another directory")
+    files = manifest.get("files")
+    if not isinstance(files, dict) or not {WEIGHTS, TRAINING_STATE} <= files.keys() <= {
+            WEIGHTS, BEST_WEIGHTS, TRAINING_STATE}:
+        raise ValueError("its manifest lists the wrong files")
+    for name, size in files.items():
+        actual = (path / name).stat().st_size if (path / name).is_file() else None
+        if actual != size:
+            raise ValueError(f"{name} is damaged ({actual} bytes instead of {size})")
+    return manifest
+
+
+def usable_checkpoints(run_dir: Path, run_id: str) -> tuple[list[Path], list[str]]:
+    """Checkpoints whose manifest and file sizes are right, newest first, and why each other one is not."""
+    usable, problems = [], []
+    for path in checkpoint_dirs(run_dir):
+        try:
+            read_manifest(path, run_id)
+            usable.append(path)
+        except ValueError as e:
+            problems.append(f"{path.name}: {e}")
+    return usable, problems
+
+
+def read_checkpoint(path: Path, run_id: str) -> dict:
+    """A checkpoint's weights and training state; ValueError says why it cannot be used."""
+    manifest = read_manifest(path, run_id)
+    try:
+        weights = load_file(path / WEIGHTS)
+        best_weights = load_file(path / BEST_WEIGHTS) if BEST_WEIGHTS in manifest["files"] else weights
+        # weights_only: never runs code from the file; on the CPU first, or every rank would fill cuda:0
+        state = torch.load(path / TRAINING_STATE, map_location="cpu", weights_only=True)
+    except (OSError, RuntimeError, EOFError, SafetensorError, pickle.UnpicklingError) as e:
+        raise ValueError(f"cannot be read ({first_line(e)})") from None
+    if not isinstance(state, dict) or state.get("epoch") != manifest["epoch"]:
+        raise ValueError("its training state is not that of its epoch")
+    return {"path": path, "weights": weights, "best_weights": best_weights, "state": state}
+
+
+def no_checkpoint_error(run_dir: Path, problems: Sequence[str]) -> UserError:
+    why = "; ".join(problems) or "it stopped before its first one (see --checkpoint_minutes)"
+    return UserError(f"{run_dir} has no usable checkpoint to resume from ({why}): start the run again")
+
+
+def load_resume_checkpoint(run: Run, run_dir: Path, run_id: str) -> dict:
+    """The newest checkpoint that reads back whole (older ones when newer ones are damaged). Rank 0 picks
+    it, so every rank resumes from the same one."""
+    path, checkpoint, problems = None, None, []
+    if run.rank == 0:
+        for candidate in checkpoint_dirs(run_dir):
+            try:
+                path, checkpoint = candidate, read_checkpoint(candidate, run_id)
+                break
+            except ValueError as e:
+                run.log(f"warning: not resuming from {candidate}: {e}")
+                problems.append(f"{candidate.name}: {e}")
+        if checkpoint is None:
+            raise no_checkpoint_error(run_dir, problems)
+    path = broadcast_object(path, run.world_size)
+    if checkpoint is None:
+        try:
+            checkpoint = read_checkpoint(path, run_id)
+        except ValueError as e:
+            raise UserError(f"rank {run.rank} cannot read {path}: {e}") from None
+    return checkpoint
+
+
+def restore(checkpoint: dict, run: Run, optimizer: torch.optim.Optimizer,
+            scaler: torch.amp.GradScaler) -> TrainingState:
+    """Model, optimizer, GradScaler and this rank's random states as they were after the checkpoint's epoch."""
+    state = checkpoint["state"]
+    try:
+        run.raw_model.load_state_dict(checkpoint["weights"])
+        optimizer.load_state_dict(state["optimizer"])
+    except (RuntimeError, ValueError, KeyError) as e:
+        raise UserError(f"{checkpoint['path']} does not fit {run.args.model_name} ({first_line(e)}): the model "
+                        "changed since the run started; start a new run") from None
+    scaler.load_state_dict(state["scaler"])
+    set_rng_state(state["rng"][run.rank], run.device)
+    best = {"epoch": state["best_epoch"], "val": state["best_val"], "state": checkpoint["best_weights"]}
+    return TrainingState(state["epoch"], state["step"], state["train_seconds"], state["history"], best)
+
+
+def command_line_settings(argv: Sequence[str] | None) -> dict[str, Any]:
+    """The settings given on the command line, without the defaults of the others."""
+    parser, unset = build_parser(), object()
+    blank = argparse.Namespace(**{name: unset for name in vars(parser.parse_args([]))})
+    return {k: v for k, v in vars(parser.parse_args(argv, blank)).items() if v is not unset}
+
+
+def resume_settings(args: argparse.Namespace, argv: Sequence[str] | None) -> argparse.Namespace:
+    """--resume RUN_DIR: the settings of the run's config.json; a flag that contradicts one is refused."""
+    run_dir = Path(args.resume)
+    if not (run_dir / "config.json").is_file():
+        raise UserError(f"--resume {run_dir}: not a run directory (no config.json); pass one such as "
+                        "outputs/<model>/<date>/<time>")
+    if (run_dir / "test-metrics.json").exists():
+        raise UserError(f"--resume {run_dir}: this run is already finished (it has test-metrics.json)")
+    config = read_json(run_dir / "config.json")
+    saved = config.get("args") if isinstance(config, dict) else None
+    if not isinstance(saved, dict):
+        raise UserError(f"--resume {run_dir}: not a run directory (its config.json has no \"args\")")
+    defaults = vars(parse_args([]))
+    if unknown := sorted(saved.keys() - defaults.keys()):
+        raise UserError(f"--resume {run_dir}: the run has settings this bertcls.py does not know "
+                        f"({', '.join(unknown)}); resume it with the version that started it")
+    settings = {**defaults, **saved, "resume": str(run_dir)}
+    for name, value in command_line_settings(argv).items():
+        run_value = saved.get(name, defaults[name])
+        if name in RESUME_MAY_CHANGE:
+            settings[name] = value
+        elif name != "resume" and value != run_value:
+            raise UserError(f"--{name} {value} contradicts the run's --{name} {run_value} "
+                            f"(in {run_dir / 'config.json'}): leave it out to resume, or start a new run")
+    usable, problems = usable_checkpoints(run_dir, run_identity(config))
+    if not usable:
+        raise no_checkpoint_error(run_dir, problems)
+    return argparse.Namespace(**settings)
+
+
+def check_resumable(run: Run, config: dict) -> None:
+    """Refuse to continue a run with data, a model or a set-up that would change what it computes."""
+    if run.dataset_digest != config.get("dataset_digest"):
+        raise UserError(f"the dataset in {run.args.dataset_dir} changed since the run started (its digest differs "
+                        "from the one in config.json): restore it, or start a new run")
+    if (run.params, run.spec.max_len) != (config.get("params"), config.get("max_seq_len_used")):
+        raise UserError(f"{run.args.model_name} is not the model the run started with ({run.params} parameters, "
+                        f"max_seq_len {run.spec.max_len}; config.json: {config.get('params')}, "
+                        f"{config.get('max_seq_len_used')}): restore it, or start a new run")
+    here = {"device": run.device.type, "dtype": dtype_name(run.dtype), "world size": run.world_size}
+    there = {"device": torch.device(config.get("device", "cpu")).type, "dtype": config.get("dtype"),
+             "world size": config.get("world_size")}
+    for what in here:
+        if here[what] != there[what]:
+            raise UserError(f"the run started with {what} {there[what]}, here it would be {here[what]}: resume it "
+                            "on the same kind of device, dtype and number of processes (--device, --dtype, torchrun)")
+
+
+def record_resume(run: Run, run_dir: Path, epoch: int) -> None:
+    """config.json keeps its settings; each resume is added, with the settings it changed (RESUME_MAY_CHANGE)."""
+    config = read_json(run_dir / "config.json")
+    changed = {k: v for k, v in vars(run.args).items() if k != "resume" and config["args"].get(k, v) != v}
+    entry = {"at": datetime.datetime.now().isoformat(timespec="seconds"), "from_epoch": epoch, "changed": changed}
+    update_config(run_dir, resumed=[*config.get("resumed", []), entry])
 
 
 # ------------------------------------------------------------------------------------- set-up + main
@@ -1383,14 +1714,64 @@ def all_train_batches(run: Run, epoch: int) -> list[list[int]]:
     return batches
 
 
-def train_and_evaluate(run: Run, run_dir: Path | None) -> dict:
-    """Train every epoch, keep the weights of the best val F1, then evaluate val and test once with them."""
+def run_epoch(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, run: Run,
+              training: TrainingState, quiet: bool) -> dict:
+    """Train the next epoch and validate it; record its log.csv row, and its weights if its val F1 is the best."""
+    from tqdm.auto import tqdm
+    epoch = training.epoch + 1
+    all_batches = all_train_batches(run, epoch)
+    batches = all_batches[run.rank::run.world_size]
+    start = time.perf_counter()
+    with tqdm(total=sum(map(len, batches)), desc=f"epoch {epoch}", unit="ex", disable=quiet, leave=False,
+              dynamic_ncols=True) as progress:
+        training.step, train_loss = train_epoch(model, optimizer, scaler, run, batches, step=training.step,
+                                                epoch=epoch, progress=progress, step_examples=examples_per_step(
+                                                    all_batches, run.args.grad_accum_steps, run.world_size))
+    seconds = time.perf_counter() - start
+    training.train_seconds += seconds
+    train_loss = sum(gather_objects(train_loss, run.world_size)) / run.world_size
+    val, _ = evaluate(model, run, "val")
+    row = {"epoch": epoch, "train_loss": train_loss, "val_loss": val["loss"], "val_accuracy": val["accuracy"],
+           "val_precision": val["precision"], "val_recall": val["recall"], "val_f1": val["f1"],
+           "lr": optimizer.param_groups[0]["lr"], "seconds": round(seconds, 3),
+           "examples_per_s": round(sum(map(len, batches)) * run.world_size / seconds, 2)}
+    training.history.append(row)
+    training.epoch = epoch
+    if training.best is None or val["f1"] > training.best["val"]["f1"]:  # the first epoch always counts
+        training.best = {"epoch": epoch, "val": val, "state": cpu_state(run.raw_model)}
+    return row
+
+
+def early_stop_reason(training: TrainingState, args: argparse.Namespace) -> str | None:
+    """Why training stops before --epochs (--patience epochs without a better val F1), or None."""
+    waited = training.epoch - training.best["epoch"]
+    if args.patience is None or waited < args.patience or training.epoch == args.epochs:
+        return None
+    return (f"early stop: no better val F1 in the {waited} epoch(s) after epoch {training.best['epoch']} "
+            f"(--patience {args.patience})")
+
+
+def start_record(run: Run, run_dir: Path, resumed_from: int | None) -> str:
+    """config.json for a new run, or a note of the resume in the run's own; returns the run's identity."""
+    if resumed_from is None:
+        write_json(run_dir / "config.json", run.config_record())
+    else:
+        record_resume(run, run_dir, resumed_from)
+    return run_identity(read_json(run_dir / "config.json"))
+
+
+def train_and_evaluate(run: Run, run_dir: Path | None, checkpoint: dict | None = None) -> dict:
+    """Train epoch after epoch (after the checkpoint's epoch when resuming), keep the weights of the best
+    val F1, stop early with --patience, then evaluate val and test once with the best weights.
+
+    `run_dir` is None on ranks other than 0, which write nothing."""
     args, log = run.args, run.log
     model = wrap_model(run)
     optimizer = build_optimizer(run.raw_model, args, run.device)
     scaler = torch.amp.GradScaler(run.device.type, enabled=run.dtype == torch.float16)
-    if run_dir is not None:
-        write_json(run_dir / "config.json", run.config_record())
+    training = TrainingState() if checkpoint is None else restore(checkpoint, run, optimizer, scaler)
+    resumed_from = None if checkpoint is None else training.epoch
+    run_id = start_record(run, run_dir, resumed_from) if run_dir is not None else ""
     log(f"examples: train {len(run.labels['train'])}, val {len(run.labels['val'])}, test {len(run.labels['test'])} | "
         f"epochs {args.epochs} | per-device batch "
         f"{args.batch_size if not args.max_batch_tokens else f'of <= {args.max_batch_tokens} tokens'} x world size "
@@ -1398,59 +1779,72 @@ def train_and_evaluate(run: Run, run_dir: Path | None) -> dict:
         f"{run.effective_batch_size}{' (mean examples)' if args.max_batch_tokens else ''} | "
         f"optimizer steps {run.total_steps} (warmup {run.warmup_steps}) | device {run.device} {run.dtype} | "
         f"params {run.params / 1e6:.2f}M | max_seq_len {run.spec.max_len}")
+    if checkpoint is not None:
+        log(f"resuming {args.resume} after epoch {training.epoch} (optimizer step {training.step}) "
+            f"from {checkpoint['path']}")
     from tqdm.auto import tqdm
     quiet = run.rank != 0 or not sys.stderr.isatty()
-    step, best, history, train_seconds = 0, None, [], 0.0
+    stop_reason, last_checkpoint = None, time.monotonic()
     # ------------------------------------------------------------------------------- the epoch loop
-    for epoch in tqdm(range(1, args.epochs + 1), desc="epochs", disable=quiet, dynamic_ncols=True):
-        all_batches = all_train_batches(run, epoch)
-        batches = all_batches[run.rank::run.world_size]
-        start = time.perf_counter()
-        with tqdm(total=sum(map(len, batches)), desc=f"epoch {epoch}", unit="ex", disable=quiet, leave=False,
-                  dynamic_ncols=True) as progress:
-            step, train_loss = train_epoch(model, optimizer, scaler, run, batches, step=step, epoch=epoch,
-                                           progress=progress, step_examples=examples_per_step(
-                                               all_batches, args.grad_accum_steps, run.world_size))
-        seconds = time.perf_counter() - start
-        train_seconds += seconds
-        train_loss = sum(gather_objects(train_loss, run.world_size)) / run.world_size
-        val, _ = evaluate(model, run, "val")
-        row = {"epoch": epoch, "train_loss": train_loss, "val_loss": val["loss"], "val_accuracy": val["accuracy"],
-               "val_precision": val["precision"], "val_recall": val["recall"], "val_f1": val["f1"],
-               "lr": optimizer.param_groups[0]["lr"], "seconds": round(seconds, 3),
-               "examples_per_s": round(sum(map(len, batches)) * run.world_size / seconds, 2)}
-        history.append(row)
-        if best is None or val["f1"] > best["val"]["f1"]:  # the first epoch always counts
-            best = {"epoch": epoch, "val": val,
-                    "state": {k: v.detach().to("cpu", copy=True) for k, v in run.raw_model.state_dict().items()}}
-        log(f"epoch {epoch}/{args.epochs}: train loss {train_loss:.4f} | val loss {val['loss']:.4f} "
-            f"acc {val['accuracy']:.4f} f1 {val['f1']:.4f} | {row['examples_per_s']:.1f} ex/s")
+    for epoch in tqdm(range(training.epoch + 1, args.epochs + 1), desc="epochs", initial=training.epoch,
+                      total=args.epochs, disable=quiet, dynamic_ncols=True):
+        row = run_epoch(model, optimizer, scaler, run, training, quiet)
+        stop_reason = row["stop_reason"] = early_stop_reason(training, args)
+        log(f"epoch {epoch}/{args.epochs}: train loss {row['train_loss']:.4f} | val loss {row['val_loss']:.4f} "
+            f"acc {row['val_accuracy']:.4f} f1 {row['val_f1']:.4f} | {row['examples_per_s']:.1f} ex/s"
+            + (f" | {stop_reason}" if stop_reason else ""))
         if run_dir is not None:
-            write_log_csv(run_dir / "log.csv", history)
-    if best["epoch"] == args.epochs:  # the weights in hand are the best ones: their val metrics are known
+            write_log_csv(run_dir / "log.csv", training.history)
+        if stop_reason:
+            break
+        # none after the last epoch: evaluating val and test is all that is left
+        if epoch < args.epochs and checkpoint_due(args.checkpoint_minutes, last_checkpoint, run.world_size):
+            save_checkpoint(run, run_dir, run_id, training, optimizer, scaler)
+            last_checkpoint = time.monotonic()
+    best = training.best
+    if best["epoch"] == training.epoch:  # the weights in hand are the best ones: their val metrics are known
         val = best["val"]
     else:
         run.raw_model.load_state_dict(best["state"])
         val, _ = evaluate(model, run, "val")
     test, test_probs = evaluate(model, run, "test")
-    return {"best_epoch": best["epoch"], "val": val, "test": test, "test_probs": test_probs, "history": history,
-            "train_seconds": train_seconds}
+    training_end = {"epochs_trained": training.epoch, "reason": stop_reason or f"--epochs {args.epochs} done"}
+    return {"best_epoch": best["epoch"], "val": val, "test": test, "test_probs": test_probs,
+            "history": training.history, "train_seconds": training.train_seconds, "training_end": training_end}
 
 
 def fine_tune(args: argparse.Namespace, env: DistEnv, log: Callable[[str], None], outcome: dict) -> int:
-    """The whole run: set up, train, evaluate, write the results (rank 0); outcome['run_dir'] once made."""
-    check_output_dir(Path(args.output_dir))
-    device = init_distributed(args.device, env)
-    random.seed(args.seed)
-    run = Run(args, log, env.rank, env.world_size, device)
-    run_dir = make_run_dir(Path(args.output_dir), args.model_name) if env.rank == 0 else None
-    outcome["run_dir"] = run_dir = broadcast_object(run_dir, env.world_size)
-    result = train_and_evaluate(run, run_dir if env.rank == 0 else None)
-    if env.rank == 0:
-        write_results(run, run_dir, result)
-        log(f"test: accuracy {result['test']['accuracy']:.4f} f1 {result['test']['f1']:.4f} "
-            f"(best epoch {result['best_epoch']}) -> {run_dir}")
-    barrier(env.world_size)
+    """The whole run: set up, train, evaluate, write the results (rank 0); outcome['run_dir'] once made.
+
+    With args.resume (settings from resume_settings), the run continues in its own directory from its
+    newest usable checkpoint."""
+    resuming = args.resume is not None
+    with contextlib.ExitStack() as held:
+        if resuming:
+            outcome["run_dir"] = run_dir = Path(args.resume)
+            if env.rank == 0:  # before reading it: from now on no other process may write it
+                held.enter_context(hold_run_dir(run_dir))
+        else:
+            check_output_dir(Path(args.output_dir))
+        device = init_distributed(args.device, env)
+        random.seed(args.seed)
+        run = Run(args, log, env.rank, env.world_size, device)
+        checkpoint = None
+        if resuming:
+            config = read_json(run_dir / "config.json")
+            check_resumable(run, config)
+            checkpoint = load_resume_checkpoint(run, run_dir, run_identity(config))
+        else:
+            run_dir = make_run_dir(Path(args.output_dir), args.model_name) if env.rank == 0 else None
+            outcome["run_dir"] = run_dir = broadcast_object(run_dir, env.world_size)
+            if env.rank == 0:
+                held.enter_context(hold_run_dir(run_dir))
+        result = train_and_evaluate(run, run_dir if env.rank == 0 else None, checkpoint)
+        if env.rank == 0:
+            write_results(run, run_dir, result)
+            log(f"test: accuracy {result['test']['accuracy']:.4f} f1 {result['test']['f1']:.4f} "
+                f"(best epoch {result['best_epoch']}) -> {run_dir}")
+        barrier(env.world_size)
     return 0
 
 
@@ -1464,15 +1858,22 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     outcome: dict[str, Path | None] = {}
 
+    def work() -> int:
+        return fine_tune(resume_settings(args, argv) if args.resume else args, env, log, outcome)
+
     def stopped() -> str:
         run_dir = outcome.get("run_dir")
-        if run_dir is None:
+        if not run_dir:
             return "no run directory was made"
         kept = [name for name in ("config.json", "log.csv") if (run_dir / name).is_file()]
-        return f"{run_dir} keeps {' and '.join(kept) or 'nothing'}, no metrics"
+        epoch = last_complete_epoch(run_dir)
+        if epoch is None:
+            return f"{run_dir} keeps {' and '.join(kept) or 'nothing'}, no metrics"
+        return (f"{run_dir} keeps {', '.join(kept)} and the checkpoint of epoch {epoch}, no metrics: continue "
+                f"with `python bertcls.py --resume {run_dir}`")
 
     try:
-        return run_cli("bertcls.py", lambda: fine_tune(args, env, log, outcome), args.debug, stopped, OOM_ADVICE,
+        return run_cli("bertcls.py", work, args.debug, stopped, OOM_ADVICE,
                        who=f" [rank {env.rank}]" if env.world_size > 1 else "")
     finally:
         if env.world_size > 1:

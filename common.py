@@ -10,7 +10,7 @@ of the project may import it (nothing here imports them back).
 - progress: bars on a terminal, plain lines in logs
 - flags: argparse validators
 - devices: torchrun's environment, the device and the autocast dtype
-- run directories: outputs/<model>/<date>/<time>/
+- run directories: outputs/<model>/<date>/<time>/, and a lock that keeps two processes out of one
 """
 
 from __future__ import annotations
@@ -30,6 +30,11 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, NamedTuple
 
 import torch
+
+try:
+    import fcntl
+except ImportError:  # Windows: run directories are then not guarded against two processes
+    fcntl = None
 
 EXIT_ERROR, EXIT_SIGINT, EXIT_SIGTERM = 1, 130, 143
 SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")  # a JSON escape in U+D800..U+DFFF
@@ -120,6 +125,13 @@ def non_negative_float(text: str) -> float:
     value = float(text)
     if not (value >= 0 and math.isfinite(value)):
         raise argparse.ArgumentTypeError(f"must be a non-negative number, got {text}")
+    return value
+
+
+def finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
     return value
 
 
@@ -387,3 +399,27 @@ def make_run_dir(output_dir: Path, model_name: str, now: datetime.datetime | Non
     run_dir = output_dir / safe_name(model_name) / now.strftime("%Y-%m-%d") / now.strftime("%H-%M-%S.%f")
     run_dir.mkdir(parents=True, exist_ok=False)
     return run_dir
+
+
+@contextlib.contextmanager
+def hold_run_dir(run_dir: Path) -> Iterator[None]:
+    """Keep every other process out of run_dir while this one works in it, so two never write one run.
+
+    The lock is an flock on <run_dir>/.lock, which the OS drops when the process ends, even by SIGKILL:
+    a killed run never leaves its directory locked.
+    """
+    if fcntl is None:
+        yield
+        return
+    with open(run_dir / ".lock", "a+", encoding="utf-8") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "?"
+            raise UserError(f"{run_dir} is in use by another process (pid {holder}): wait for it to end "
+                            "or stop it first") from None
+        f.truncate(0)
+        f.write(f"{os.getpid()}\n")
+        f.flush()
+        yield

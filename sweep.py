@@ -22,7 +22,9 @@ GPU memory is freed in between) with its output in <output_dir>/sweep-logs/. The
 progress to stderr.
 
 Resuming: a combination (model, lr, seed, dataset and the passed-through flags) that already has a finished run
-(test-metrics.json) under --output_dir is not run again; an interrupted or failed run is run again.
+(test-metrics.json) under --output_dir is not run again; an interrupted run with a checkpoint (see
+bertcls.py --checkpoint_minutes) continues from it (bertcls.py --resume), in its own directory; any other
+interrupted or failed run is run again.
 Combinations are matched on config.json "args": every bertcls.py setting except those that do not change
 results (IGNORED_FIELDS), numbers compared numerically. Of several finished runs of one combination the
 newest counts, once. A combination being run holds <output_dir>/.locks/<combination>.lock (the pids of
@@ -97,7 +99,8 @@ LONG_CONTEXT_MODELS = [
 DEFAULT_LRS = [1e-5, 3e-5, 5e-5]
 DEFAULT_SEEDS = [42]
 # bertcls.py settings that change where or how verbosely a run works, not what it computes.
-IGNORED_FIELDS = frozenset({"output_dir", "cache_dir", "debug", "log_interval", "device", "tokenize_workers"})
+IGNORED_FIELDS = frozenset({"output_dir", "cache_dir", "debug", "log_interval", "device", "tokenize_workers",
+                            "checkpoint_minutes", "resume"})
 GRID_FLAGS = {"model_name": "--model_names", "lr": "--lrs", "seed": "--seeds", "truncation": "--truncations",
               "output_dir": "--output_dir"}
 METRICS = ("loss", "accuracy", "precision", "recall", "f1")
@@ -204,6 +207,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         p.error(f"--{field} is set by the sweep: use {GRID_FLAGS[field]} (spelled in full)")
     if args.dataset_dirs and "dataset_dir" in named:
         p.error("give the datasets either as --dataset_dir (one) or as --dataset_dirs (several), not both")
+    if "resume" in named:
+        p.error("--resume is for one run: the sweep resumes interrupted runs that have a checkpoint by itself")
     return args
 
 
@@ -429,6 +434,24 @@ def scan_runs(directory: Path) -> tuple[list[FinishedRun], list[str]]:
             except ValueError as e:
                 problems.append(f"skipped {marker.parent}: {e}")
     return runs, problems
+
+
+def resumable_run(directory: Path, wanted: dict[str, Any], defaults: dict[str, Any]) -> Path | None:
+    """The newest unfinished run under directory made with the wanted settings that has a checkpoint."""
+    found = []
+    for config_path in directory.glob("*/*/config.json") if directory.is_dir() else []:
+        run_dir = config_path.parent
+        if (run_dir / "test-metrics.json").exists():
+            continue
+        try:
+            config = read_json_object(config_path)
+        except ValueError:
+            continue
+        args = config.get("args")
+        if (isinstance(args, dict) and matches(args, wanted, defaults)
+                and bertcls.usable_checkpoints(run_dir, bertcls.run_identity(config))[0]):
+            found.append(run_dir)
+    return max(found, key=lambda d: (d.parent.name, d.name)) if found else None
 
 
 def newest_match(runs: Iterable[FinishedRun], wanted: dict[str, Any], defaults: dict[str, Any]) -> FinishedRun | None:
@@ -910,11 +933,13 @@ class Sweep:
                 self.log(f"{position} already finished: {combo.describe()} -> {run.run_dir}")
                 release_lock(lock)
                 return None
+            resumed = resumable_run(self.output_dir / safe_name(combo.model_name), combo.wanted, self.defaults)
             device = self.free_devices.pop(0)
             log_path = self.output_dir / "sweep-logs" / f"{combo.stem}.log"
             log_path.parent.mkdir(parents=True, exist_ok=True)
-            with open(log_path, "w", encoding="utf-8") as out:
-                process = subprocess.Popen([sys.executable, str(BERTCLS), *combo.flags], stdout=out,
+            flags = combo.flags if resumed is None else ("--resume", str(resumed))
+            with open(log_path, "a" if resumed else "w", encoding="utf-8") as out:
+                process = subprocess.Popen([sys.executable, str(BERTCLS), *flags], stdout=out,
                                            stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                            env=child_env(dict(os.environ), device))
         except BaseException:
@@ -923,7 +948,8 @@ class Sweep:
         atomic_write_text(lock, lock_record(os.getpid(), process.pid))
         self.running.append(Running(combo, process, lock, log_path, device, time.monotonic()))
         on = "" if device is None else f" on GPU {device}"
-        self.log(f"{position} running {combo.describe()}{on}: log {log_path}")
+        resuming = "" if resumed is None else f" (resuming {resumed})"
+        self.log(f"{position} running {combo.describe()}{on}{resuming}: log {log_path}")
         return None
 
     def reap(self) -> None:

@@ -155,6 +155,76 @@ def write_run(out: Path, model: str, lr: float, seed: int, time_of_day: str, val
     return run_dir
 
 
+def only_run(output_dir: Path) -> Path:
+    """The one run directory (finished or not) under output_dir."""
+    (run_dir,) = {p.parent for p in output_dir.rglob("config.json")}
+    return run_dir
+
+
+def results(run_dir: Path) -> dict:
+    """What a resumed run must reproduce exactly: its result files, without the timings."""
+    import csv
+    val = json.loads((run_dir / "val-metrics.json").read_text(encoding="utf-8"))
+    assert val.pop("train_seconds") > 0
+    log = [{k: v for k, v in row.items() if k not in ("seconds", "examples_per_s")}
+           for row in csv.DictReader((run_dir / "log.csv").open(encoding="utf-8"))]
+    return {"val": val, "log": log, "test": (run_dir / "test-metrics.json").read_bytes(),
+            "predictions": (run_dir / "test-predictions.jsonl").read_bytes()}
+
+
+# bertcls.py, except that at the STOP_BATCH-th training batch of epoch STOP_EPOCH each process writes its
+# pid to <STOP_MARKER>.<rank> and waits: the test then kills it there, in the middle of an epoch.
+STOPPING_BERTCLS = """\
+import os, sys, time
+import bertcls
+
+stop_epoch, stop_batch, marker = int(os.environ["STOP_EPOCH"]), int(os.environ["STOP_BATCH"]), os.environ["STOP_MARKER"]
+where = {"epoch": 0, "batches": 0}
+original_train_epoch, original_collate = bertcls.train_epoch, bertcls.collate
+
+def train_epoch(*args, **kwargs):
+    where.update(epoch=kwargs["epoch"], batches=0)
+    try:
+        return original_train_epoch(*args, **kwargs)
+    finally:
+        where["epoch"] = 0
+
+def collate(*args, **kwargs):
+    if where["epoch"] == stop_epoch:
+        where["batches"] += 1
+        if where["batches"] == stop_batch:
+            path = f"{marker}.{os.environ.get('RANK', '0')}"
+            with open(path + ".tmp", "w") as f:
+                f.write(str(os.getpid()))
+            os.replace(path + ".tmp", path)  # whole: the test reads the pid as soon as the file exists
+            time.sleep(600)
+    return original_collate(*args, **kwargs)
+
+bertcls.train_epoch, bertcls.collate = train_epoch, collate
+sys.exit(bertcls.main())
+"""
+
+
+def stopping_env(marker: Path, epoch: int, batch: int) -> dict[str, str]:
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO),
+            "STOP_MARKER": str(marker), "STOP_EPOCH": str(epoch), "STOP_BATCH": str(batch)}
+
+
+def kill_when_stopped(process, marker: Path, processes: int = 1, timeout: float = 180) -> None:
+    """SIGKILL the `processes` bertcls.py processes of STOPPING_BERTCLS once all wait at their marker."""
+    import signal
+    import time
+    deadline = time.monotonic() + timeout
+    markers = [marker.with_name(f"{marker.name}.{rank}") for rank in range(processes)]
+    while not all(m.exists() for m in markers):
+        assert process.poll() is None, process.communicate()
+        assert time.monotonic() < deadline, "the run did not reach the point where it is killed"
+        time.sleep(0.05)
+    for m in markers:
+        os.kill(int(m.read_text()), signal.SIGKILL)
+    process.communicate(timeout=120)
+
+
 # ------------------------------------------------------------ tiny stand-ins for each model family of the table
 
 

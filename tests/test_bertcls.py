@@ -280,6 +280,28 @@ def test_same_seed_gives_identical_results(two_runs):
     assert first["predictions"] == second["predictions"]
 
 
+def test_patience_stops_early_on_the_schedule_planned_for_all_epochs(two_runs, tiny_bert, tiny_dataset, tmp_path):
+    (full, _), _ = two_runs
+    f1 = [float(r["val_f1"]) for r in full["log"]]
+    stop = next(e for e in range(2, len(f1) + 1) if f1[e - 1] <= max(f1[:e - 1]))  # first epoch without progress
+    best = f1.index(max(f1[:stop])) + 1
+    assert stop < len(f1), "the full run improved every epoch: patience 1 would not stop it"
+    assert bertcls.main(train_args(tiny_bert, tiny_dataset, tmp_path, "--patience", "1")) == 0
+    (run_dir,) = finished_runs(tmp_path)
+    run = read_run(run_dir)
+
+    def metrics(row: dict) -> dict:
+        return {k: v for k, v in row.items() if k not in ("seconds", "examples_per_s", "stop_reason")}
+
+    # the same epochs as the full run, learning rates included: the schedule is the one planned for 6 epochs
+    assert [metrics(r) for r in run["log"]] == [metrics(r) for r in full["log"][:stop]]
+    reason = f"early stop: no better val F1 in the 1 epoch(s) after epoch {best} (--patience 1)"
+    assert [r["stop_reason"] for r in run["log"]] == [""] * (stop - 1) + [reason]
+    assert run["config"]["training_end"] == {"epochs_trained": stop, "reason": reason}
+    assert full["config"]["training_end"] == {"epochs_trained": 6, "reason": "--epochs 6 done"}
+    assert run["val"]["best_epoch"] == best and run["val"]["f1"] == f1[best - 1]
+
+
 def test_second_run_reuses_the_tokenization_cache(tiny_bert, tiny_dataset, tmp_path, monkeypatch, capsys):
     args = train_args(tiny_bert, tiny_dataset, tmp_path, "--epochs", "1")
     assert bertcls.main(args) == 0
@@ -413,14 +435,15 @@ def test_output_dir_that_is_a_file(tiny_bert, tiny_dataset, tmp_path, capsys):
 def test_signal_mid_training_keeps_config_and_log_but_no_metrics(signum, exit_code, tiny_bert, tiny_dataset,
                                                                  tmp_path):
     output_dir = tmp_path / "out"
-    args = train_args(tiny_bert, tiny_dataset, output_dir)
+    # a checkpoint after every epoch, so the signal may well come while one is being written
+    args = train_args(tiny_bert, tiny_dataset, output_dir, "--checkpoint_minutes", "0")
     args[args.index("--epochs") + 1] = "1000"  # long enough to be interrupted mid-way
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     process = subprocess.Popen([sys.executable, str(REPO / "bertcls.py"), *args], cwd=tmp_path, env=env,
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 120
-        while not list(output_dir.rglob("log.csv")):  # at least one epoch finished
+        while not list(output_dir.rglob(f"{bertcls.CHECKPOINT_PREFIX}*/{bertcls.MANIFEST}")):  # an epoch finished
             assert process.poll() is None, process.communicate()
             assert time.monotonic() < deadline, "no epoch finished in time"
             time.sleep(0.1)
@@ -434,6 +457,12 @@ def test_signal_mid_training_keeps_config_and_log_but_no_metrics(signum, exit_co
     assert (run_dir / "log.csv").is_file()
     assert_no_metrics(output_dir)
     assert not (run_dir / "test-predictions.jsonl").exists()
+    # the newest complete checkpoint is kept whole; what the signal cut short is gone
+    run_id = bertcls.run_identity(json.loads((run_dir / "config.json").read_text(encoding="utf-8")))
+    newest = bertcls.usable_checkpoints(run_dir, run_id)[0][0]
+    assert bertcls.read_checkpoint(newest, run_id)["state"]["epoch"] == bertcls.checkpoint_epoch(newest)
+    assert not list(run_dir.glob(".*.tmp"))
+    assert f"checkpoint of epoch {bertcls.checkpoint_epoch(newest)}" in err and "--resume" in err
 
 
 def test_debug_shows_the_traceback(tiny_bert, tmp_path, monkeypatch):

@@ -16,7 +16,10 @@ import torch
 import bertcls
 import common
 import families
-from conftest import REPO, finished_runs, train_args
+from conftest import (REPO, STOPPING_BERTCLS, finished_runs, kill_when_stopped, only_run, results, stopping_env,
+                      train_args)
+
+DDP_FLAGS = ("--epochs", "3", "--save_model", "--gradient_checkpointing", "--eval_batch_size", "8")
 
 
 def torchrun(args: list[str], cwd: Path, script: Path = REPO / "bertcls.py") -> subprocess.CompletedProcess:
@@ -29,8 +32,7 @@ def torchrun(args: list[str], cwd: Path, script: Path = REPO / "bertcls.py") -> 
 @pytest.fixture(scope="module")
 def ddp_run(tiny_bert, tiny_dataset, tmp_path_factory) -> Path:
     output_dir = tmp_path_factory.mktemp("ddp")
-    result = torchrun(train_args(tiny_bert, tiny_dataset, output_dir, "--epochs", "3", "--save_model",
-                                   "--gradient_checkpointing", "--eval_batch_size", "8"), output_dir)
+    result = torchrun(train_args(tiny_bert, tiny_dataset, output_dir, *DDP_FLAGS), output_dir)
     assert result.returncode == 0, result.stderr[-3000:]
     (run_dir,) = finished_runs(output_dir)
     return run_dir
@@ -96,6 +98,28 @@ def test_two_process_modernbert_run_with_head_tail_and_a_token_budget(tiny_moder
                          "--output", str(out)]) == 0
     expected = [json.loads(line)["predicted"] for line in (run_dir / "test-predictions.jsonl").open(encoding="utf-8")]
     assert [json.loads(line)["label"] for line in out.open(encoding="utf-8")] == expected
+
+
+def test_resume_under_torchrun_equals_the_uninterrupted_run(ddp_run, tiny_bert, tiny_dataset, tmp_path):
+    """Both ranks SIGKILLed in epoch 3, then torchrun ... --resume: the ranks continue from the same checkpoint,
+    each with its own random states, and the results equal those of the run never interrupted."""
+    script = tmp_path / "stopping_bertcls.py"
+    script.write_text(STOPPING_BERTCLS, encoding="utf-8")
+    args = train_args(tiny_bert, tiny_dataset, tmp_path / "out", *DDP_FLAGS, "--checkpoint_minutes", "0")
+    process = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                                str(script), *args], cwd=tmp_path, env=stopping_env(tmp_path / "stopped", 3, 2),
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    kill_when_stopped(process, tmp_path / "stopped", processes=2)
+    assert process.returncode != 0
+    run_dir = only_run(tmp_path / "out")
+    run_id = bertcls.run_identity(json.loads((run_dir / "config.json").read_text(encoding="utf-8")))
+    checkpoint = bertcls.read_checkpoint(run_dir / "checkpoint-epoch2", run_id)
+    assert len(checkpoint["state"]["rng"]) == 2  # one per rank
+    resumed = torchrun(["--resume", str(run_dir)], tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "after epoch 2 (optimizer step 10)" in resumed.stderr
+    assert results(run_dir) == results(ddp_run)
+    assert len(list(run_dir.parent.iterdir())) == 1 and not list(run_dir.glob("checkpoint-*"))
 
 
 def test_a_failing_rank_fails_the_job_without_metrics(tiny_bert, tiny_dataset, tmp_path):

@@ -26,7 +26,8 @@ import pytest
 import bertcls
 import prepare
 import sweep
-from conftest import REPO, finished_runs, metrics, train_args, write_predictions, write_run
+from conftest import (REPO, STOPPING_BERTCLS, finished_runs, kill_when_stopped, metrics, results, stopping_env,
+                      train_args, write_predictions, write_run)
 
 LRS = ("1e-3", "3e-3")
 SEEDS = ("1", "2")
@@ -165,6 +166,34 @@ def test_killed_run_is_run_again_and_an_unknown_model_fails_alone(swept, tmp_pat
     assert (row["model_name"], float(row["lr"]), row["seed"]) == (str(tiny_bert), 1e-3, "1")
     assert float(row["f1"]) == json.loads((rerun / "test-metrics.json").read_text())["f1"]
     assert list((out / ".locks").glob("*.lock")) == []
+
+
+def test_interrupted_run_with_a_checkpoint_is_resumed_not_run_again(swept, tmp_path, tiny_bert, tiny_dataset, capsys):
+    out = shutil.copytree(swept.out, tmp_path / "outputs")
+    flags = bertcls_flags(tiny_bert, tiny_dataset, out)
+    finished = run_of(out, 1e-3, 1)
+    expected = results(finished)
+    shutil.rmtree(finished)
+    # the same combination killed in epoch 2, after its checkpoint of epoch 1 (--checkpoint_minutes is not part
+    # of what a combination is: it does not change results)
+    script = tmp_path / "stopping_bertcls.py"
+    script.write_text(STOPPING_BERTCLS, encoding="utf-8")
+    process = subprocess.Popen([sys.executable, str(script), *flags, "--model_name", str(tiny_bert), "--lr", "0.001",
+                                "--seed", "1", "--output_dir", str(out), "--checkpoint_minutes", "0"],
+                               cwd=tmp_path, env=stopping_env(tmp_path / "stopped", epoch=2, batch=3),
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    kill_when_stopped(process, tmp_path / "stopped")
+    before = run_dirs(out)
+    [interrupted] = before - set(finished_runs(out))
+    assert sweep.main(sweep_argv(out, flags, [str(tiny_bert)])) == 0
+    stdout, stderr = capsys.readouterr()
+    assert "4 combinations, 3 already finished, 1 to run" in stderr
+    assert f"running {tiny_bert} lr 0.001 seed 1 (resuming {interrupted})" in stderr
+    assert run_dirs(out) == before  # finished where it started: no new run
+    assert results(interrupted) == expected  # all three processes ran with one thread
+    rows = csv_rows(stdout)
+    assert sorted((float(r["lr"]), int(r["seed"])) for r in rows) == [(1e-3, 1), (1e-3, 2), (3e-3, 1), (3e-3, 2)]
+    assert len(finished_runs(out)) == 4
 
 
 @pytest.mark.parametrize("other_finishes", [True, False], ids=["other-finishes", "other-fails"])
