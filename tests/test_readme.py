@@ -19,6 +19,7 @@ README = (REPO / "README.md").read_text(encoding="utf-8")
 # flags whose value is a path that a command writes (make_tiny.py's --data and --model_dir are its outputs)
 OUTPUT_FLAGS = {"--output", "--output_dir", "--download_dir", "--cache_dir"}
 MAKE_TINY_OUTPUT_FLAGS = {"--data", "--model_dir"}
+DIRECTORY_FLAGS = {"--output_dir", "--download_dir", "--cache_dir", "--model_dir"}
 
 
 def readme_commands() -> list[str]:
@@ -40,7 +41,8 @@ def docstring_commands() -> list[str]:
 def written_paths(command: str) -> list[str]:
     words = shlex.split(command, comments=True)
     flags = OUTPUT_FLAGS | (MAKE_TINY_OUTPUT_FLAGS if any(w.endswith("make_tiny.py") for w in words) else set())
-    paths = [after for word, after in zip(words, words[1:]) if word in flags or word == ">"]
+    paths = [after + ("/" if word in DIRECTORY_FLAGS and not after.endswith("/") else "")  # as git matches dirs
+             for word, after in zip(words, words[1:]) if word in flags or word == ">"]
     return [p for p in paths if not p.startswith(("/", "$")) and "<" not in p and "..." not in p]
 
 
