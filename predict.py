@@ -25,7 +25,7 @@ import torch
 
 from bertcls import InputSpec, example_text, pack, predict, tokenize_rows
 from common import (UserError, atomic_write_text, autocast_context, first_line, log, parse_json_object, pick_device,
-                    positive_int, resolve_dtype, run_cli)
+                    positive_int, resolve_dtype, run_cli, use_tf32)
 from families import load_tokenizer, position_limit, uses_token_type_ids
 
 DEFAULT_LABEL = re.compile(r"LABEL_\d+")  # the names transformers makes up for a config without labels
@@ -44,7 +44,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch_size", type=positive_int, default=32, help="(default: %(default)s)")
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available, else cpu)")
     p.add_argument("--dtype", choices=("auto", "bf16", "fp16", "fp32"), default="auto",
-                   help="autocast dtype; auto = bf16 on CUDA when supported, else fp16, fp32 on CPU (default: auto)")
+                   help="autocast dtype, as bertcls.py's; auto = bf16 on GPUs with bf16 units, else fp16; fp32 on "
+                        "CUDA multiplies matrices in TF32 (default: auto)")
     p.add_argument("--max_seq_len", type=positive_int, default=None,
                    help="tokens per text (default: the length used in training, from bertcls.json)")
     p.add_argument("--trust_remote_code", action="store_true",
@@ -211,7 +212,9 @@ def classify(args: argparse.Namespace, rows: list[dict]) -> list[dict]:
     tokenizer = load_tokenizer(str(model_dir), "auto", args.trust_remote_code, log)
     spec = input_settings(settings, args.max_seq_len, model, tokenizer)
     device = pick_device(args.device)
-    ctx = autocast_context(device, resolve_dtype(args.dtype, device))
+    dtype = resolve_dtype(args.dtype, device)
+    use_tf32(device, dtype)
+    ctx = autocast_context(device, dtype)
     packed = pack(tokenize_rows(tokenizer, rows, spec))
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     probs, _ = predict(model.to(device), packed, args.batch_size, device, ctx, pad_id)

@@ -4,6 +4,7 @@
     python sweep.py --model_names cl-tohoku/bert-base-japanese-v3 xlm-roberta-base --lrs 2e-5 3e-5 \\
         --seeds 1 2 3 --epochs 3 --batch_size 32 > results/all.csv
     python sweep.py --devices 0,1,2,3 > results/all.csv    # four runs at once, one per GPU
+    CUDA_VISIBLE_DEVICES=4,5 python sweep.py --devices 0,1  # GPUs 4 and 5: ids count within the visible ones
     python sweep.py --no_run --best > results/best.csv     # train nothing: best lr per model, mean +- std
     python sweep.py --no_run --markdown > results/best.md  # the same as a Markdown table
 
@@ -14,7 +15,9 @@ progress to stderr.
 Resuming: a combination (model, lr, seed and the passed-through flags) that already has a finished run
 (test-metrics.json) under --output_dir is not run again; an interrupted or failed run is run again.
 Combinations are matched on config.json "args": every bertcls.py setting except those that do not change
-results (IGNORED_FIELDS), numbers compared numerically. Of several finished runs of one combination the
+results (IGNORED_FIELDS), numbers compared numerically; and on where it computed: its device type and the dtype
+--dtype resolved to there (config.json "device" and "dtype"), so a CPU fp32 run never stands for the same
+combination on a GPU in bf16. Of several finished runs of one combination the
 newest counts, once. A combination being run holds <output_dir>/.locks/<combination>.lock (the pids of
 the sweep and its child), so two sweeps on one directory never run it twice; a lock whose processes are
 all gone is stale and taken over.
@@ -43,7 +46,8 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import bertcls
-from common import UserError, atomic_write_text, first_line, log, positive_float, run_cli, safe_name
+from common import (UserError, atomic_write_text, dtype_name, first_line, log, positive_float, resolve_dtype, run_cli,
+                    safe_name)
 
 try:
     import fcntl
@@ -90,7 +94,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="seeds (default: 42; with --no_run: every seed found)")
     p.add_argument("--devices", type=device_list, default=None,
                    help="comma-separated GPU ids, e.g. 0,1,2,3: one run per listed GPU at once, each with its "
-                        "CUDA_VISIBLE_DEVICES (default: one run at a time, CUDA_VISIBLE_DEVICES unchanged)")
+                        "CUDA_VISIBLE_DEVICES; under an inherited CUDA_VISIBLE_DEVICES an id is a position in it "
+                        "(default: one run at a time, CUDA_VISIBLE_DEVICES unchanged)")
     p.add_argument("--output_dir", default="outputs",
                    help="where the runs are written and looked for; logs go to <output_dir>/sweep-logs/ "
                         "(default: %(default)s)")
@@ -158,6 +163,24 @@ def experiment(resolved: dict[str, Any]) -> dict[str, Any]:
     return {k: normalize(k, v) for k, v in resolved.items() if k not in IGNORED_FIELDS}
 
 
+def computed_on(resolved: dict[str, Any]) -> dict[str, str]:
+    """Where a run with these settings computes, as its config.json records it: the device type (--device, else
+    cuda where this machine has CUDA, as bertcls.py chooses) and the dtype its --dtype resolves to there."""
+    import torch
+    try:
+        device = torch.device(resolved["device"] or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except RuntimeError:
+        raise UserError(f"unknown --device {resolved['device']!r}: use cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda was asked for but CUDA is not available here: use --device cpu")
+    return {"device": device.type, "dtype": dtype_name(resolve_dtype(resolved["dtype"], device))}
+
+
+def recorded_on(config: dict) -> dict[str, str]:
+    """computed_on() of a finished run, from its config.json ("cuda:1" is device type cuda)."""
+    return {"device": str(config.get("device", "")).split(":")[0], "dtype": str(config.get("dtype", ""))}
+
+
 def matches(run_args: dict[str, Any], wanted: dict[str, Any], defaults: dict[str, Any]) -> bool:
     """Whether a run was made with the wanted settings; one older than a setting ran with its default."""
     return all(same_value(normalize(k, run_args.get(k, defaults.get(k))), v) for k, v in wanted.items())
@@ -170,6 +193,7 @@ class Combination:
     seed: int
     flags: tuple[str, ...]  # the full bertcls.py command line
     wanted: dict[str, Any]  # experiment() of its resolved args
+    computed: dict[str, str]  # computed_on() of its resolved args
 
     @property
     def stem(self) -> str:
@@ -189,10 +213,11 @@ def combinations(models: Sequence[str], lrs: Sequence[float], seeds: Sequence[in
             for seed in seeds:
                 flags = (*passed, "--model_name", model, "--lr", repr(lr), "--seed", str(seed),
                          "--output_dir", str(output_dir))
-                wanted = experiment(resolve_bertcls_args(flags))
+                resolved = resolve_bertcls_args(flags)
+                wanted = experiment(resolved)
                 if not any(matches(w, wanted, {}) for w in seen):  # a model or lr listed twice runs once
                     seen.append(wanted)
-                    combos.append(Combination(model, lr, seed, flags, wanted))
+                    combos.append(Combination(model, lr, seed, flags, wanted, computed_on(resolved)))
     return combos
 
 
@@ -208,6 +233,7 @@ class FinishedRun:
     val_f1: float
     train_seconds: float
     test: dict[str, float]
+    computed: dict[str, str] = dataclasses.field(default_factory=dict)  # recorded_on() its config.json
 
     @property
     def age_key(self) -> tuple[str, str]:
@@ -252,7 +278,7 @@ def load_run(run_dir: Path) -> FinishedRun:
     return FinishedRun(run_dir, args, number(config, "params", "config.json", int),
                        number(val, "best_epoch", "val-metrics.json", int), number(val, "f1", "val-metrics.json"),
                        number(val, "train_seconds", "val-metrics.json"),
-                       {m: number(test, m, "test-metrics.json") for m in METRICS})
+                       {m: number(test, m, "test-metrics.json") for m in METRICS}, recorded_on(config))
 
 
 def scan_runs(directory: Path) -> tuple[list[FinishedRun], list[str]]:
@@ -267,8 +293,9 @@ def scan_runs(directory: Path) -> tuple[list[FinishedRun], list[str]]:
     return runs, problems
 
 
-def newest_match(runs: Iterable[FinishedRun], wanted: dict[str, Any], defaults: dict[str, Any]) -> FinishedRun | None:
-    found = [r for r in runs if matches(r.args, wanted, defaults)]
+def newest_match(runs: Iterable[FinishedRun], combo: Combination, defaults: dict[str, Any]) -> FinishedRun | None:
+    """The newest run made with the combination's settings on its device type and dtype."""
+    found = [r for r in runs if matches(r.args, combo.wanted, defaults) and r.computed == combo.computed]
     return max(found, key=lambda r: r.age_key) if found else None
 
 
@@ -368,6 +395,19 @@ def acquire_lock(path: Path, log: Callable[[str], None]) -> str | None:
 # ------------------------------------------------------------------------------------- running
 
 
+def visible_devices(devices: Sequence[str], inherited: str | None) -> list[str]:
+    """--devices as CUDA_VISIBLE_DEVICES values for the children: under an inherited CUDA_VISIBLE_DEVICES (a job
+    scheduler's share of a node), an id is a position in it, as CUDA numbers the GPUs a process sees."""
+    if inherited is None:
+        return list(devices)
+    visible = [d.strip() for d in inherited.split(",") if d.strip()]
+    for device in devices:
+        if not (device.isdigit() and int(device) < len(visible)):
+            raise UserError(f"--devices {device}: CUDA_VISIBLE_DEVICES={inherited} leaves {len(visible)} GPU(s) "
+                            f"visible, numbered 0..{len(visible) - 1} here: pass those numbers")
+    return [visible[int(device)] for device in devices]
+
+
 def child_env(base: dict[str, str], device: str | None) -> dict[str, str]:
     return dict(base) if device is None else {**base, "CUDA_VISIBLE_DEVICES": device}
 
@@ -402,7 +442,7 @@ class Sweep:
 
     def finished(self, combo: Combination) -> FinishedRun | None:
         runs, _ = scan_runs(self.output_dir / safe_name(combo.model_name))
-        return newest_match(runs, combo.wanted, self.defaults)
+        return newest_match(runs, combo, self.defaults)
 
     def start(self, combo: Combination, position: str) -> None:
         lock = self.output_dir / ".locks" / f"{combo.stem}.lock"
@@ -572,20 +612,21 @@ def sweep(args: argparse.Namespace, log: Callable[[str], None]) -> int:
         chosen = select_runs(runs, args.model_names, args.lrs, args.seeds, wanted, defaults, log)
         log(f"sweep.py: {len(chosen)} finished runs selected of {len(runs)} in {output_dir}")
     else:
+        devices = args.devices and visible_devices(args.devices, os.environ.get("CUDA_VISIBLE_DEVICES"))
         combos = combinations(args.model_names or DEFAULT_MODELS, args.lrs or DEFAULT_LRS,
                               args.seeds or DEFAULT_SEEDS, args.bertcls_flags, output_dir)
         runs, _ = scan_runs(output_dir)
-        todo = [c for c in combos if newest_match(runs, c.wanted, defaults) is None]
+        todo = [c for c in combos if newest_match(runs, c, defaults) is None]
         log(f"sweep.py: {len(combos)} combinations, {len(combos) - len(todo)} already finished, {len(todo)} to run "
             f"(logs in {output_dir / 'sweep-logs'})")
         output_dir.mkdir(parents=True, exist_ok=True)
-        runner = Sweep(output_dir, args.devices, defaults, log)
+        runner = Sweep(output_dir, devices, defaults, log)
         runner.run(todo)
         failed = runner.failed
         runs, problems = scan_runs(output_dir)
         for problem in problems:
             log(f"sweep.py: warning: {problem}")
-        chosen = [run for c in combos if (run := newest_match(runs, c.wanted, defaults)) is not None]
+        chosen = [run for c in combos if (run := newest_match(runs, c, defaults)) is not None]
         log(f"sweep.py: {runner.done} runs done, {runner.failed} failed, {runner.locked} left to another sweep; "
             f"{len(chosen)} of {len(combos)} combinations have results")
     sys.stdout.write(render(chosen, args.best, args.markdown))
