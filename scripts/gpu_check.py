@@ -1,7 +1,7 @@
 """One check of bertcls on a CUDA machine, in one call: the CUDA tests, then bench.py on a model of BERT-base's shape.
 
     PYTHONUNBUFFERED=1 python3 scripts/gpu_check.py                # full logs to $OUT (else ./gpu-check/)
-    python scripts/gpu_check.py --budget_s 300 --out_dir /tmp/check
+    python scripts/gpu_check.py --budget_s 300 --max_s 420 --out_dir /tmp/check
 
 1. the machine: Python, torch, transformers, GPU, compute capability
 2. python -m pytest tests/test_cuda.py: bf16 end to end, fp16 with the GradScaler, --compile, gradient
@@ -9,7 +9,8 @@
 3. a random model of BERT-base's shape (scripts/make_tiny.py: 12 layers, hidden 768, 12 heads, vocab 32000) and a
    synthetic corpus whose articles all fill 512 tokens, made ready by prepare.py: nothing is downloaded
 4. bench.py at --max_seq_len 512 --batch_size 32 --dtype bf16, eager then --compile, each followed by profiled
-   steps; then batch 64 (eager, compiled) while the time budget lasts
+   steps; then batch 64 (compiled, eager) while --budget_s lasts. Every part is cut short so that the summary is
+   printed within --max_s
 5. a summary table, printed last: examples/s, MFU against the measured bf16 matmul peak, peak memory, step time,
    host time building batches per step, GPU idle and host syncs in the profiled steps, and the 45% MFU target
 
@@ -20,9 +21,11 @@ pieces; the summary says what was skipped. Every part's full output is written t
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
+import signal
 import subprocess
 import sys
 import tempfile
@@ -33,15 +36,15 @@ from typing import Any, Sequence
 
 REPO = Path(__file__).resolve().parents[1]
 MFU_TARGET = 0.45
-TESTS_MAX_S = 200
+TESTS_MAX_S = 180
 BERT_BASE = ["--layers", "12", "--hidden", "768", "--heads", "12", "--vocab_size", "32000"]
 # (name, bench.py flags, seconds it may need, essential): an essential setting always runs (for at most its
 # seconds); another starts only if the budget still holds its seconds
 GPU_SETTINGS = [
-    ("eager b32", [], 150, True),
-    ("compile b32", ["--compile"], 300, True),
-    ("eager b64", ["--batch_size", "64"], 60, False),
+    ("eager b32", [], 120, True),
+    ("compile b32", ["--compile"], 240, True),
     ("compile b64", ["--compile", "--batch_size", "64"], 150, False),
+    ("eager b64", ["--batch_size", "64"], 60, False),
 ]
 GPU_BENCH = ["--device", "cuda", "--dtype", "bf16", "--max_seq_len", "512", "--batch_size", "32",
              "--steps", "20", "--warmup", "5", "--profile_steps", "5"]
@@ -54,10 +57,26 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out_dir", default=os.environ.get("OUT") or "gpu-check",
                    help="where the logs and summary.json go (default: $OUT, else gpu-check)")
     p.add_argument("--work_dir", default=None, help="where the model and data are made (default: a temporary dir)")
-    p.add_argument("--budget_s", type=float, default=450,
-                   help="seconds for the whole check; optional bench settings are left out past it "
+    p.add_argument("--budget_s", type=float, default=420,
+                   help="seconds after the start past which optional bench settings are left out "
+                        "(default: %(default)s)")
+    p.add_argument("--max_s", type=float, default=540,
+                   help="seconds within which the summary is printed: parts still running are stopped "
                         "(default: %(default)s)")
     return p.parse_args(argv)
+
+
+@dataclasses.dataclass
+class Budget:
+    soft: float  # time.monotonic() past which optional parts do not start
+    hard: float  # time.monotonic() by which everything must have ended
+
+    def left(self) -> float:
+        return self.soft - time.monotonic()
+
+    def timeout(self, cap: float) -> float:
+        """A part's time limit: its own cap, cut to end before the hard deadline (the summary needs a moment)."""
+        return max(1.0, min(cap, self.hard - time.monotonic() - 10))
 
 
 def say(message: str) -> None:
@@ -81,12 +100,16 @@ def run_part(name: str, command: list[str], out_dir: Path, timeout: float) -> tu
     output, seconds)."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(REPO)}
     start = time.monotonic()
-    try:
-        done = subprocess.run(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                              text=True, timeout=max(1.0, timeout))
-        rc, output = done.returncode, done.stdout
-    except subprocess.TimeoutExpired as e:
-        rc, output = None, e.stdout.decode(errors="replace") if isinstance(e.stdout, bytes) else (e.stdout or "")
+    # its own process group, so that a timeout also stops what it started (torchrun's workers, compile workers)
+    with subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          start_new_session=True) as process:
+        try:
+            output, _ = process.communicate(timeout=timeout)
+            rc = process.returncode
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            output, _ = process.communicate()
+            rc = None
     seconds = time.monotonic() - start
     (out_dir / f"{name.replace(' ', '-')}.log").write_text(output, encoding="utf-8")
     return rc, output, seconds
@@ -105,7 +128,7 @@ def pytest_status(rc: int | None, output: str, cuda: bool) -> str:
     return ("PASS: " if rc == 0 else "FAIL: ") + last
 
 
-def make_model_and_data(work: Path, out_dir: Path, cuda: bool) -> tuple[Path, Path, str]:
+def make_model_and_data(work: Path, out_dir: Path, cuda: bool, budget: Budget) -> tuple[Path, Path, str]:
     """A random model and a prepared synthetic corpus: BERT-base's shape with 512-token articles on CUDA,
     the 2-layer default with short ones on the CPU."""
     model, data, dataset = work / "model", work / "long.jsonl", work / "dataset"
@@ -118,7 +141,7 @@ def make_model_and_data(work: Path, out_dir: Path, cuda: bool) -> tuple[Path, Pa
         ("prepare", [sys.executable, "prepare.py", "--input", str(data), "--text_fields", "title,body",
                      "--label_field", "category", "--output_dir", str(dataset)]),
     ]:
-        rc, output, _ = run_part(name, command, out_dir, 300)
+        rc, output, _ = run_part(name, command, out_dir, budget.timeout(120))
         if rc != 0:
             raise RuntimeError(f"{name} failed (exit {rc}):\n{tail(output, 10)}")
     return model, dataset, "BERT-base shape (12 x 768, vocab 32000)" if cuda else "2-layer tiny BERT"
@@ -137,13 +160,13 @@ def bench_row(name: str, rc: int | None, output: str, seconds: float) -> dict[st
     return row
 
 
-def run_benches(model: Path, dataset: Path, work: Path, out_dir: Path, cuda: bool, deadline: float) -> list[dict]:
+def run_benches(model: Path, dataset: Path, work: Path, out_dir: Path, cuda: bool, budget: Budget) -> list[dict]:
     common = ["--model_name", str(model), "--dataset_dir", str(dataset), "--cache_dir", str(work / "cache"),
               "--output_dir", str(work / "outputs")]
     settings = GPU_SETTINGS if cuda else [("eager cpu smoke", [], 300, True)]
     rows = []
     for name, flags, needs_s, essential in settings:
-        left = deadline - time.monotonic()
+        left = budget.left()
         if not essential and left < needs_s:
             rows.append({"name": name, "status": f"SKIPPED: {max(left, 0):.0f} s left of the budget, "
                                                  f"needs ~{needs_s} s"})
@@ -151,7 +174,9 @@ def run_benches(model: Path, dataset: Path, work: Path, out_dir: Path, cuda: boo
             continue
         command = [sys.executable, "bench.py", *common, *(GPU_BENCH if cuda else CPU_BENCH), *flags]
         say(f"== bench {name}: {' '.join(command[1:])}")
-        rc, output, seconds = run_part(f"bench {name}", command, out_dir, needs_s if essential else left)
+        # an essential setting keeps to its seconds, leaving the next its share; an optional one may run to the end
+        limit = budget.timeout(needs_s if essential else float("inf"))
+        rc, output, seconds = run_part(f"bench {name}", command, out_dir, limit)
         row = bench_row(name, rc, output, seconds)
         rows.append(row)
         human = [line for line in output.splitlines() if line.startswith("bertcls on ")]
@@ -171,9 +196,9 @@ def number(value: Any, digits: int = 1) -> str:
     return "" if value is None else f"{value:,.{digits}f}"
 
 
-def summary_table(env: dict, tests: str, model_note: str, rows: list[dict], cuda: bool) -> str:
+def summary_table(env: dict, tests: str, model_note: str, rows: list[dict], cuda: bool, seconds: float = 0.0) -> str:
     header = (f"GPU check: {env.get('gpu', 'no GPU')} (capability {env.get('capability', '-')}), torch {env['torch']} "
-              f"(CUDA {env['cuda']}), transformers {env['transformers']}, Python {env['python']}")
+              f"(CUDA {env['cuda']}), transformers {env['transformers']}, Python {env['python']}; {seconds:.0f} s")
     columns = ["bench setting", "status", "ex/s", "MFU", "peak GB", "step ms", "host data ms/step", "GPU idle",
                "syncs/profiled steps"]
     table = [columns]
@@ -209,7 +234,8 @@ def summary_table(env: dict, tests: str, model_note: str, rows: list[dict], cuda
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    deadline = time.monotonic() + args.budget_s
+    start = time.monotonic()
+    budget = Budget(start + args.budget_s, start + args.max_s)
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     env = environment()
@@ -221,7 +247,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     say("== tests/test_cuda.py")
     rc, output, seconds = run_part("pytest-cuda", [sys.executable, "-m", "pytest", "-q", "-rfEs", "-p",
                                                    "no:cacheprovider", "tests/test_cuda.py"], out_dir,
-                                   TESTS_MAX_S)
+                                   budget.timeout(TESTS_MAX_S))
     tests = pytest_status(rc, output, cuda)
     say(f"   {tests} ({seconds:.0f} s)")
     if rc != 0:
@@ -231,12 +257,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         work = Path(args.work_dir or tmp)
         say("== model and data: scripts/make_tiny.py + prepare.py")
         try:
-            model, dataset, model_note = make_model_and_data(work, out_dir, cuda)
-            rows = run_benches(model, dataset, work, out_dir, cuda, deadline)
+            model, dataset, model_note = make_model_and_data(work, out_dir, cuda, budget)
+            rows = run_benches(model, dataset, work, out_dir, cuda, budget)
         except RuntimeError as e:
             model_note, rows = f"not built: {e}", []
             say(str(e))
-    summary = summary_table(env, tests, model_note, rows, cuda)
+    summary = summary_table(env, tests, model_note, rows, cuda, time.monotonic() - start)
     (out_dir / "summary.json").write_text(json.dumps({"environment": env, "tests": tests, "bench": rows}, indent=2),
                                           encoding="utf-8")
     (out_dir / "summary.txt").write_text(summary + "\n", encoding="utf-8")

@@ -172,10 +172,12 @@ def test_gradient_checkpointing_where_transformers_names_it_the_old_way(tiny_ber
     from transformers import AutoModelForSequenceClassification
     from transformers import PreTrainedModel
     calls = []
+    # what enables checkpointing here: the renamed method's body, or (older transformers) the old method itself
+    enable = getattr(PreTrainedModel, "_activation_checkpointing_enable", PreTrainedModel.gradient_checkpointing_enable)
 
-    def old_enable(self, gradient_checkpointing_kwargs=None):  # what 5.17's gradient_checkpointing_enable does
+    def old_enable(self, gradient_checkpointing_kwargs=None):
         calls.append(gradient_checkpointing_kwargs)
-        self._activation_checkpointing_enable(gradient_checkpointing_kwargs)
+        enable(self, gradient_checkpointing_kwargs)
 
     monkeypatch.delattr(PreTrainedModel, "activation_checkpointing_enable", raising=False)
     monkeypatch.setattr(PreTrainedModel, "gradient_checkpointing_enable", old_enable)

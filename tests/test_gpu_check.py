@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import sys
+import time
+from pathlib import Path
 
 import pytest
 
@@ -28,8 +30,9 @@ def test_every_gpu_setting_is_a_valid_bench_command_line():
 def test_cpu_path_builds_a_model_and_runs_bench(tmp_path):
     work, out = tmp_path / "work", tmp_path / "out"
     out.mkdir()
-    model, dataset, note = gpu_check.make_model_and_data(work, out, cuda=False)
-    rows = gpu_check.run_benches(model, dataset, work, out, cuda=False, deadline=float("inf"))
+    budget = gpu_check.Budget(soft=float("inf"), hard=float("inf"))
+    model, dataset, note = gpu_check.make_model_and_data(work, out, cuda=False, budget=budget)
+    rows = gpu_check.run_benches(model, dataset, work, out, cuda=False, budget=budget)
     assert [r["name"] for r in rows] == ["eager cpu smoke"] + [name for name, *_ in gpu_check.GPU_SETTINGS]
     assert rows[0]["status"] == "OK" and rows[0]["examples"] == 3 * 8 and rows[0]["profile_steps"] == 2
     assert all(r["status"] == "SKIPPED: no CUDA" for r in rows[1:])
@@ -60,3 +63,18 @@ def test_summary_names_the_best_setting_against_the_target(best, verdict):
     assert gpu_check.bench_row("x", None, "partial", 9.0)["status"] == "FAIL: timed out"
     assert gpu_check.bench_row("x", 1, "a\nbench.py: error: out of memory", 9.0)["status"] == \
         "FAIL: exit 1: bench.py: error: out of memory"
+
+
+def test_a_part_past_its_time_is_stopped_with_what_it_started(tmp_path):
+    pid_file = tmp_path / "grandchild.pid"
+    script = (f"import subprocess, sys, time\n"
+              f"child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'])\n"
+              f"open({str(pid_file)!r}, 'w').write(str(child.pid))\n"
+              f"print('started', flush=True)\n"
+              f"time.sleep(60)\n")
+    rc, output, seconds = gpu_check.run_part("slow part", [sys.executable, "-c", script], tmp_path, timeout=3)
+    assert rc is None and "started" in output and seconds < 30
+    assert (tmp_path / "slow-part.log").read_text(encoding="utf-8") == output
+    grandchild = int(pid_file.read_text())
+    time.sleep(0.5)
+    assert not Path(f"/proc/{grandchild}").exists() or "Z" in Path(f"/proc/{grandchild}/stat").read_text().split()[2]
