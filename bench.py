@@ -6,6 +6,7 @@
     python bench.py ... --tutorial_style     # random batches, tokenizer called in every collate step
     python bench.py ... --dtype fp32         # full precision (auto: bf16 on CUDA and on CPUs with bf16 units)
     python bench.py ... --profile_steps 5    # then 5 more steps under torch.profiler: GPU idle, host syncs
+    python bench.py ... --always_mask        # unpadded batches with a mask of ones too (no flash attention)
 
 Builds the same `bertcls.Run` (tokenization cache included) and calls the same `train_epoch` that
 bertcls.py trains with, on the first --warmup + --steps optimizer steps of its length-grouped epochs;
@@ -52,6 +53,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--tutorial_style", action="store_true",
                    help="the tutorial's loop for comparison: random batches, tokenized in every collate step "
                         "(default: off)")
+    p.add_argument("--always_mask", action="store_true",
+                   help="for comparison: give unpadded batches an attention mask of ones too, which keeps SDPA "
+                        "off its flash kernel (default: off)")
     p.add_argument("--peak_flops", type=positive_float, default=None,
                    help="the device's peak FLOP/s for MFU (default: measured with a large matmul)")
     p.add_argument("--profile_steps", type=int, default=0,
@@ -163,13 +167,16 @@ def tutorial_collate(tokenizer: Any, rows: Sequence[dict], spec: bertcls.InputSp
     return collate
 
 
-def counting(collate_fn: Callable, counts: dict[str, float], device: torch.device) -> Callable:
+def counting(collate_fn: Callable, counts: dict[str, float], device: torch.device, always_mask: bool = False
+             ) -> Callable:
     """collate_fn that also adds its batches' examples, non-pad tokens and padded slots to `counts`, and the host
     time spent building them (pinning included on CUDA, which bertcls.to_device then finds done)."""
 
     def collate(*args: Any, **kwargs: Any) -> dict[str, torch.Tensor]:
         start = time.perf_counter()
         batch = collate_fn(*args, **kwargs)
+        if always_mask and "attention_mask" not in batch:
+            batch["attention_mask"] = torch.ones_like(batch["input_ids"])
         if device.type == "cuda":
             batch = {k: v.pin_memory() for k, v in batch.items()}
         counts["host_data_s"] += time.perf_counter() - start
@@ -238,7 +245,7 @@ def measure(run: bertcls.Run, steps: int, warmup: int, tutorial_style: bool, pro
         batches = grouped_batches(run, n_batches)
         collate_fn = bertcls.collate
     counts = {"examples": 0, "tokens": 0, "slots": 0, "host_data_s": 0.0}
-    collate_fn = counting(collate_fn, counts, device)
+    collate_fn = counting(collate_fn, counts, device, args.always_mask)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     model = bertcls.wrap_model(run)
@@ -272,7 +279,7 @@ def report(run: bertcls.Run, measured: dict[str, Any], peak_flops: float, peak_s
     per_token = flops_per_token(run.params_non_embedding, layers, hidden, mean_len)
     tokens_per_s = measured["tokens"] / seconds
     return {
-        "mode": "tutorial_style" if args.tutorial_style else "bertcls",
+        "mode": "tutorial_style" if args.tutorial_style else "bertcls", "always_mask": args.always_mask,
         "model_name": args.model_name, "device": str(run.device), "device_name": device_name(run.device),
         "dtype": dtype_name(run.dtype), "compile": args.compile,
         "threads": torch.get_num_threads(), "batch_size": args.batch_size,

@@ -9,8 +9,8 @@
 3. a random model of BERT-base's shape (scripts/make_tiny.py: 12 layers, hidden 768, 12 heads, vocab 32000) and a
    synthetic corpus whose articles all fill 512 tokens, made ready by prepare.py: nothing is downloaded
 4. bench.py at --max_seq_len 512 --batch_size 32 --dtype bf16, eager then --compile, each followed by profiled
-   steps; then batch 64 (compiled, eager) while --budget_s lasts. Every part is cut short so that the summary is
-   printed within --max_s
+   steps; then, while --budget_s lasts, batch 64 (compiled, eager) and eager with a mask on every batch (as
+   before unpadded batches went without one). Every part is cut short so that the summary is printed within --max_s
 5. a summary table, printed last: examples/s, MFU against the measured bf16 matmul peak, peak memory, step time,
    host time building batches per step, GPU idle and host syncs in the profiled steps, and the 45% MFU target
 
@@ -45,6 +45,7 @@ GPU_SETTINGS = [
     ("compile b32", ["--compile"], 240, True),
     ("compile b64", ["--compile", "--batch_size", "64"], 150, False),
     ("eager b64", ["--batch_size", "64"], 60, False),
+    ("eager b32 masked", ["--always_mask"], 60, False),  # as before unpadded batches lost their mask: no flash
 ]
 GPU_BENCH = ["--device", "cuda", "--dtype", "bf16", "--max_seq_len", "512", "--batch_size", "32",
              "--steps", "20", "--warmup", "5", "--profile_steps", "5"]

@@ -69,7 +69,7 @@ def test_bf16_run_learns(tiny, tmp_path):
     assert bertcls.main(cuda_args(tiny, tmp_path, "--dtype", "bf16")) == 0
     config, metrics = finished(tmp_path)
     assert config["device"].startswith("cuda:") and config["dtype"] == "bfloat16"
-    assert metrics["f1"] > 0.6  # 3 balanced classes: chance is about 0.33
+    assert metrics["accuracy"] >= 0.75  # 3 classes: chance is about 0.33 (12 test examples: macro F1 misses a class)
 
 
 def test_fp16_run_scales_the_loss_and_learns(tiny, tmp_path, monkeypatch):
@@ -86,7 +86,7 @@ def test_fp16_run_scales_the_loss_and_learns(tiny, tmp_path, monkeypatch):
     assert config["dtype"] == "float16"
     (scaler,) = scalers
     assert scaler.is_enabled() and 0 < scaler.get_scale() < float("inf")
-    assert metrics["f1"] > 0.6
+    assert metrics["accuracy"] >= 0.75
 
 
 def test_fp32_runs_use_tf32():
@@ -102,7 +102,7 @@ def test_fp32_runs_use_tf32():
 def test_compiled_run_finishes_and_learns(tiny, tmp_path):
     assert bertcls.main(cuda_args(tiny, tmp_path, "--compile", "--dtype", "bf16")) == 0
     _, metrics = finished(tmp_path)
-    assert metrics["f1"] > 0.6
+    assert metrics["accuracy"] >= 0.75
 
 
 def test_gradient_checkpointing_recomputes_the_same_gradients(tiny):
@@ -179,4 +179,4 @@ def test_training_steps_make_no_host_sync(tiny, tmp_path):
             torch.cuda.set_sync_debug_mode("default")
     syncs = [str(w.message) for w in caught if "synchroniz" in str(w.message)]
     assert len(batches[2:]) >= 8
-    assert len(syncs) <= 2, syncs
+    assert len(syncs) == 2, syncs  # the NaN check and the mean loss; none would mean the sync checks see nothing
