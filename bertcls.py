@@ -83,7 +83,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--grad_accum_steps", type=positive_int, default=1,
                    help="micro-batches per optimizer step (default: %(default)s)")
     p.add_argument("--gradient_checkpointing", action="store_true", help="trade compute for memory (default: off)")
-    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available, else cpu)")
+    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N; under torchrun each process takes "
+                   "cuda:LOCAL_RANK (choose GPUs with CUDA_VISIBLE_DEVICES) (default: cuda if available, else cpu)")
     p.add_argument("--dtype", choices=("auto", "bf16", "fp16", "fp32"), default="auto",
                    help="autocast dtype; auto = bf16 on GPUs with bf16 units (Ampere and later), else fp16 with a "
                         "GradScaler; on the CPU bf16 where it has bf16 matrix units (AVX512-BF16, AMX), else fp32. "
