@@ -5,6 +5,8 @@
     python bench.py ... --compile            # torch.compile with length buckets, as bertcls.py --compile
     python bench.py ... --tutorial_style     # random batches, tokenizer called in every collate step
     python bench.py ... --dtype fp32         # full precision (auto: bf16 on CUDA and on CPUs with bf16 units)
+    python bench.py ... --profile_steps 5    # then 5 more steps under torch.profiler: GPU idle, host syncs
+    python bench.py ... --always_mask        # unpadded batches with a mask of ones too (no flash attention)
 
 Builds the same `bertcls.Run` (tokenization cache included) and calls the same `train_epoch` that
 bertcls.py trains with, on the first --warmup + --steps optimizer steps of its length-grouped epochs;
@@ -13,6 +15,12 @@ only the last --steps are timed. Every flag of bertcls.py is accepted (--dtype, 
 12 x layers x hidden x sequence length) x non-pad tokens/s, over this device's peak, measured here: the
 best of a large matmul in the run's autocast dtype (bf16 on CUDA and on CPUs with bf16 units, float32
 otherwise; or --peak_flops). The last line of stdout is one JSON object.
+
+Is the GPU kept fed? `host_data_ms_per_step` is the host's time spent building batches (collate, and pinning
+on CUDA) per optimizer step, next to `step_ms`. With --profile_steps N, N more steps run under torch.profiler
+with CUDA's sync debug mode on: `gpu_idle_fraction` is the share of that window in which no kernel or copy
+ran on the GPU (the host did not keep up; the profiler's own overhead on the host makes it an upper bound),
+and `host_syncs` counts the operations that made the host wait for the GPU (train_epoch makes 2 at its end).
 """
 
 from __future__ import annotations
@@ -26,13 +34,14 @@ import random
 import resource
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
 
 import bertcls
-from common import dtype_name, log, pick_device, positive_float, positive_int, run_cli
+from common import dtype_name, first_line, log, pick_device, positive_float, positive_int, run_cli
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -45,11 +54,18 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--tutorial_style", action="store_true",
                    help="the tutorial's loop for comparison: random batches, tokenized in every collate step "
                         "(default: off)")
+    p.add_argument("--always_mask", action="store_true",
+                   help="for comparison: give unpadded batches an attention mask of ones too, which keeps SDPA "
+                        "off its flash kernel (default: off)")
     p.add_argument("--peak_flops", type=positive_float, default=None,
                    help="the device's peak FLOP/s for MFU (default: measured with a large matmul)")
+    p.add_argument("--profile_steps", type=int, default=0,
+                   help="optimizer steps to run after the timed ones under torch.profiler, for the GPU's idle "
+                        "time and the host syncs (default: %(default)s, none)")
     own, rest = p.parse_known_args(argv)
-    if own.warmup < 0:
-        p.error(f"argument --warmup: must be >= 0, got {own.warmup}")
+    for name in ("warmup", "profile_steps"):
+        if getattr(own, name) < 0:
+            p.error(f"argument --{name}: must be >= 0, got {getattr(own, name)}")
     args = bertcls.parse_args(rest)
     for name, value in vars(own).items():
         setattr(args, name, value)
@@ -152,24 +168,77 @@ def tutorial_collate(tokenizer: Any, rows: Sequence[dict], spec: bertcls.InputSp
     return collate
 
 
-def counting(collate_fn: Callable, counts: dict[str, int]) -> Callable:
-    """collate_fn that also adds its batches' examples, non-pad tokens and padded slots to `counts`."""
+def counting(collate_fn: Callable, counts: dict[str, float], device: torch.device, always_mask: bool = False
+             ) -> Callable:
+    """collate_fn that also adds its batches' examples, non-pad tokens and padded slots to `counts`, and the host
+    time spent building them (pinning included on CUDA, which bertcls.to_device then finds done)."""
 
     def collate(*args: Any, **kwargs: Any) -> dict[str, torch.Tensor]:
+        start = time.perf_counter()
         batch = collate_fn(*args, **kwargs)
-        mask = batch["attention_mask"]  # still on the host: counting costs no device sync
-        counts["examples"] += mask.shape[0]
-        counts["tokens"] += int(mask.sum())
-        counts["slots"] += mask.numel()
+        if always_mask and "attention_mask" not in batch:
+            batch["attention_mask"] = torch.ones_like(batch["input_ids"])
+        if device.type == "cuda":
+            batch = {k: v.pin_memory() for k, v in batch.items()}
+        counts["host_data_s"] += time.perf_counter() - start
+        ids = batch["input_ids"]  # still on the host: counting costs no device sync
+        counts["examples"] += ids.shape[0]
+        counts["tokens"] += int(batch["attention_mask"].sum()) if "attention_mask" in batch else ids.numel()
+        counts["slots"] += ids.numel()
         return batch
 
     return collate
 
 
-def measure(run: bertcls.Run, steps: int, warmup: int, tutorial_style: bool) -> dict[str, Any]:
-    """Train warmup + steps optimizer steps with bertcls.train_epoch; time and count the last `steps`."""
+def covered_time(intervals: Sequence[tuple[float, float]]) -> tuple[float, float]:
+    """(span from the first start to the last end, time inside at least one interval) of (start, end) pairs."""
+    if not intervals:
+        return 0.0, 0.0
+    covered, reached = 0.0, float("-inf")
+    for start, end in sorted(intervals):
+        if end > reached:
+            covered += end - max(start, reached)
+            reached = end
+    return max(end for _, end in intervals) - min(start for start, _ in intervals), covered
+
+
+def device_activity(prof: Any, device_type: Any) -> list[tuple[float, float]]:
+    """(start, end) in microseconds of what ran on the device (kernels, copies, memsets) in a torch.profiler run."""
+    return [(e.time_range.start, e.time_range.end) for e in prof.events() if e.device_type == device_type]
+
+
+def profile_steps(run: bertcls.Run, train: Callable[[], Any], n_steps: int) -> dict[str, Any]:
+    """Run train() (n_steps optimizer steps) under torch.profiler and CUDA's sync debug mode: how long the GPU sat
+    idle between its first and last kernel, and how often the host waited for it."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+    cuda = run.device.type == "cuda"
+    # on CUDA only the device's activity is recorded: recording every CPU op too would slow the host it judges
+    activities = [ProfilerActivity.CUDA] if cuda else [ProfilerActivity.CPU]
+    synchronize(run.device)
+    with warnings.catch_warnings(record=True) as caught, profile(activities=activities) as prof:
+        warnings.simplefilter("always")
+        if cuda:
+            torch.cuda.set_sync_debug_mode("warn")
+        try:
+            train()
+        finally:
+            if cuda:
+                torch.cuda.set_sync_debug_mode("default")
+        synchronize(run.device)
+    if not cuda:
+        return {"profile_steps": n_steps}
+    span, busy = covered_time(device_activity(prof, DeviceType.CUDA))
+    return {"profile_steps": n_steps, "gpu_idle_fraction": round(1 - busy / span, 5) if span else None,
+            "gpu_idle_ms_per_step": round((span - busy) / 1000 / n_steps, 3),
+            "host_syncs": sum("synchroniz" in str(w.message) for w in caught)}
+
+
+def measure(run: bertcls.Run, steps: int, warmup: int, tutorial_style: bool, profiled: int = 0) -> dict[str, Any]:
+    """Train warmup + steps optimizer steps with bertcls.train_epoch; time and count the last `steps`; then
+    `profiled` more steps under the profiler (profile_steps)."""
     args, device = run.args, run.device
-    n_batches = (warmup + steps) * args.grad_accum_steps
+    n_batches = (warmup + steps + profiled) * args.grad_accum_steps
     if tutorial_style:
         rows = bertcls.load_split(Path(args.dataset_dir), "train", run.label2id)  # the tutorial holds every text
         batches = random_batches(len(rows), args.batch_size, n_batches, random.Random(args.seed))
@@ -177,15 +246,15 @@ def measure(run: bertcls.Run, steps: int, warmup: int, tutorial_style: bool) -> 
     else:
         batches = grouped_batches(run, n_batches)
         collate_fn = bertcls.collate
-    counts = {"examples": 0, "tokens": 0, "slots": 0}
-    collate_fn = counting(collate_fn, counts)
+    counts = {"examples": 0, "tokens": 0, "slots": 0, "host_data_s": 0.0}
+    collate_fn = counting(collate_fn, counts, device, args.always_mask)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     model = bertcls.wrap_model(run)
     optimizer = bertcls.build_optimizer(run.raw_model, args, device)
     scaler = torch.amp.GradScaler(device.type, enabled=run.dtype == torch.float16)
-    run.total_steps, run.warmup_steps = warmup + steps, 0  # decay over the measured steps, no warmup
-    split = warmup * args.grad_accum_steps
+    run.total_steps, run.warmup_steps = warmup + steps + profiled, 0  # decay over the measured steps, no warmup
+    split, end = warmup * args.grad_accum_steps, (warmup + steps) * args.grad_accum_steps
     step = 0
     if split:
         step, _ = bertcls.train_epoch(model, optimizer, scaler, run, batches[:split], step, 1, collate_fn=collate_fn)
@@ -193,9 +262,16 @@ def measure(run: bertcls.Run, steps: int, warmup: int, tutorial_style: bool) -> 
         counts[key] = 0
     synchronize(device)
     start = time.perf_counter()
-    step, loss = bertcls.train_epoch(model, optimizer, scaler, run, batches[split:], step, 1, collate_fn=collate_fn)
+    step, loss = bertcls.train_epoch(model, optimizer, scaler, run, batches[split:end], step, 1, collate_fn=collate_fn)
     synchronize(device)
-    return {"seconds": time.perf_counter() - start, "loss": loss, **counts}
+    measured = {"seconds": time.perf_counter() - start, "loss": loss, "peak_mem_mb": peak_memory_mb(device), **counts}
+    if profiled:
+        try:
+            measured |= profile_steps(run, lambda: bertcls.train_epoch(model, optimizer, scaler, run, batches[end:],
+                                                                       step, 1, collate_fn=collate_fn), profiled)
+        except (RuntimeError, AttributeError, ValueError) as e:  # a diagnostic: never lose the figures above
+            measured["profile_error"] = first_line(e)
+    return measured
 
 
 def report(run: bertcls.Run, measured: dict[str, Any], peak_flops: float, peak_source: str) -> dict[str, Any]:
@@ -205,7 +281,7 @@ def report(run: bertcls.Run, measured: dict[str, Any], peak_flops: float, peak_s
     per_token = flops_per_token(run.params_non_embedding, layers, hidden, mean_len)
     tokens_per_s = measured["tokens"] / seconds
     return {
-        "mode": "tutorial_style" if args.tutorial_style else "bertcls",
+        "mode": "tutorial_style" if args.tutorial_style else "bertcls", "always_mask": args.always_mask,
         "model_name": args.model_name, "device": str(run.device), "device_name": device_name(run.device),
         "dtype": dtype_name(run.dtype), "compile": args.compile,
         "threads": torch.get_num_threads(), "batch_size": args.batch_size,
@@ -218,13 +294,28 @@ def report(run: bertcls.Run, measured: dict[str, Any], peak_flops: float, peak_s
         "flops_per_token": round(per_token), "achieved_flops": round(per_token * tokens_per_s),
         "peak_flops": round(peak_flops), "peak_flops_source": peak_source,
         "mfu": round(per_token * tokens_per_s / peak_flops, 6),
-        "peak_mem_mb": round(peak_memory_mb(run.device), 1), "train_loss": round(measured["loss"], 5),
+        "peak_mem_mb": round(measured["peak_mem_mb"], 1), "train_loss": round(measured["loss"], 5),
+        "step_ms": round(1000 * seconds / args.steps, 3),
+        "host_data_ms_per_step": round(1000 * measured["host_data_s"] / args.steps, 3),
+        **{k: measured[k] for k in PROFILE_KEYS if k in measured},
     }
+
+
+PROFILE_KEYS = ("profile_steps", "gpu_idle_fraction", "gpu_idle_ms_per_step", "host_syncs", "profile_error")
+
+
+def profile_summary(result: dict[str, Any]) -> str:
+    if "profile_error" in result:
+        return f" | profiling failed: {result['profile_error']}"
+    if result.get("gpu_idle_fraction") is None:
+        return ""
+    return (f" | GPU idle {100 * result['gpu_idle_fraction']:.1f}% ({result['gpu_idle_ms_per_step']:.2f} ms/step), "
+            f"{result['host_syncs']} host syncs in {result['profile_steps']} profiled steps")
 
 
 def bench(args: argparse.Namespace) -> int:
     run = bertcls.Run(args, log, device=pick_device(args.device))
-    measured = measure(run, args.steps, args.warmup, args.tutorial_style)
+    measured = measure(run, args.steps, args.warmup, args.tutorial_style, args.profile_steps)
     if args.peak_flops:
         peak_flops, peak_source = args.peak_flops, "--peak_flops"
     else:
@@ -235,7 +326,8 @@ def bench(args: argparse.Namespace) -> int:
           f"{result['examples']} examples in {result['seconds']:.1f} s | {result['examples_per_s']:.2f} examples/s | "
           f"{result['tokens_per_s']:.0f} non-pad tokens/s | padding {100 * result['padding_fraction']:.1f}% | "
           f"peak memory {result['peak_mem_mb']:.0f} MB | MFU {100 * result['mfu']:.1f}% of "
-          f"{result['peak_flops'] / 1e9:.0f} GFLOP/s ({peak_source})")
+          f"{result['peak_flops'] / 1e9:.0f} GFLOP/s ({peak_source}) | host data {result['host_data_ms_per_step']:.2f} "
+          f"ms/step of {result['step_ms']:.1f}{profile_summary(result)}")
     print(json.dumps(result), flush=True)
     return 0
 

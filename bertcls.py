@@ -70,9 +70,10 @@ from safetensors.torch import load_file, save_file
 
 from common import (DistEnv, Progress, UserError, atomic_write_text, autocast_context, check_output_dir, dist_env,
                     dtype_name, finite_float, first_line, hold_run_dir, iter_jsonl, make_run_dir, non_negative_float,
-                    pick_device, positive_float, positive_int, read_json, read_jsonl, resolve_dtype, run_cli,
+                    pick_device, positive_float, positive_int, read_json, read_jsonl, resolve_dtype, run_cli, use_tf32,
                     write_json)
-from families import effective_max_len, load_model, load_tokenizer, unknown_family_note, uses_token_type_ids
+from families import (effective_max_len, freeze_unreachable, load_model, load_tokenizer, unknown_family_note,
+                      uses_token_type_ids)
 
 CACHE_FORMAT = 2  # bump when the layout or the key of the tokenization cache changes
 MAX_DEFAULT_WORKERS = 16  # each tokenization worker holds its own tokenizer (a MeCab dictionary and a vocabulary)
@@ -112,10 +113,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grad_accum_steps", type=positive_int, default=1,
                    help="micro-batches per optimizer step (default: %(default)s)")
     p.add_argument("--gradient_checkpointing", action="store_true", help="trade compute for memory (default: off)")
-    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available, else cpu)")
+    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N; under torchrun each process takes "
+                   "cuda:LOCAL_RANK (choose GPUs with CUDA_VISIBLE_DEVICES) (default: cuda if available, else cpu)")
     p.add_argument("--dtype", choices=("auto", "bf16", "fp16", "fp32"), default="auto",
-                   help="autocast dtype; auto = bf16 on CUDA when supported, else fp16 with a GradScaler; on the "
-                        "CPU bf16 where it has bf16 matrix units (AVX512-BF16, AMX), else fp32 (default: auto)")
+                   help="autocast dtype; auto = bf16 on GPUs with bf16 units (Ampere and later), else fp16 with a "
+                        "GradScaler; on the CPU bf16 where it has bf16 matrix units (AVX512-BF16, AMX), else fp32. "
+                        "fp32 on CUDA multiplies matrices in TF32 (default: auto)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model (default: off)")
     p.add_argument("--seed", type=int, default=42, help="(default: %(default)s)")
     p.add_argument("--output_dir", default="outputs", help="(default: %(default)s)")
@@ -408,8 +411,11 @@ def collate(packed: dict[str, torch.Tensor], indices: Sequence[int], labels: tor
     attention_mask = (positions < lengths[:, None]).long()
     # positions past a row's end point at other rows' tokens (clamped at the end): masked out below
     flat = (starts[:, None] + positions).clamp_(max=max(len(packed["input_ids"]) - 1, 0))
-    batch = {"input_ids": torch.where(attention_mask.bool(), packed["input_ids"][flat].long(), pad_id),
-             "attention_mask": attention_mask}
+    batch = {"input_ids": torch.where(attention_mask.bool(), packed["input_ids"][flat].long(), pad_id)}
+    if int(lengths.min()) < width:
+        # only a padded batch carries a mask: without one SDPA can take its flash kernel, and transformers need
+        # not read the mask back to the host (padding_mask.all()) to find out it could have been dropped
+        batch["attention_mask"] = attention_mask
     if "token_type_ids" in packed:
         batch["token_type_ids"] = packed["token_type_ids"][flat].long() * attention_mask
     if labels is not None:
@@ -1105,12 +1111,10 @@ def write_cache(path: Path, packed: dict[str, torch.Tensor]) -> None:
 
 
 def init_distributed(requested_device: str | None, env: DistEnv) -> torch.device:
-    """This process's device; under torchrun (env.world_size > 1) also the process group."""
-    device = pick_device(requested_device, env.local_rank if env.world_size > 1 else None)
-    if env.world_size > 1:
+    """This process's device; under torchrun (even with one process) also the process group."""
+    device = pick_device(requested_device, env.local_rank if env.torchrun else None)
+    if env.torchrun:
         import torch.distributed as dist
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo",
                                 device_id=device if device.type == "cuda" else None)
     return device
@@ -1150,9 +1154,10 @@ def wrap_model(run: Run) -> torch.nn.Module:
     """run.raw_model on its device, with checkpointing, DDP and compile as asked: returns what to call."""
     model = run.raw_model.to(run.device)
     if run.args.gradient_checkpointing:
-        # non-reentrant checkpointing works under DDP and torch.compile
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-    if run.world_size > 1:
+        # renamed from gradient_checkpointing_enable in transformers 5.x; non-reentrant works under DDP and compile
+        enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+        enable({"use_reentrant": False})
+    if torch.distributed.is_available() and torch.distributed.is_initialized():  # under torchrun
         from torch.nn.parallel import DistributedDataParallel
         # No buffer broadcast in forward: BERT-style models have only constant buffers, and evaluation gives
         # ranks different numbers of batches, where a collective inside forward would deadlock.
@@ -1271,9 +1276,11 @@ def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
 def save_model(run: Run, model_dir: Path) -> None:
     """Best weights (safetensors), tokenizer and label names, loadable by transformers alone.
 
-    The saved tokenizer truncates at the length used in training and returns token_type_ids when the
-    model was trained with them, so pipeline("text-classification") feeds the model what training did
-    with --truncation head (it cannot keep a body's tail); bertcls.json records the length, token types and
+    The saved tokenizer's model_max_length is the length used in training, and it returns token_type_ids when
+    the model was trained with them. transformers truncates only when asked (an init setting cannot change
+    that), so pipeline("text-classification") must be called with truncation="only_second" (title + body) or
+    truncation=True (one text): it then feeds the model what training did with --truncation head (the pipeline
+    cannot keep a body's tail; the README's snippet, tested). bertcls.json records the length, token types and
     truncation for predict.py, which reproduces test-predictions.jsonl exactly.
     """
     from transformers.utils import logging as transformers_logging
@@ -1638,6 +1645,7 @@ class Run:
         self.args, self.log, self.rank, self.world_size = args, log, rank, world_size
         self.device = device or pick_device(args.device)
         self.dtype = resolve_dtype(args.dtype, self.device)
+        use_tf32(self.device, self.dtype)
         self.ctx = autocast_context(self.device, self.dtype)
         dataset_dir = Path(args.dataset_dir)
         self.label2id, self.splits = load_dataset(dataset_dir, log)
@@ -1646,11 +1654,14 @@ class Run:
         self.dataset_digest = file_digest([dataset_dir / "label2id.json"] +
                                           [dataset_dir / f"{s}.jsonl" for s in SPLITS])
         self.fold = load_fold(dataset_dir)
-        torch.manual_seed(args.seed)
+        # Each rank its own dropout masks (rank 0 keeps the seed, so one process runs as before); the data order
+        # has its own generator (train_batches), and DDP copies rank 0's new classifier head to every rank.
+        torch.manual_seed(args.seed + rank)
         self.tokenizer = load_tokenizer(args.model_name, args.mecab_dic, args.trust_remote_code, log)
         self.raw_model = load_model(args.model_name, self.label2id, args.trust_remote_code, log)
         if note := unknown_family_note(args.model_name, self.raw_model.config):
             log(note)
+        freeze_unreachable(self.raw_model, log)
         self.params, self.params_non_embedding = count_parameters(self.raw_model)
         self.spec = InputSpec(effective_max_len(args.max_seq_len, self.tokenizer, self.raw_model.config, log),
                               uses_token_type_ids(self.raw_model.config), args.truncation)
@@ -1874,10 +1885,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         return run_cli("bertcls.py", work, args.debug, stopped, OOM_ADVICE,
-                       who=f" [rank {env.rank}]" if env.world_size > 1 else "")
+                       who=f" [rank {env.rank}]" if env.torchrun else "")
     finally:
-        if env.world_size > 1:
-            destroy_distributed()
+        destroy_distributed()
 
 
 if __name__ == "__main__":

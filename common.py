@@ -76,7 +76,8 @@ def run_cli(script: str, work: Callable[[], int], debug: bool = False, stopped: 
 
     UserError -> its message, exit 1; out of memory -> oom_advice, exit 1; Ctrl-C -> 130 and SIGTERM -> 143,
     each with the line `stopped()` returns (what was kept). With debug (--debug or BERTCLS_DEBUG=1) errors
-    are re-raised, so Python prints the traceback. `who` (e.g. " [rank 1]") is added after the script name.
+    are re-raised, so Python prints the traceback. `who` (e.g. " [rank 1]") is added after the script name;
+    with it, any other exception (a bug, a failed collective) is also named in one line before its traceback.
     """
     debug = debug_requested(debug)
 
@@ -100,6 +101,10 @@ def run_cli(script: str, work: Callable[[], int], debug: bool = False, stopped: 
             raise
         say(f"error: {e}")
         return EXIT_ERROR
+    except Exception as e:
+        if who:  # under torchrun, name the rank that failed before its traceback mixes with the others'
+            say(f"error: {type(e).__name__}: {first_line(e)} (traceback below)")
+        raise
     finally:
         signal.signal(signal.SIGTERM, previous_sigterm)
 
@@ -319,19 +324,21 @@ class Progress:
 
 
 class DistEnv(NamedTuple):
-    """What torchrun tells a process about itself (rank 0 of 1 when not under torchrun)."""
+    """What torchrun tells a process about itself (rank 0 of 1, torchrun False, when not under torchrun)."""
     rank: int
     local_rank: int
     world_size: int
+    torchrun: bool = False  # started by torchrun (even with one process): the run is a DDP job
 
 
 def dist_env() -> DistEnv:
     return DistEnv(int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0")),
-                   int(os.environ.get("WORLD_SIZE", "1")))
+                   int(os.environ.get("WORLD_SIZE", "1")), "LOCAL_RANK" in os.environ)
 
 
 def pick_device(requested: str | None, local_rank: int | None = None) -> torch.device:
-    """The device to use: --device, else cuda when available; under torchrun, cuda:LOCAL_RANK."""
+    """The device to use, made the current CUDA device: --device, else cuda when available; under torchrun
+    (local_rank given), cuda:LOCAL_RANK."""
     if requested is None:
         requested = "cuda" if torch.cuda.is_available() else "cpu"
     try:
@@ -342,9 +349,16 @@ def pick_device(requested: str | None, local_rank: int | None = None) -> torch.d
         if not torch.cuda.is_available():
             raise UserError("--device cuda was asked for but CUDA is not available here: use --device cpu")
         if local_rank is not None:
+            if device.index is not None:
+                raise UserError(f"--device {requested} cannot be used under torchrun, where each process takes "
+                                "cuda:LOCAL_RANK: pass --device cuda and choose GPUs with CUDA_VISIBLE_DEVICES")
             device = torch.device("cuda", local_rank)
-        if (device.index or 0) >= torch.cuda.device_count():
+        elif device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        if device.index >= torch.cuda.device_count():
             raise UserError(f"--device {device} does not exist: this machine has {torch.cuda.device_count()} GPU(s)")
+        # kernels, the caching allocator and the dtype check below then all use the chosen GPU, not GPU 0
+        torch.cuda.set_device(device)
     elif device.type != "cpu":
         raise UserError(f"--device {requested!r} is not supported: use cpu or cuda")
     return device
@@ -356,13 +370,30 @@ def cpu_has_native_bf16() -> bool:
     return bool(capabilities.get("avx512_bf16") or capabilities.get("amx_bf16"))
 
 
+def cuda_has_native_bf16(device: torch.device) -> bool:
+    """Whether this GPU computes bf16 in hardware (compute capability 8.0, Ampere, and later).
+
+    Asked of `device`, not of the current GPU. Emulation does not count: a T4 or V100 runs bf16 emulated,
+    slower than fp16 with a GradScaler.
+    """
+    with torch.cuda.device(device):
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+
+
 def resolve_dtype(requested: str, device: torch.device) -> torch.dtype:
-    """--dtype auto: bf16 on CUDA when supported (else fp16); bf16 on a CPU with bf16 units; else fp32."""
+    """--dtype auto: bf16 on a GPU with bf16 units (else fp16); bf16 on a CPU with bf16 units; else fp32."""
     if requested == "auto":
         if device.type == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+            return torch.bfloat16 if cuda_has_native_bf16(device) else torch.float16
         return torch.bfloat16 if cpu_has_native_bf16() else torch.float32
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[requested]
+
+
+def use_tf32(device: torch.device, dtype: torch.dtype) -> None:
+    """fp32 on CUDA: let float32 matrix products use TF32 tensor cores (10-bit mantissa inputs, fp32 accumulation),
+    several times faster on Ampere and later GPUs. bf16/fp16 runs and the CPU are left as they are."""
+    if device.type == "cuda" and dtype == torch.float32:
+        torch.set_float32_matmul_precision("high")
 
 
 def autocast_context(device: torch.device, dtype: torch.dtype) -> contextlib.AbstractContextManager:

@@ -7,6 +7,7 @@ file knows those differences; bertcls.py, predict.py and bench.py load tokenizer
 
     load_tokenizer(name)        AutoTokenizer, plus the MeCab dictionary fix and the LUKE/mLUKE numbering fix
     load_model(name, label2id)  AutoModelForSequenceClassification with SDPA attention and a new head
+    freeze_unreachable(model)   freeze what the family cannot train from the inputs bertcls gives it (LUKE's entities)
     effective_max_len(...)      --max_seq_len capped by the position embeddings and the tokenizer
     uses_token_type_ids(config) whether the body is fed as segment B
     unknown_family_note(...)    one line for a model type none of the families below
@@ -308,6 +309,34 @@ def load_model(model_name: str, label2id: dict[str, int], trust_remote_code: boo
     for line in describe_new_weights(model, info, model_name):
         log(line)
     return model
+
+
+# Per model_type: modules that learn only from inputs bertcls does not give (it passes words, segments and masks),
+# and why. LUKE and mLUKE (both model_type "luke") learn their entity embeddings and the word-to-entity,
+# entity-to-word and entity-to-entity attention queries from entity inputs only: without entities these get no
+# gradient, and DistributedDataParallel stops at the second step waiting for their gradients.
+NEEDS_EXTRA_INPUTS = {
+    "luke": ({"entity_embeddings", "w2e_query", "e2w_query", "e2e_query"},
+             "entity embeddings and entity-attention queries, which learn only from entity inputs"),
+}
+
+
+def unreachable_parameters(model: torch.nn.Module) -> list[str]:
+    """Names of the parameters that get no gradient from the inputs bertcls gives this model's family."""
+    modules, _ = NEEDS_EXTRA_INPUTS.get(getattr(model.config, "model_type", None), (set(), ""))
+    return [name for name, _ in model.named_parameters() if modules & set(name.split("."))]
+
+
+def freeze_unreachable(model: torch.nn.Module, log=print) -> None:
+    """Freeze unreachable_parameters(model), saying so: they keep their pre-trained values, the optimizer skips
+    them, and DDP needs no find_unused_parameters (an extra pass over the graph every step, for every model)."""
+    names = set(unreachable_parameters(model))
+    if not names:
+        return
+    frozen = [p.requires_grad_(False) for name, p in model.named_parameters() if name in names]
+    _, why = NEEDS_EXTRA_INPUTS[model.config.model_type]
+    log(f"note: {model.config.model_type}: {sum(p.numel() for p in frozen) / 1e6:.2f}M parameters frozen ({why}; "
+        "bertcls passes none)")
 
 
 ROBERTA_STYLE_POSITIONS = ("roberta", "xlm-roberta", "xlm-roberta-xl", "camembert", "luke", "xmod",

@@ -26,7 +26,7 @@ import torch
 from bertcls import (TRUNCATIONS, InputSpec, check_room_for_text, example_text, pack, padded_length, predict,
                      tokenize_rows)
 from common import (UserError, atomic_write_text, autocast_context, first_line, log, parse_json_object, pick_device,
-                    positive_int, read_json, resolve_dtype, run_cli)
+                    positive_int, read_json, resolve_dtype, run_cli, use_tf32)
 from families import load_tokenizer, position_limit, uses_token_type_ids
 
 DEFAULT_LABEL = re.compile(r"LABEL_\d+")  # the names transformers makes up for a config without labels
@@ -47,7 +47,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="token budget per batch instead of --batch_size texts, for long inputs (default: off)")
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available, else cpu)")
     p.add_argument("--dtype", choices=("auto", "bf16", "fp16", "fp32"), default="auto",
-                   help="autocast dtype; auto = bf16 on CUDA when supported, else fp16, fp32 on CPU (default: auto)")
+                   help="autocast dtype, as bertcls.py's; auto = bf16 on GPUs with bf16 units, else fp16; fp32 on "
+                        "CUDA multiplies matrices in TF32 (default: auto)")
     p.add_argument("--max_seq_len", type=positive_int, default=None,
                    help="tokens per text (default: the length used in training, from bertcls.json)")
     p.add_argument("--trust_remote_code", action="store_true",
@@ -216,7 +217,9 @@ def classify(args: argparse.Namespace, rows: list[dict]) -> list[dict]:
     spec = input_settings(settings, args.max_seq_len, model, tokenizer)
     check_room_for_text(spec.max_len, tokenizer, pair=any(example_text(r)[1] is not None for r in rows))
     device = pick_device(args.device)
-    ctx = autocast_context(device, resolve_dtype(args.dtype, device))
+    dtype = resolve_dtype(args.dtype, device)
+    use_tf32(device, dtype)
+    ctx = autocast_context(device, dtype)
     if args.max_batch_tokens is not None and args.max_batch_tokens < padded_length(spec.max_len):
         raise UserError(f"--max_batch_tokens {args.max_batch_tokens} cannot hold one text of {spec.max_len} tokens "
                         f"(padded to {padded_length(spec.max_len)}): raise it or lower --max_seq_len")

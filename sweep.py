@@ -4,6 +4,7 @@
     python sweep.py --model_names cl-tohoku/bert-base-japanese-v3 xlm-roberta-base --lrs 2e-5 3e-5 \\
         --seeds 1 2 3 --epochs 3 --batch_size 32 > results/all.csv
     python sweep.py --devices 0,1,2,3 > results/all.csv    # four runs at once, one per GPU
+    CUDA_VISIBLE_DEVICES=4,5 python sweep.py --devices 0,1  # GPUs 4 and 5: ids count within the visible ones
     python sweep.py --no_run --best > results/best.csv     # train nothing: best lr per model, mean +- std
     python sweep.py --no_run --markdown > results/best.md  # the same as a Markdown table
     python sweep.py --model_names xlm-roberta-base --lrs 3e-5 --seeds 1 2 \\
@@ -26,7 +27,9 @@ Resuming: a combination (model, lr, seed, dataset and the passed-through flags) 
 bertcls.py --checkpoint_minutes) continues from it (bertcls.py --resume), in its own directory; any other
 interrupted or failed run is run again.
 Combinations are matched on config.json "args": every bertcls.py setting except those that do not change
-results (IGNORED_FIELDS), numbers compared numerically. Of several finished runs of one combination the
+results (IGNORED_FIELDS), numbers compared numerically; and on where it computed: its device type and the dtype
+--dtype resolved to there (config.json "device" and "dtype"), so a CPU fp32 run never stands for the same
+combination on a GPU in bf16. Of several finished runs of one combination the
 newest counts, once. A combination being run holds <output_dir>/.locks/<combination>.lock (the pids of
 the sweep and its child, and the host), so sweeps sharing a directory, on one host or many, never run it
 twice. The lock is a lease: its sweep refreshes it every few seconds. A lock is stale and taken over (with a
@@ -80,8 +83,8 @@ from typing import Any, Callable, Iterable, NamedTuple, Sequence
 import bertcls
 import families
 import stats
-from common import (UserError, atomic_write_text, first_line, log, positive_float, positive_int, read_jsonl, run_cli,
-                    safe_name)
+from common import (UserError, atomic_write_text, dtype_name, first_line, log, positive_float, positive_int, read_jsonl,
+                    resolve_dtype, run_cli, safe_name)
 
 BERTCLS = Path(__file__).resolve().with_name("bertcls.py")
 DEFAULT_MODELS = [
@@ -157,7 +160,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         "prepare.py --folds (default: bertcls.py's --dataset_dir; with --no_run: every dataset found)")
     p.add_argument("--devices", type=device_list, default=None,
                    help="comma-separated GPU ids, e.g. 0,1,2,3: one run per listed GPU at once, each with its "
-                        "CUDA_VISIBLE_DEVICES (default: one run at a time, CUDA_VISIBLE_DEVICES unchanged)")
+                        "CUDA_VISIBLE_DEVICES; under an inherited CUDA_VISIBLE_DEVICES an id is a position in it "
+                        "(default: one run at a time, CUDA_VISIBLE_DEVICES unchanged)")
     p.add_argument("--output_dir", default="outputs",
                    help="where the runs are written and looked for; logs go to <output_dir>/sweep-logs/ "
                         "(default: %(default)s)")
@@ -263,6 +267,24 @@ def experiment(resolved: dict[str, Any]) -> dict[str, Any]:
     return {k: normalize(k, v) for k, v in resolved.items() if k not in IGNORED_FIELDS}
 
 
+def computed_on(resolved: dict[str, Any]) -> dict[str, str]:
+    """Where a run with these settings computes, as its config.json records it: the device type (--device, else
+    cuda where this machine has CUDA, as bertcls.py chooses) and the dtype its --dtype resolves to there."""
+    import torch
+    try:
+        device = torch.device(resolved["device"] or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except RuntimeError:
+        raise UserError(f"unknown --device {resolved['device']!r}: use cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda was asked for but CUDA is not available here: use --device cpu")
+    return {"device": device.type, "dtype": dtype_name(resolve_dtype(resolved["dtype"], device))}
+
+
+def recorded_on(config: dict) -> dict[str, str]:
+    """computed_on() of a finished run, from its config.json ("cuda:1" is device type cuda)."""
+    return {"device": str(config.get("device", "")).split(":")[0], "dtype": str(config.get("dtype", ""))}
+
+
 def matches(run_args: dict[str, Any], wanted: dict[str, Any], defaults: dict[str, Any]) -> bool:
     """Whether a run was made with the wanted settings; one older than a setting ran with its default."""
     return all(same_value(normalize(k, run_args.get(k, defaults.get(k))), v) for k, v in wanted.items())
@@ -277,6 +299,7 @@ class Combination:
     setting: dict[str, Any]  # its value on each axis of the grid (a bertcls.py setting), in axis order
     flags: tuple[str, ...]  # the full bertcls.py command line
     wanted: dict[str, Any]  # experiment() of its resolved args
+    computed: dict[str, str]  # computed_on() of its resolved args
 
     @property
     def model_name(self) -> str:
@@ -317,10 +340,11 @@ def combinations(axes: Sequence[tuple[str, Sequence[Any]]], passed: Sequence[str
         setting = {axis: value for (axis, _), value in zip(axes, values)}
         flags = (*passed, *(t for axis, value in setting.items() for t in (f"--{axis}", flag_value(value))),
                  "--output_dir", str(output_dir))
-        wanted = experiment(resolve_bertcls_args(flags))
+        resolved = resolve_bertcls_args(flags)
+        wanted = experiment(resolved)
         if not any(matches(w, wanted, {}) for w in seen):  # a model or lr listed twice runs once
             seen.append(wanted)
-            combos.append(Combination(setting, flags, wanted))
+            combos.append(Combination(setting, flags, wanted, computed_on(resolved)))
     return combos
 
 
@@ -355,6 +379,7 @@ class FinishedRun:
     test: dict[str, float]
     dataset_digest: str | None = None  # of its dataset's splits and label2id.json (config.json)
     fold: dict | None = None  # {"fold", "folds", "set"} when trained on a fold of prepare.py --folds
+    computed: dict[str, str] = dataclasses.field(default_factory=dict)  # recorded_on() its config.json
     cache: dict = dataclasses.field(default_factory=dict, compare=False, repr=False)  # what is read on demand
 
     @property
@@ -421,7 +446,8 @@ def load_run(run_dir: Path) -> FinishedRun:
     return FinishedRun(run_dir, args, number(config, "params", "config.json", int),
                        number(val, "best_epoch", "val-metrics.json", int), number(val, "f1", "val-metrics.json"),
                        number(val, "train_seconds", "val-metrics.json"),
-                       {m: number(test, m, "test-metrics.json") for m in METRICS}, digest, fold)
+                       {m: number(test, m, "test-metrics.json") for m in METRICS}, digest, fold,
+                       recorded_on(config))
 
 
 def scan_runs(directory: Path) -> tuple[list[FinishedRun], list[str]]:
@@ -436,8 +462,9 @@ def scan_runs(directory: Path) -> tuple[list[FinishedRun], list[str]]:
     return runs, problems
 
 
-def resumable_run(directory: Path, wanted: dict[str, Any], defaults: dict[str, Any]) -> Path | None:
-    """The newest unfinished run under directory made with the wanted settings that has a checkpoint."""
+def resumable_run(directory: Path, combo: Combination, defaults: dict[str, Any]) -> Path | None:
+    """The newest unfinished run under directory made with the combination's settings, on its device type and
+    dtype, that has a checkpoint."""
     found = []
     for config_path in directory.glob("*/*/config.json") if directory.is_dir() else []:
         run_dir = config_path.parent
@@ -448,14 +475,15 @@ def resumable_run(directory: Path, wanted: dict[str, Any], defaults: dict[str, A
         except ValueError:
             continue
         args = config.get("args")
-        if (isinstance(args, dict) and matches(args, wanted, defaults)
+        if (isinstance(args, dict) and matches(args, combo.wanted, defaults) and recorded_on(config) == combo.computed
                 and bertcls.usable_checkpoints(run_dir, bertcls.run_identity(config))[0]):
             found.append(run_dir)
     return max(found, key=lambda d: (d.parent.name, d.name)) if found else None
 
 
-def newest_match(runs: Iterable[FinishedRun], wanted: dict[str, Any], defaults: dict[str, Any]) -> FinishedRun | None:
-    found = [r for r in runs if matches(r.args, wanted, defaults)]
+def newest_match(runs: Iterable[FinishedRun], combo: Combination, defaults: dict[str, Any]) -> FinishedRun | None:
+    """The newest run made with the combination's settings on its device type and dtype."""
+    found = [r for r in runs if matches(r.args, combo.wanted, defaults) and r.computed == combo.computed]
     return max(found, key=lambda r: r.age_key) if found else None
 
 
@@ -485,9 +513,12 @@ def select_runs(runs: Sequence[FinishedRun], models: Sequence[str] | None, lrs: 
 
 def experiment_settings(run: FinishedRun, defaults: dict[str, Any]) -> dict[str, Any]:
     """The settings that make a run's experiment, beyond its model and data (a setting newer than the run: its
-    default)."""
+    default), with the device type and the dtype it computed in (a CPU fp32 run is not a GPU bf16 one)."""
     fields = (run.args.keys() | defaults.keys()) - IGNORED_FIELDS - WITHIN_EXPERIMENT
-    return {k: normalize(k, run.args.get(k, defaults.get(k))) for k in sorted(fields)}
+    settings = {k: normalize(k, run.args.get(k, defaults.get(k))) for k in sorted(fields)}
+    if run.computed.get("dtype"):  # runs made before config.json recorded them: as their --dtype said
+        settings["device"], settings["dtype"] = run.computed["device"], run.computed["dtype"]
+    return settings
 
 
 def dataset_key(run: FinishedRun) -> str:
@@ -869,6 +900,19 @@ def unloadable_models(combos: Sequence[Combination], log: Callable[[str], None])
 # ------------------------------------------------------------------------------------- running
 
 
+def visible_devices(devices: Sequence[str], inherited: str | None) -> list[str]:
+    """--devices as CUDA_VISIBLE_DEVICES values for the children: under an inherited CUDA_VISIBLE_DEVICES (a job
+    scheduler's share of a node), an id is a position in it, as CUDA numbers the GPUs a process sees."""
+    if inherited is None:
+        return list(devices)
+    visible = [d.strip() for d in inherited.split(",") if d.strip()]
+    for device in devices:
+        if not (device.isdigit() and int(device) < len(visible)):
+            raise UserError(f"--devices {device}: CUDA_VISIBLE_DEVICES={inherited} leaves {len(visible)} GPU(s) "
+                            f"visible, numbered 0..{len(visible) - 1} here: pass those numbers")
+    return [visible[int(device)] for device in devices]
+
+
 def child_env(base: dict[str, str], device: str | None) -> dict[str, str]:
     return dict(base) if device is None else {**base, "CUDA_VISIBLE_DEVICES": device}
 
@@ -905,7 +949,7 @@ class Sweep:
 
     def finished(self, combo: Combination) -> FinishedRun | None:
         runs, _ = scan_runs(self.output_dir / safe_name(combo.model_name))
-        return newest_match(runs, combo.wanted, self.defaults)
+        return newest_match(runs, combo, self.defaults)
 
     def start(self, combo: Combination, position: str) -> str | None:
         """Run combo unless it is finished; returns who holds it when another sweep is running it."""
@@ -933,7 +977,7 @@ class Sweep:
                 self.log(f"{position} already finished: {combo.describe()} -> {run.run_dir}")
                 release_lock(lock)
                 return None
-            resumed = resumable_run(self.output_dir / safe_name(combo.model_name), combo.wanted, self.defaults)
+            resumed = resumable_run(self.output_dir / safe_name(combo.model_name), combo, self.defaults)
             device = self.free_devices.pop(0)
             log_path = self.output_dir / "sweep-logs" / f"{combo.stem}.log"
             log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -1285,7 +1329,7 @@ def grid_rows(combos: Sequence[Combination], output_dir: Path, defaults: dict[st
     runs, _ = scan_runs(output_dir)
     rows = []
     for index, combo in enumerate(combos):
-        run = newest_match(runs, combo.wanted, defaults)
+        run = newest_match(runs, combo, defaults)
         holder = None if run else lock_holder(lock_path(output_dir, combo), lease_timeout)
         state = "finished" if run else "running" if holder else "to do"
         rows.append({"index": index, **combo.axes(), "state": state, "run_dir": str(run.run_dir) if run else None,
@@ -1422,6 +1466,7 @@ def sweep(args: argparse.Namespace, log: Callable[[str], None]) -> int:
                              args.truncations)
         log(f"sweep.py: {len(chosen)} finished runs selected of {len(runs)} in {output_dir}")
     else:
+        devices = args.devices and visible_devices(args.devices, os.environ.get("CUDA_VISIBLE_DEVICES"))
         if args.dataset_dirs:
             check_dataset_dirs(args.dataset_dirs)
         combos = grid(args, output_dir)
@@ -1430,7 +1475,7 @@ def sweep(args: argparse.Namespace, log: Callable[[str], None]) -> int:
             log(f"sweep.py: task {index} of 0-{len(combos) - 1}: {combos[index].describe()}")
             combos = [combos[index]]
         runs, _ = scan_runs(output_dir)
-        todo = [c for c in combos if newest_match(runs, c.wanted, defaults) is None]
+        todo = [c for c in combos if newest_match(runs, c, defaults) is None]
         log(f"sweep.py: {len(combos)} combinations, {len(combos) - len(todo)} already finished, {len(todo)} to run "
             f"(logs in {output_dir / 'sweep-logs'})")
         if todo:
@@ -1438,14 +1483,14 @@ def sweep(args: argparse.Namespace, log: Callable[[str], None]) -> int:
         bad_models = unloadable_models(todo, log)
         skipped = [c for c in todo if c.model_name in bad_models]
         writable_dir(output_dir)
-        runner = Sweep(output_dir, args.devices, defaults, log, args.lease_timeout)
+        runner = Sweep(output_dir, devices, defaults, log, args.lease_timeout)
         runner.failed = len(skipped)
         runner.run([c for c in todo if c.model_name not in bad_models])
         failed = runner.failed
         runs, problems = scan_runs(output_dir)
         for problem in problems:
             log(f"sweep.py: warning: {problem}")
-        chosen = [run for c in combos if (run := newest_match(runs, c.wanted, defaults)) is not None]
+        chosen = [run for c in combos if (run := newest_match(runs, c, defaults)) is not None]
         log(f"sweep.py: {runner.done} runs done, {runner.failed} failed, {runner.locked} left to another sweep; "
             f"{len(chosen)} of {len(combos)} combinations have results")
     sys.stdout.write(render(chosen, args, defaults, log))

@@ -5,6 +5,8 @@
     python bertcls.py --model_name models/tiny-bert --dataset_dir datasets/tiny --epochs 3 --lr 3e-3
     # a model of BERT-base's shape (random weights), e.g. to measure throughput on a GPU:
     python scripts/make_tiny.py --layers 12 --hidden 768 --heads 12 --vocab_size 32000 --model_dir models/bert-base-shape
+    # articles that all fill 512 tokens (about 24 tokens a sentence), as 72% of livedoor's do:
+    python scripts/make_tiny.py --min_sentences 24 --max_sentences 32 --data data/long.jsonl ...
 
 The corpus has three categories, each with its own words mixed with words all categories share, so a
 model learns it from scratch in a few epochs; titles and bodies vary in length. The tokenizer is a plain
@@ -40,8 +42,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--model_dir", default="models/tiny-bert", help="model directory to write (default: %(default)s)")
     p.add_argument("--data", default="data/tiny.jsonl", help="corpus JSONL to write; '' for none (default: %(default)s)")
     p.add_argument("--per_category", type=positive_int, default=200, help="examples per category (default: %(default)s)")
+    p.add_argument("--min_sentences", type=positive_int, default=2,
+                   help="body sentences at least (default: %(default)s)")
     p.add_argument("--max_sentences", type=positive_int, default=8,
-                   help="body sentences at most, from 2 (default: %(default)s)")
+                   help="body sentences at most (default: %(default)s)")
     p.add_argument("--layers", type=positive_int, default=2, help="(default: %(default)s)")
     p.add_argument("--hidden", type=positive_int, default=64, help="(default: %(default)s)")
     p.add_argument("--heads", type=positive_int, default=2, help="(default: %(default)s)")
@@ -52,7 +56,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def make_rows(per_category: int, max_sentences: int, seed: int) -> list[dict]:
+def make_rows(per_category: int, max_sentences: int, seed: int, min_sentences: int = 2) -> list[dict]:
     """Articles whose title and body mix their category's words with words shared by all categories."""
     rng = random.Random(seed)
     rows = []
@@ -60,7 +64,7 @@ def make_rows(per_category: int, max_sentences: int, seed: int) -> list[dict]:
         for k in range(per_category):
             title = "の".join(rng.sample(words, 2) + rng.sample(COMMON_WORDS, 1)) + "が話題"
             body = "\n".join("、".join(rng.sample(words, 3) + rng.sample(COMMON_WORDS, 2)) + "が発表された。"
-                             for _ in range(rng.randint(2, max(2, max_sentences))))
+                             for _ in range(rng.randint(min_sentences, max(min_sentences, max_sentences))))
             rows.append({"id": f"{category}-{k:05d}", "category": category, "title": title, "body": body})
     rng.shuffle(rows)
     return rows
@@ -90,7 +94,7 @@ def build_model(model_dir: Path, vocab: list[str], args: argparse.Namespace) -> 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    rows = make_rows(args.per_category, args.max_sentences, args.seed)
+    rows = make_rows(args.per_category, args.max_sentences, args.seed, args.min_sentences)
     vocab = wordpiece_vocab([r[f] for r in rows for f in ("title", "body")], args.vocab_size)
     build_model(Path(args.model_dir), vocab, args)
     print(f"wrote {args.model_dir} ({args.layers} layers, hidden {args.hidden}, vocab {len(vocab)})", file=sys.stderr)

@@ -48,11 +48,42 @@ def test_bench_prints_one_json_line_with_sane_figures(mode, tiny_bert, tiny_data
     assert result["mfu"] == pytest.approx(per_token * result["tokens_per_s"] / result["peak_flops"], rel=1e-3)
 
 
-def test_bench_peak_flops_flag_and_grad_accumulation(tiny_bert, tiny_dataset, tmp_path, capsys):
+def test_bench_peak_flops_flag_grad_accumulation_and_host_figures(tiny_bert, tiny_dataset, tmp_path, capsys):
     result = bench_json(capsys, *train_args(tiny_bert, tiny_dataset, tmp_path), "--steps", "2", "--warmup", "0",
-                        "--grad_accum_steps", "2", "--peak_flops", "1e12")
+                        "--grad_accum_steps", "2", "--peak_flops", "1e12", "--profile_steps", "1", "--always_mask")
     assert result["peak_flops"] == 10**12 and result["peak_flops_source"] == "--peak_flops"
-    assert result["examples"] == 2 * 2 * 8  # steps x micro-batches x batch
+    assert result["examples"] == 2 * 2 * 8  # steps x micro-batches x batch: the profiled step is not counted
+    assert result["step_ms"] == pytest.approx(1000 * result["seconds"] / 2, rel=1e-2)
+    assert 0 < result["host_data_ms_per_step"] < result["step_ms"]
+    assert result["profile_steps"] == 1 and "gpu_idle_fraction" not in result  # the GPU figures need CUDA
+    assert result["always_mask"] and result["padding_fraction"] >= 0
+
+
+def test_always_mask_gives_unpadded_batches_a_mask_of_ones():
+    packed = bertcls.pack({"input_ids": [[5] * 8, [6] * 8], "token_type_ids": [[], []]})
+    counts = {"examples": 0, "tokens": 0, "slots": 0, "host_data_s": 0.0}
+    plain = bench.counting(bertcls.collate, counts, torch.device("cpu"))(packed, [0, 1], None, 0)
+    masked = bench.counting(bertcls.collate, counts, torch.device("cpu"), always_mask=True)(packed, [0, 1], None, 0)
+    assert "attention_mask" not in plain and masked["attention_mask"].tolist() == [[1] * 8] * 2
+    assert counts["examples"] == 4 and counts["tokens"] == counts["slots"] == 32
+
+
+def test_covered_time_hand_computed():
+    assert bench.covered_time([(5, 6), (0, 2), (1, 3), (1.5, 2.5)]) == (6, 4)  # [0, 3] and [5, 6]
+    assert bench.covered_time([(0, 10), (2, 3)]) == (10, 10)
+    assert bench.covered_time([]) == (0.0, 0.0)
+
+
+def test_device_activity_reads_a_profile():
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        torch.randn(64, 64) @ torch.randn(64, 64)
+    intervals = bench.device_activity(prof, DeviceType.CPU)
+    assert intervals and all(start <= end for start, end in intervals)
+    span, covered = bench.covered_time(intervals)
+    assert 0 < covered <= span
+    assert bench.device_activity(prof, DeviceType.CUDA) == []
 
 
 def test_flops_per_token_hand_computed():

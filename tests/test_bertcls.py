@@ -15,6 +15,7 @@ import sys
 import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -226,6 +227,17 @@ def test_learning_curve_draws_every_epoch_with_ticks_and_a_legend_clear_of_the_d
     assert len(legend_ys) == 9 and max(legend_ys) < top  # above the plot area: no line runs through it
 
 
+def test_an_unpadded_batch_has_no_attention_mask():
+    packed = bertcls.pack({"input_ids": [[5, 6, 7, 8, 9, 10, 11, 12], [5] * 8, [5] * 3],
+                           "token_type_ids": [[0, 0, 0, 1, 1, 1, 1, 1], [0] * 8, [0] * 3]})
+    batch = bertcls.collate(packed, [1, 0], None, pad_id=0)
+    assert "attention_mask" not in batch  # SDPA may then take its flash kernel
+    assert batch["input_ids"].tolist() == [[5] * 8, [5, 6, 7, 8, 9, 10, 11, 12]]
+    assert batch["token_type_ids"].tolist() == [[0] * 8, [0, 0, 0, 1, 1, 1, 1, 1]]
+    assert "attention_mask" in bertcls.collate(packed, [0, 2], None, pad_id=0)
+    assert "attention_mask" not in bertcls.collate(packed, [2], None, pad_id=0, buckets=[3, 8])  # exactly a bucket
+
+
 # -------------------------------------------------------------------------------------- end to end
 
 
@@ -271,6 +283,23 @@ def test_training_learns_and_writes_every_output(two_runs, tiny_rows, tiny_bert)
     model_part, date_part, time_part = run_dir.parts[-3:]
     assert model_part == str(tiny_bert).strip("/").replace("/", "__")
     assert re.fullmatch(r"\d{4}-\d{2}-\d{2}", date_part) and re.fullmatch(r"\d{2}-\d{2}-\d{2}\.\d{6}", time_part)
+
+
+def test_each_rank_draws_its_own_dropout_masks(tiny_bert, tiny_dataset, tmp_path):
+    """Rank 0 (and a single process) keeps the random stream of the seed; other ranks get their own."""
+    args = bertcls.parse_args(train_args(tiny_bert, tiny_dataset, tmp_path))
+    quiet = lambda message: None  # noqa: E731
+    rank0 = bertcls.Run(args, log=quiet)
+    after_rank0 = torch.get_rng_state()
+    torch.manual_seed(args.seed)  # what a single process did before ranks had their own streams
+    families.load_model(args.model_name, rank0.label2id)
+    assert torch.equal(torch.get_rng_state(), after_rank0)
+    rank1 = bertcls.Run(args, log=quiet, rank=1)
+    assert not torch.equal(torch.get_rng_state(), after_rank0)
+    # the data order does not depend on the rank: each takes its turns in the one global order
+    shards = [bertcls.train_batches(SimpleNamespace(args=args, packed=rank1.packed, rank=r, world_size=2), 1)
+              for r in (0, 1)]
+    assert [b for pair in zip(*shards) for b in pair] == bertcls.train_batches(rank0, 1)  # 10 batches of 8
 
 
 def test_same_seed_gives_identical_results(two_runs):

@@ -137,7 +137,7 @@ def test_a_failing_rank_fails_the_job_without_metrics(tiny_bert, tiny_dataset, t
     output_dir = tmp_path / "out"
     result = torchrun(train_args(tiny_bert, tiny_dataset, output_dir, "--epochs", "3"), tmp_path, failing)
     assert result.returncode != 0
-    assert "simulated failure of rank 1" in result.stderr
+    assert "bertcls.py [rank 1]: error: RuntimeError: simulated failure of rank 1 (traceback below)" in result.stderr
     assert list(output_dir.rglob("config.json"))  # the run started...
     assert not list(output_dir.rglob("*metrics.json"))  # ...and is not counted as finished
 
@@ -188,3 +188,48 @@ def test_accumulated_gradients_equal_one_large_batch(tiny_bert, tiny_dataset):
     assert moved, "training changed nothing: the comparison would be vacuous"
     for key in states[0]:
         torch.testing.assert_close(states[1][key], states[0][key], rtol=1e-5, atol=1e-6)
+
+
+def test_torchrun_with_one_process_is_a_ddp_job(tiny_bert, tiny_dataset, tmp_path, monkeypatch):
+    """torchrun --nproc_per_node 1 makes the process group and wraps the model in DDP (nccl on one GPU is then
+    exercised too); a plain run does neither."""
+    import socket
+    import torch.distributed as dist
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    for name, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
+                        "MASTER_PORT": str(port)}.items():
+        monkeypatch.setenv(name, value)
+    env = common.dist_env()
+    run = bertcls.Run(bertcls.parse_args(train_args(tiny_bert, tiny_dataset, tmp_path)), log=lambda message: None)
+    try:
+        assert bertcls.init_distributed("cpu", env) == torch.device("cpu")
+        assert dist.is_initialized() and dist.get_world_size() == 1
+        assert type(bertcls.wrap_model(run)).__name__ == "DistributedDataParallel"
+    finally:
+        bertcls.destroy_distributed()
+    assert not dist.is_initialized()
+    assert bertcls.init_distributed("cpu", env._replace(torchrun=False)) == torch.device("cpu")
+    assert not dist.is_initialized() and bertcls.wrap_model(run) is run.raw_model
+
+
+def test_gradient_checkpointing_where_transformers_names_it_the_old_way(tiny_bert, monkeypatch):
+    """transformers before activation_checkpointing_enable (5.17 among them) has only gradient_checkpointing_enable."""
+    from transformers import AutoModelForSequenceClassification
+    from transformers import PreTrainedModel
+    calls = []
+    # what enables checkpointing here: the renamed method's body, or (older transformers) the old method itself
+    enable = getattr(PreTrainedModel, "_activation_checkpointing_enable", PreTrainedModel.gradient_checkpointing_enable)
+
+    def old_enable(self, gradient_checkpointing_kwargs=None):
+        calls.append(gradient_checkpointing_kwargs)
+        enable(self, gradient_checkpointing_kwargs)
+
+    monkeypatch.delattr(PreTrainedModel, "activation_checkpointing_enable", raising=False)
+    monkeypatch.setattr(PreTrainedModel, "gradient_checkpointing_enable", old_enable)
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_bert, num_labels=3)
+    run = SimpleNamespace(raw_model=model, device=torch.device("cpu"), world_size=1,
+                          args=SimpleNamespace(gradient_checkpointing=True, compile=False))
+    assert bertcls.wrap_model(run).is_gradient_checkpointing
+    assert calls == [{"use_reentrant": False}]

@@ -25,6 +25,7 @@ import families
 from conftest import (build_tiny_bert_japanese, build_tiny_luke, build_tiny_modernbert, build_tiny_multilingual_bert,
                       build_tiny_xlm_roberta, finished_runs, save_tiny_model, train_args, train_tiny_sentencepiece,
                       write_dataset)
+from test_distributed import torchrun
 
 # IPAdic and unidic-lite split both of these differently (東北大学 | 東北 大学, スマ ホ | スマホ)
 SENTENCES = ["東北大学で自然言語処理の研究をしています。", "新しいスマホが発表された。"]
@@ -303,6 +304,85 @@ def test_weights_missing_from_the_model_itself_are_still_a_warning(tiny_bert, tm
     assert len(notes) == 2 and notes[0].startswith(f"note: {model_dir}: a new classification head for 2 labels")
     assert notes[1] == (f"warning: {model_dir}: 2 weights of the model itself are not in its checkpoint and start "
                         "random (bert.pooler.dense.bias, bert.pooler.dense.weight)")
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_only_parameters_without_a_gradient_are_frozen(family_models, tiny_rows, family):
+    """bertcls's inputs (words, segments, mask) reach every parameter that stays trainable: DDP needs that."""
+    model_dir = family_models(family)
+    model = families.load_model(str(model_dir), {"a": 0, "b": 1, "c": 2})
+    tokenizer = families.load_tokenizer(str(model_dir), log=lambda message: None)
+    spec = bertcls.InputSpec(64, families.uses_token_type_ids(model.config))
+    packed = bertcls.pack(bertcls.tokenize_rows(tokenizer, tiny_rows["train"][:4], spec))
+    model(**bertcls.collate(packed, [0, 1, 2, 3], torch.tensor([0, 1, 2, 0]), tokenizer.pad_token_id)).loss.backward()
+    without_gradient = {name for name, p in model.named_parameters() if p.grad is None}
+    assert set(families.unreachable_parameters(model)) == without_gradient
+    assert bool(without_gradient) is (family == "luke")  # LUKE's entity parts; mLUKE is the same class
+
+    notes = []
+    families.freeze_unreachable(model, log=notes.append)
+    assert {name for name, p in model.named_parameters() if not p.requires_grad} == without_gradient
+    assert len(notes) == (family == "luke") and all("entity" in note for note in notes)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_unpadded_batch_without_a_mask_gives_the_masked_outputs(family_models, tiny_rows, family):
+    """collate leaves the mask out of a batch without padding: every family must compute what a mask of ones gives."""
+    model_dir = family_models(family)
+    model = families.load_model(str(model_dir), {"a": 0, "b": 1, "c": 2}).eval()
+    tokenizer = families.load_tokenizer(str(model_dir), log=lambda message: None)
+    spec = bertcls.InputSpec(32, families.uses_token_type_ids(model.config))
+    packed = bertcls.pack(bertcls.tokenize_rows(tokenizer, tiny_rows["train"][:4], spec))  # all cut to 32 tokens
+    batch = bertcls.collate(packed, [0, 1, 2, 3], None, tokenizer.pad_token_id)
+    assert "attention_mask" not in batch and batch["input_ids"].shape == (4, 32)
+    with torch.no_grad():
+        unmasked = model(**batch).logits
+        masked = model(**batch, attention_mask=torch.ones_like(batch["input_ids"])).logits
+    assert torch.equal(unmasked, masked)
+
+
+@pytest.fixture(scope="module")
+def torchrun_runs(family_models, tiny_dataset, tmp_path_factory) -> dict[str, tuple[str, Path]]:
+    """One 2-process torchrun (gloo) whose ranks train every family in turn, one epoch each (imports paid once):
+    {family: (outcome, output directory)}, the outcome being bertcls.main's exit code or the exception it raised."""
+    root = tmp_path_factory.mktemp("torchrun")
+    argv = {f: train_args(family_models(f), tiny_dataset, root / f, "--epochs", "1") for f in FAMILIES}
+    driver = root / "every_family.py"
+    # One process group for all: made again in the same processes, it can find the store keys of the last one.
+    driver.write_text(
+        "import json, os, sys\n"
+        "import torch.distributed as dist\n"
+        "import bertcls\n"
+        "make_group = bertcls.init_distributed\n"
+        "def init_once(device, env):\n"
+        "    return bertcls.pick_device(device, env.local_rank) if dist.is_initialized() else make_group(device, env)\n"
+        "bertcls.init_distributed, bertcls.destroy_distributed = init_once, lambda: None\n"
+        "outcomes = {}\n"
+        "for family, argv in json.loads(sys.argv[1]).items():\n"
+        "    try:\n"
+        "        outcomes[family] = str(bertcls.main(argv))\n"
+        "    except Exception as e:  # e.g. DDP's unused-parameter error: record it, go on with the next family\n"
+        "        outcomes[family] = f'{type(e).__name__}: {e}'\n"
+        "if os.environ['RANK'] == '0':\n"
+        "    open(sys.argv[2], 'w').write(json.dumps(outcomes))\n"
+        "dist.destroy_process_group()\n", encoding="utf-8")
+    result = torchrun([json.dumps({f: [str(a) for a in args] for f, args in argv.items()}), str(root / "out.json")],
+                      root, driver)
+    assert result.returncode == 0, result.stderr[-3000:]
+    outcomes = json.loads((root / "out.json").read_text(encoding="utf-8"))
+    return {f: (outcomes[f], root / f) for f in FAMILIES}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_family_trains_under_torchrun(torchrun_runs, family):
+    """DDP (2 processes, gloo) works only if each trainable parameter gets a gradient every step."""
+    outcome, output_dir = torchrun_runs[family]
+    assert outcome == "0"
+    [run_dir] = finished_runs(output_dir)
+    config = json.loads((run_dir / "config.json").read_text(encoding="utf-8"))
+    assert config["world_size"] == 2
+    metrics = json.loads((run_dir / "test-metrics.json").read_text(encoding="utf-8"))
+    assert sum(map(sum, metrics["confusion_matrix"]["matrix"])) == 20
 
 
 def test_luke_cap_matters(family_models, tiny_rows):

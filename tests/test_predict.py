@@ -130,6 +130,37 @@ def test_pipeline_loads_saved_model(run_dir, tiny_rows, monkeypatch, capsys):
     assert ranked[0]["score"] == pytest.approx(expected["probability"], abs=1e-5)
 
 
+def readme_pipeline_snippet() -> list[str]:
+    """The lines of the README's Python block that uses pipeline(...)."""
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    [block] = [b for b in readme.split("```python\n")[1:] if "pipeline(" in b.split("```")[0]]
+    return block.split("```")[0].splitlines()
+
+
+def test_readme_pipeline_snippet_classifies_a_long_article(run_dir, tiny_rows, monkeypatch, capsys):
+    """The README's snippet, run as written on an article far past the training length, gives predict.py's labels;
+    without truncation= the same call fails: the saved tokenizer does not truncate by itself."""
+    from transformers import pipeline
+    row = dict(tiny_rows["test"][0], body="\n".join([tiny_rows["test"][0]["body"]] * 20))
+    model_dir = str(run_dir / "model")
+    tokenizer = families.load_tokenizer(model_dir)
+    assert len(tokenizer(row["title"], row["body"])["input_ids"]) > 10 * 64  # train_args' --max_seq_len 64
+    code = "\n".join("result = " + line if line.startswith("clf(") else line for line in readme_pipeline_snippet())
+    assert 'model="outputs/.../model"' in code and '"タイトル"' in code and '"本文"' in code
+    code = (code.replace('"outputs/.../model"', repr(model_dir))
+            .replace('"タイトル"', repr(row["title"])).replace('"本文"', repr(row["body"])))
+    namespace: dict = {}
+    exec(code, namespace)
+    monkeypatch.setattr(sys, "stdin", io.StringIO(json.dumps(row, ensure_ascii=False) + "\n"))
+    rc, [expected], err = run_predict(capsys, "--model_dir", model_dir, "--dtype", "fp32")
+    assert rc == 0, err
+    assert [r["label"] for r in namespace["result"]] == [k["label"] for k in expected["top_k"]]
+    for got, want in zip(namespace["result"], expected["top_k"]):
+        assert got["score"] == pytest.approx(want["probability"], abs=1e-5)
+    with pytest.raises((IndexError, RuntimeError, ValueError)):
+        pipeline("text-classification", model=model_dir)({"text": row["title"], "text_pair": row["body"]})
+
+
 def test_command_line_reads_stdin(run_dir, tiny_rows):
     # a test article whose gold label the run got right, sent as bertcls.py reads it: id + title + body
     predictions = read_lines((run_dir / "test-predictions.jsonl").read_text(encoding="utf-8"))

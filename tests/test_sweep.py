@@ -670,3 +670,51 @@ def test_the_dataset_and_the_schedule_are_checked_once_before_any_run(tmp_path, 
         f"sweep.py: error: {one_label / 'train.jsonl'}: every example has the label 'only': a classifier needs "
         "examples of at least 2 labels in train")
     assert launched == []
+
+
+# ------------------------------------------------------------------------------ device and precision
+
+
+def write_run_on(out: Path, time_of_day: str, device: str, dtype: str) -> Path:
+    run_dir = write_run(out, "org/a", 1e-5, 1, time_of_day, 0.8, metrics(0.5, 0.8, 0.8, 0.8, 0.8), 1000)
+    config = json.loads((run_dir / "config.json").read_text())
+    (run_dir / "config.json").write_text(json.dumps({**config, "device": device, "dtype": dtype}))
+    return run_dir
+
+
+def test_a_finished_run_counts_only_on_its_device_type_and_dtype(tmp_path, monkeypatch):
+    import torch
+
+    import common
+    out = tmp_path / "outputs"
+    cpu_dtype = common.dtype_name(common.resolve_dtype("auto", torch.device("cpu")))
+    on_cpu = write_run_on(out, "10-00-00.000000", "cpu", cpu_dtype)
+    on_gpu = write_run_on(out, "09-00-00.000000", "cuda:1", "bfloat16")  # older: newest-first alone would not pick it
+    runs, _ = sweep.scan_runs(out)
+    defaults = sweep.resolve_bertcls_args([])
+
+    def found(*flags: str) -> Path | None:
+        [combo] = sweep.combinations(["org/a"], [1e-5], [1], ["--epochs", "3", *flags], out)
+        run = sweep.newest_match(runs, combo, defaults)
+        return run and run.run_dir
+
+    assert found() == on_cpu  # this machine has no CUDA: the default device is the CPU
+    assert found("--dtype", "fp16") is None  # the CPU run computed in its auto dtype, not fp16
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # now a GPU with bf16 units is the default
+    monkeypatch.setattr(common, "cuda_has_native_bf16", lambda device: True)
+    assert found() == on_gpu
+    assert found("--device", "cpu") == on_cpu
+    assert found("--dtype", "fp32") is None
+
+
+def test_devices_are_positions_in_an_inherited_cuda_visible_devices(tmp_path, monkeypatch, capsys):
+    assert sweep.visible_devices(["0", "1"], None) == ["0", "1"]
+    assert sweep.visible_devices(["0", "1"], "4,5") == ["4", "5"]
+    assert sweep.visible_devices(["1"], "GPU-aaa,GPU-bbb") == ["GPU-bbb"]
+    for devices, inherited in [(["2"], "4,5"), (["a"], "4,5"), (["0"], "")]:
+        with pytest.raises(sweep.UserError, match="pass those numbers"):
+            sweep.visible_devices(devices, inherited)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4")
+    assert sweep.main(["--model_names", "org/a", "--output_dir", str(tmp_path), "--devices", "0,1"]) == 1
+    assert capsys.readouterr().err.splitlines()[-1] == ("sweep.py: error: --devices 1: CUDA_VISIBLE_DEVICES=4 leaves "
+                                                        "1 GPU(s) visible, numbered 0..0 here: pass those numbers")
