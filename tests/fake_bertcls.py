@@ -4,7 +4,8 @@ It writes a run directory in bertcls.py's format (outputs/<model>/<date>/<time>/
 test-metrics.json last), so sweep.py finds, matches and aggregates it like a real run. Its args are
 FAKE_BERTCLS_DEFAULTS (bertcls.py's defaults as JSON) updated by its --flag value pairs, converted to the
 default's type. It appends {"pid", "argv"} as one JSON line to FAKE_BERTCLS_CALLS (when set), so tests count
-the runs, and sleeps FAKE_BERTCLS_SECONDS (default 0) between config.json and the metrics.
+the runs, and sleeps FAKE_BERTCLS_SECONDS (default 0) between config.json and the metrics. The device type and
+dtype it records are FAKE_BERTCLS_COMPUTED's (what bertcls.py would compute in here, as sweep.computed_on says).
 """
 
 from __future__ import annotations
@@ -47,7 +48,8 @@ def main() -> None:
     run_dir = (Path(args["output_dir"]) / args["model_name"].strip("/").replace("/", "__") / now.strftime("%Y-%m-%d")
                / now.strftime("%H-%M-%S.%f"))
     run_dir.mkdir(parents=True)
-    write(run_dir / "config.json", {"args": args, "device": "cpu", "dtype": "float32", "params": 1000})
+    computed = json.loads(os.environ["FAKE_BERTCLS_COMPUTED"])
+    write(run_dir / "config.json", {"args": args, **computed, "params": 1000})
     time.sleep(float(os.environ.get("FAKE_BERTCLS_SECONDS", "0")))
     f1 = round(0.5 + args["lr"] * 1000 + args["seed"] / 1000, 6)  # distinct per combination
     write(run_dir / "val-metrics.json", {"best_epoch": 1, "f1": f1, "train_seconds": 1.0})

@@ -694,7 +694,8 @@ def test_a_finished_run_counts_only_on_its_device_type_and_dtype(tmp_path, monke
     defaults = sweep.resolve_bertcls_args([])
 
     def found(*flags: str) -> Path | None:
-        [combo] = sweep.combinations(["org/a"], [1e-5], [1], ["--epochs", "3", *flags], out)
+        axes = [("model_name", ["org/a"]), ("lr", [1e-5]), ("seed", [1])]
+        [combo] = sweep.combinations(axes, ["--epochs", "3", *flags], out)
         run = sweep.newest_match(runs, combo, defaults)
         return run and run.run_dir
 

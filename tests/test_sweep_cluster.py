@@ -41,6 +41,7 @@ def fake(tmp_path, monkeypatch) -> Path:
     """sweep.py runs fake_bertcls.py; returns the file where each of its runs is recorded."""
     calls = tmp_path / "calls.jsonl"
     monkeypatch.setenv("FAKE_BERTCLS_DEFAULTS", json.dumps(sweep.resolve_bertcls_args([])))
+    monkeypatch.setenv("FAKE_BERTCLS_COMPUTED", json.dumps(sweep.computed_on(sweep.resolve_bertcls_args([]))))
     monkeypatch.setenv("FAKE_BERTCLS_CALLS", str(calls))
     monkeypatch.setattr(sweep, "BERTCLS", FAKE)
     monkeypatch.setattr(sweep, "check_datasets", lambda *args: None)  # see SWEEP_WITH_FAKE
