@@ -185,8 +185,10 @@ def test_collate_gathers_rows_pads_and_masks():
 class LengthModel(torch.nn.Module):
     """Logits that identify each example by its length, to check which prediction lands where."""
 
-    def forward(self, input_ids, attention_mask, **kwargs):
-        n = attention_mask.sum(1).float()
+    def forward(self, input_ids, attention_mask=None, **kwargs):
+        # a batch without padding comes without a mask: every row is input_ids' full width
+        n = (attention_mask.sum(1) if attention_mask is not None else torch.full((len(input_ids),), input_ids.shape[1])
+             ).float()
         return SimpleNamespace(logits=torch.stack([n, torch.zeros_like(n)], 1))
 
 

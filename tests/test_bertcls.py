@@ -297,7 +297,7 @@ def test_each_rank_draws_its_own_dropout_masks(tiny_bert, tiny_dataset, tmp_path
     rank1 = bertcls.Run(args, log=quiet, rank=1)
     assert not torch.equal(torch.get_rng_state(), after_rank0)
     # the data order does not depend on the rank: each takes its turns in the one global order
-    shards = [bertcls.train_batches(SimpleNamespace(args=args, packed=rank1.packed, rank=r, world_size=2), 1)
+    shards = [bertcls.train_batches(SimpleNamespace(args=args, packed=rank1.packed, rank=r, world_size=2, buckets=None), 1)
               for r in (0, 1)]
     assert [b for pair in zip(*shards) for b in pair] == bertcls.train_batches(rank0, 1)  # 10 batches of 8
 
