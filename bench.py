@@ -207,6 +207,10 @@ def device_activity(prof: Any, device_type: Any) -> list[tuple[float, float]]:
     return [(e.time_range.start, e.time_range.end) for e in prof.events() if e.device_type == device_type]
 
 
+# what CUDA's sync debug mode warns at each host sync (it also warns once that it is a prototype: not a sync)
+SYNC_WARNING = "called a synchronizing CUDA operation"
+
+
 def profile_steps(run: bertcls.Run, train: Callable[[], Any], n_steps: int) -> dict[str, Any]:
     """Run train() (n_steps optimizer steps) under torch.profiler and CUDA's sync debug mode: how long the GPU sat
     idle between its first and last kernel, and how often the host waited for it."""
@@ -231,7 +235,7 @@ def profile_steps(run: bertcls.Run, train: Callable[[], Any], n_steps: int) -> d
     span, busy = covered_time(device_activity(prof, DeviceType.CUDA))
     return {"profile_steps": n_steps, "gpu_idle_fraction": round(1 - busy / span, 5) if span else None,
             "gpu_idle_ms_per_step": round((span - busy) / 1000 / n_steps, 3),
-            "host_syncs": sum("synchroniz" in str(w.message) for w in caught)}
+            "host_syncs": sum(SYNC_WARNING in str(w.message) for w in caught)}
 
 
 def measure(run: bertcls.Run, steps: int, warmup: int, tutorial_style: bool, profiled: int = 0) -> dict[str, Any]:
