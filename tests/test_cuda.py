@@ -46,7 +46,11 @@ def tiny(tmp_path_factory) -> SimpleNamespace:
 
 
 def cuda_args(tiny: SimpleNamespace, output_dir: Path, *extra: str) -> list[str]:
-    return train_args(tiny.model, tiny.dataset, output_dir, "--device", "cuda", "--epochs", "6", *extra)
+    # at train_args' --lr 3e-3 about 1 dropout draw in 4 leaves two classes merged (train loss ~0.48) through all 6
+    # epochs, and CUDA draws other masks than the CPU from the same seed (an H100 run got such a draw; reproduced on
+    # the CPU by re-seeding only the dropout); at 1e-3 each of 20 draws tried learned
+    return train_args(tiny.model, tiny.dataset, output_dir, "--device", "cuda", "--epochs", "6", "--lr", "1e-3",
+                      *extra)
 
 
 def finished(output_dir: Path) -> tuple[dict, dict]:
