@@ -9,7 +9,7 @@ of the project may import it (nothing here imports them back).
 - files: atomic writes, and JSON / JSONL reading whose errors name the file and line
 - progress: bars on a terminal, plain lines in logs
 - flags: argparse validators
-- devices: torchrun's environment, the device and the autocast dtype
+- devices: torchrun's environment and the collectives of its processes, the device and the autocast dtype
 - run directories: outputs/<model>/<date>/<time>/, and a lock that keeps two processes out of one
 """
 
@@ -334,6 +334,31 @@ class DistEnv(NamedTuple):
 def dist_env() -> DistEnv:
     return DistEnv(int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0")),
                    int(os.environ.get("WORLD_SIZE", "1")), "LOCAL_RANK" in os.environ)
+
+
+def gather_objects(obj: Any, world_size: int) -> list[Any]:
+    """Every rank's obj, in rank order (the process group's collectives; nothing to do for one process)."""
+    if world_size == 1:
+        return [obj]
+    import torch.distributed as dist
+    gathered: list[Any] = [None] * world_size
+    dist.all_gather_object(gathered, obj)
+    return gathered
+
+
+def broadcast_object(obj: Any, world_size: int) -> Any:
+    if world_size == 1:
+        return obj
+    import torch.distributed as dist
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def barrier(world_size: int) -> None:
+    if world_size > 1:
+        import torch.distributed as dist
+        dist.barrier()
 
 
 def pick_device(requested: str | None, local_rank: int | None = None) -> torch.device:

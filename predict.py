@@ -23,10 +23,10 @@ from typing import Any, Sequence, TextIO
 
 import torch
 
-from bertcls import (TRUNCATIONS, InputSpec, check_room_for_text, example_text, pack, padded_length, predict,
-                     tokenize_rows)
+from bertcls import padded_length, predict
 from common import (UserError, atomic_write_text, autocast_context, first_line, log, parse_json_object, pick_device,
                     positive_int, read_json, resolve_dtype, run_cli, use_tf32)
+from data import TRUNCATIONS, InputSpec, check_room_for_text, example_text, pack, tokenize_rows
 from families import load_tokenizer, position_limit, uses_token_type_ids
 
 DEFAULT_LABEL = re.compile(r"LABEL_\d+")  # the names transformers makes up for a config without labels

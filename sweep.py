@@ -81,6 +81,8 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, NamedTuple, Sequence
 
 import bertcls
+import checkpoints
+import data
 import families
 import stats
 from common import (UserError, atomic_write_text, dtype_name, first_line, log, positive_float, positive_int, read_jsonl,
@@ -152,7 +154,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--long_context", action="store_true",
                    help="also the long-context Japanese encoders (LONG_CONTEXT_MODELS: sbintuitions/modernbert-ja-30m, "
                         "-70m, -130m, -310m, llm-jp/llm-jp-modernbert-base) (default: off)")
-    p.add_argument("--truncations", nargs="+", choices=bertcls.TRUNCATIONS, metavar="TRUNCATION",
+    p.add_argument("--truncations", nargs="+", choices=data.TRUNCATIONS, metavar="TRUNCATION",
                    help="bertcls.py --truncation values, head and/or head_tail (default: head; with --no_run: every "
                         "one found)")
     p.add_argument("--dataset_dirs", nargs="+", metavar="DIR",
@@ -476,7 +478,7 @@ def resumable_run(directory: Path, combo: Combination, defaults: dict[str, Any])
             continue
         args = config.get("args")
         if (isinstance(args, dict) and matches(args, combo.wanted, defaults) and recorded_on(config) == combo.computed
-                and bertcls.usable_checkpoints(run_dir, bertcls.run_identity(config))[0]):
+                and checkpoints.usable_checkpoints(run_dir, checkpoints.run_identity(config))[0]):
             found.append(run_dir)
     return max(found, key=lambda d: (d.parent.name, d.name)) if found else None
 
@@ -871,7 +873,7 @@ def check_dataset(dataset_dir: Path, passed: dict[str, Any], lrs: Sequence[float
                   log: Callable[[str], None]) -> None:
     """What every run would find out alone, said once: a dataset no run can use is an error, a schedule that
     cannot reach the swept learning rates (e.g. --epochs 1 with the default 2 warmup epochs) a warning."""
-    _, splits = bertcls.load_dataset(dataset_dir, lambda line: log(f"sweep.py: {line}"))
+    _, splits = data.load_dataset(dataset_dir, lambda line: log(f"sweep.py: {line}"))
     if passed.get("max_batch_tokens") is not None:  # batches per epoch depend on the token lengths: runs warn
         return
     n_batches = math.ceil(len(splits["train"].labels) / passed["batch_size"])  # one process per run

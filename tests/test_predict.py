@@ -14,6 +14,7 @@ from types import SimpleNamespace
 import pytest
 
 import bertcls
+import data
 import families
 import predict
 from conftest import REPO, finished_runs, train_args
@@ -244,7 +245,7 @@ def test_save_model_replaces_stale_temporary_directory(run_dir, tmp_path, capsys
     stale = tmp_path / ".model.tmp"
     stale.mkdir()
     (stale / "pytorch_model.bin").write_bytes(b"left by an interrupted save")
-    run = SimpleNamespace(raw_model=model, tokenizer=tokenizer, spec=bertcls.InputSpec(32, True),
+    run = SimpleNamespace(raw_model=model, tokenizer=tokenizer, spec=data.InputSpec(32, True),
                           args=SimpleNamespace(model_name="base"))
     bertcls.save_model(run, tmp_path / "model")
     assert not stale.exists() and not (tmp_path / "model" / "pytorch_model.bin").exists()
@@ -276,9 +277,9 @@ def test_head_tail_and_token_budget_are_recorded(modernbert_run, tiny_rows):
     assert (settings["max_seq_len"], settings["token_type_ids"], settings["truncation"]) == (24, False, "head_tail")
     # the schedule counts the batches of every epoch: with a token budget their number varies
     tokenizer = families.load_tokenizer(str(modernbert_run / "model"))
-    spec = bertcls.InputSpec(24, False, "head_tail")
-    packed = bertcls.pack(bertcls.tokenize_rows(tokenizer, tiny_rows["train"], spec))
-    lengths = bertcls.example_lengths(packed)
+    spec = data.InputSpec(24, False, "head_tail")
+    packed = data.pack(data.tokenize_rows(tokenizer, tiny_rows["train"], spec))
+    lengths = data.example_lengths(packed)
     steps = [len(bertcls.length_grouped_batches(lengths, 8, random.Random(f"42-{epoch}"), max_tokens=128))
              for epoch in range(1, 5)]
     assert config["total_optimizer_steps"] == sum(steps)
@@ -326,7 +327,7 @@ def test_save_model_shows_no_shard_progress_bar(run_dir, tmp_path, capfd):
     from transformers.utils import logging as transformers_logging
     model = AutoModelForSequenceClassification.from_pretrained(run_dir / "model", use_safetensors=True)
     run = SimpleNamespace(raw_model=model, tokenizer=families.load_tokenizer(str(run_dir / "model")),
-                          spec=bertcls.InputSpec(32, True), args=SimpleNamespace(model_name="base"))
+                          spec=data.InputSpec(32, True), args=SimpleNamespace(model_name="base"))
     capfd.readouterr()
     assert transformers_logging.is_progress_bar_enabled()
     bertcls.save_model(run, tmp_path / "model")
