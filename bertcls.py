@@ -59,7 +59,7 @@ import torch.nn.functional as F
 from checkpoints import (TrainingState, check_resumable, checkpoint_due, cpu_state, last_complete_epoch,
                          load_resume_checkpoint, remove_checkpoints, restore, resumed_settings, run_identity,
                          save_checkpoint)
-from common import (DistEnv, UserError, atomic_write_text, autocast_context, barrier, broadcast_object,
+from common import (DistEnv, Progress, UserError, atomic_write_text, autocast_context, barrier, broadcast_object,
                     check_output_dir, dist_env, dtype_name, finite_float, gather_objects, hold_run_dir,
                     make_run_dir, non_negative_float, pick_device, positive_float, positive_int, read_json,
                     resolve_dtype, run_cli, use_tf32, write_json)
@@ -124,7 +124,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="MeCab dictionary for BertJapaneseTokenizer models; auto uses IPAdic for cl-tohoku v1 "
                         "configs that name none (default: auto)")
     p.add_argument("--log_interval", type=positive_int, default=20,
-                   help="optimizer steps between progress updates and NaN checks (default: %(default)s)")
+                   help="optimizer steps between NaN checks and progress updates: on a terminal in the bar, "
+                        "elsewhere (nohup, CI, sweep logs) a line with the step, examples/s, the mean loss so far, "
+                        "the learning rate and the time left in the epoch (default: %(default)s)")
     p.add_argument("--patience", type=positive_int, default=None,
                    help="early stopping: stop when val F1 has not improved for this many epochs; the learning-rate "
                         "schedule stays the one planned for --epochs (default: off)")
@@ -321,7 +323,7 @@ class NonFiniteLoss(UserError):
 
 
 def train_epoch(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
-                run: Run, batches: list[list[int]], step: int, epoch: int, progress: Any = None,
+                run: Run, batches: list[list[int]], step: int, epoch: int, progress: Progress | None = None,
                 collate_fn: Any = None, step_examples: Sequence[int] | None = None) -> tuple[int, float]:
     """One pass over `batches` (this rank's); returns the next optimizer step and the mean train loss.
 
@@ -329,8 +331,10 @@ def train_epoch(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scaler
     the schedule. The loss of each micro-batch is weighted by its share of the examples of its optimizer
     step, so K accumulated micro-batches give the gradient of one batch K times as large. Batches of a
     token budget differ in size, also between ranks: `step_examples` (the examples of each optimizer step
-    over all ranks, see examples_per_step) makes each example count the same there too. `collate_fn`
-    (default `collate`) lets bench.py time another way of building batches through the same loop.
+    over all ranks, see examples_per_step) makes each example count the same there too. `progress` counts the
+    examples of every step (of all ranks, with step_examples) and, every --log_interval steps, is given the step,
+    the mean loss of the epoch so far and the learning rate. `collate_fn` (default `collate`) lets bench.py time
+    another way of building batches through the same loop.
     """
     args, device = run.args, run.device
     packed, labels = run.packed["train"], run.labels["train"]
@@ -366,12 +370,14 @@ def train_epoch(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scaler
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
         step += 1
-        if step % args.log_interval == 0 or group is groups[-1]:
-            check_finite(first_bad_step, epoch, run)  # the only host sync: once per interval
-            if progress is not None:
-                progress.set_postfix(loss=f"{loss_sum.item() / n_examples:.4f}", lr=f"{lr:.2e}", refresh=False)
+        at_interval = step % args.log_interval == 0
+        if at_interval or group is groups[-1]:
+            check_finite(first_bad_step, epoch, run)  # the host waits for the GPU only here: once per interval
         if progress is not None:
-            progress.update(group_examples)
+            progress.update(step_examples[group_index] if step_examples else group_examples)
+            if at_interval:  # off a terminal a line: step, examples/s, loss, time left
+                progress.report(step=f"{step}/{run.total_steps}", loss=f"{loss_sum.item() / n_examples:.4f}",
+                                lr=f"{lr:.2e}")
     return step, loss_sum.item() / max(1, n_examples)
 
 
@@ -789,15 +795,14 @@ def all_train_batches(run: Run, epoch: int) -> list[list[int]]:
 
 
 def run_epoch(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, run: Run,
-              training: TrainingState, quiet: bool) -> dict:
+              training: TrainingState) -> dict:
     """Train the next epoch and validate it; record its log.csv row, and its weights if its val F1 is the best."""
-    from tqdm.auto import tqdm
     epoch = training.epoch + 1
     all_batches = all_train_batches(run, epoch)
     batches = all_batches[run.rank::run.world_size]
     start = time.perf_counter()
-    with tqdm(total=sum(map(len, batches)), desc=f"epoch {epoch}", unit="ex", disable=quiet, leave=False,
-              dynamic_ncols=True) as progress:
+    with Progress(sum(map(len, all_batches)), f"epoch {epoch}/{run.args.epochs}", enabled=run.rank == 0,
+                  timed=False) as progress:
         training.step, train_loss = train_epoch(model, optimizer, scaler, run, batches, step=training.step,
                                                 epoch=epoch, progress=progress, step_examples=examples_per_step(
                                                     all_batches, run.args.grad_accum_steps, run.world_size))
@@ -870,7 +875,7 @@ def train_and_evaluate(run: Run, run_dir: Path | None, checkpoint: dict | None =
     # ------------------------------------------------------------------------------- the epoch loop
     for epoch in tqdm(range(training.epoch + 1, args.epochs + 1), desc="epochs", initial=training.epoch,
                       total=args.epochs, disable=quiet, dynamic_ncols=True):
-        row = run_epoch(model, optimizer, scaler, run, training, quiet)
+        row = run_epoch(model, optimizer, scaler, run, training)
         stop_reason = row["stop_reason"] = early_stop_reason(training, args)
         log(f"epoch {epoch}/{args.epochs}: train loss {row['train_loss']:.4f} | val loss {row['val_loss']:.4f} "
             f"acc {row['val_accuracy']:.4f} f1 {row['val_f1']:.4f} | {row['examples_per_s']:.1f} ex/s"

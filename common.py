@@ -282,12 +282,14 @@ def format_duration(seconds: float) -> str:
 
 class Progress:
     """Progress of a long step on stderr: a tqdm bar on a terminal; elsewhere (nohup, CI, the logs of a sweep's
-    runs) a plain line every PROGRESS_EVERY_S seconds, since a bar's carriage returns make a log unreadable."""
+    runs) plain lines, since a bar's carriage returns make a log unreadable: one every PROGRESS_EVERY_S seconds,
+    or with timed=False one at each report() (training reports every --log_interval optimizer steps)."""
 
-    def __init__(self, total: float, desc: str, unit: str = "examples", enabled: bool = True):
-        self.total, self.desc, self.unit, self.enabled = total, desc, unit, enabled
+    def __init__(self, total: float, desc: str, unit: str = "examples", enabled: bool = True, timed: bool = True):
+        self.total, self.desc, self.unit, self.enabled, self.timed = total, desc, unit, enabled, timed
         self.done, self.started = 0, time.monotonic()
         self.shown = self.started
+        self.fields: dict[str, str] = {}
         self.bar = None
         if enabled and sys.stderr.isatty():
             from tqdm.auto import tqdm  # installed with transformers
@@ -297,7 +299,16 @@ class Progress:
         self.done += n
         if self.bar is not None:
             self.bar.update(n)
-        elif self.enabled and time.monotonic() - self.shown >= PROGRESS_EVERY_S:
+        elif self.enabled and self.timed and time.monotonic() - self.shown >= PROGRESS_EVERY_S:
+            self.shown = time.monotonic()
+            log(self.line())
+
+    def report(self, **fields: str) -> None:
+        """Figures that go with the progress (a step, a loss): the bar's postfix on a terminal, else a line now."""
+        self.fields = fields
+        if self.bar is not None:
+            self.bar.set_postfix(fields)
+        elif self.enabled:
             self.shown = time.monotonic()
             log(self.line())
 
@@ -307,7 +318,8 @@ class Progress:
         left = (self.total - self.done) / rate if rate > 0 else math.inf
         percent = 100 * self.done / (self.total or 1)
         return (f"{self.desc}: {self.done:.0f}/{self.total:.0f} {self.unit} ({percent:.0f}%), "
-                f"{rate:.0f} {self.unit}/s, {format_duration(left)} left")
+                f"{rate:.0f} {self.unit}/s, {format_duration(left)} left"
+                + "".join(f", {name} {value}" for name, value in self.fields.items()))
 
     def close(self) -> None:
         if self.bar is not None:

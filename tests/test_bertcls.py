@@ -333,6 +333,34 @@ def test_patience_stops_early_on_the_schedule_planned_for_all_epochs(two_runs, t
     assert run["val"]["best_epoch"] == best and run["val"]["f1"] == f1[best - 1]
 
 
+def test_progress_off_a_terminal_is_a_line_every_log_interval(tiny_bert, tiny_dataset, tmp_path, capsys):
+    """stderr is no terminal here, as under nohup, in CI and in a sweep's run logs: a plain line every --log_interval
+    optimizer steps with the step, examples/s, the epoch's mean loss so far, the learning rate and the time left."""
+    assert bertcls.main(train_args(tiny_bert, tiny_dataset, tmp_path, "--epochs", "2", "--log_interval", "3")) == 0
+    err = capsys.readouterr().err
+    line = re.compile(r"epoch (\d)/2: (\d+)/80 examples \((\d+)%\), (\d+) examples/s, (\S+) left, step (\d+)/20, "
+                      r"loss (\S+), lr (\S+)$")
+    found = [m for text in err.splitlines() if (m := line.match(text))]
+    # 80 examples in 10 batches of 8 a epoch, 20 optimizer steps in all: every 3rd step, across the epochs
+    assert [int(m[6]) for m in found] == [3, 6, 9, 12, 15, 18]
+    for m in found:
+        step = int(m[6])
+        epoch, steps_in_epoch = (step - 1) // 10 + 1, (step - 1) % 10 + 1
+        assert (int(m[1]), int(m[2]), int(m[3])) == (epoch, 8 * steps_in_epoch, 10 * steps_in_epoch)
+        assert int(m[4]) > 0 and re.fullmatch(r"(\d+m)?\d+s", m[5]) and 0 < float(m[7]) < 10
+        # the rate of the step just taken (0-based step - 1): 0.5 warmup epochs = 5 steps up to --lr 3e-3
+        assert float(m[8]) == pytest.approx(bertcls.get_lr(step - 1, 20, 5, 3e-3), rel=1e-2)
+    assert "\r" not in err[err.index("examples: train 80"):]  # no bar from the start of training on
+
+
+def test_progress_on_a_terminal_is_a_bar(tiny_bert, tiny_dataset, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    assert bertcls.main(train_args(tiny_bert, tiny_dataset, tmp_path, "--epochs", "1", "--log_interval", "3")) == 0
+    err = capsys.readouterr().err
+    assert "\r" in err and "step=3/10" in err and "loss=" in err  # the figures in the bar
+    assert not re.search(r"^epoch 1/1: .* step 3/10", err, flags=re.M)  # and no plain line
+
+
 def test_second_run_reuses_the_tokenization_cache(tiny_bert, tiny_dataset, tmp_path, monkeypatch, capsys):
     args = train_args(tiny_bert, tiny_dataset, tmp_path, "--epochs", "1")
     assert bertcls.main(args) == 0
