@@ -55,12 +55,13 @@ from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError
 
-from checkpoints import (TrainingState, check_resumable, checkpoint_due, cpu_state, last_complete_epoch,
+from checkpoints import (TrainingState, check_resumable, checkpoint_due, cpu_state, failed_write, last_complete_epoch,
                          load_resume_checkpoint, remove_checkpoints, restore, resumed_settings, run_identity,
-                         save_checkpoint)
+                         save_checkpoint, writing)
 from common import (DistEnv, Progress, UserError, atomic_write_text, autocast_context, barrier, broadcast_object,
-                    check_output_dir, dist_env, dtype_name, finite_float, gather_objects, hold_run_dir,
+                    check_output_dir, check_writable, dist_env, dtype_name, finite_float, gather_objects, hold_run_dir,
                     make_run_dir, non_negative_float, pick_device, positive_float, positive_int, read_json,
                     resolve_dtype, run_cli, use_tf32, write_json)
 from data import (MAX_DEFAULT_WORKERS, SPLITS, TRUNCATIONS, InputSpec, check_room_for_text, default_tokenize_workers,
@@ -544,6 +545,7 @@ def wrap_model(run: Run) -> torch.nn.Module:
 # ------------------------------------------------------------------------------------------ outputs
 
 
+RESULT_FILES = ("val-metrics.json", "test-predictions.jsonl", "learning-curve.svg")  # test-metrics.json: last
 LOG_FIELDS = ["epoch", "train_loss", "val_loss", "val_accuracy", "val_precision", "val_recall", "val_f1",
               "lr", "seconds", "examples_per_s", "stop_reason"]
 
@@ -657,26 +659,30 @@ def save_model(run: Run, model_dir: Path) -> None:
     tmp = model_dir.with_name(".model.tmp")
     if tmp.exists():  # left by an interrupted save: save_pretrained would mix old and new files
         shutil.rmtree(tmp)
-    bars = transformers_logging.is_progress_bar_enabled()
-    transformers_logging.disable_progress_bar()  # a "Writing model shards" bar of one shard says nothing
     try:
-        run.raw_model.save_pretrained(tmp, safe_serialization=True)
-    finally:
-        if bars:
-            transformers_logging.enable_progress_bar()
-    run.tokenizer.save_pretrained(tmp)
-    config_path = tmp / "tokenizer_config.json"
-    tokenizer_config = json.loads(config_path.read_text(encoding="utf-8")) if config_path.is_file() else {}
-    tokenizer_config["model_max_length"] = run.spec.max_len
-    input_names = list(tokenizer_config.get("model_input_names") or run.tokenizer.model_input_names)
-    if run.spec.token_type_ids and "token_type_ids" not in input_names:
-        input_names.insert(1, "token_type_ids")  # transformers 5 tokenizers leave them out by default
-        tokenizer_config["model_input_names"] = input_names
-    write_json(config_path, tokenizer_config)
-    write_json(tmp / "bertcls.json", {"format": 1, "base_model": run.args.model_name,
-                                      "max_seq_len": run.spec.max_len, "token_type_ids": run.spec.token_type_ids,
-                                      "truncation": run.spec.truncation})
-    os.replace(tmp, model_dir)
+        bars = transformers_logging.is_progress_bar_enabled()
+        transformers_logging.disable_progress_bar()  # a "Writing model shards" bar of one shard says nothing
+        try:
+            run.raw_model.save_pretrained(tmp, safe_serialization=True)
+        finally:
+            if bars:
+                transformers_logging.enable_progress_bar()
+        run.tokenizer.save_pretrained(tmp)
+        config_path = tmp / "tokenizer_config.json"
+        tokenizer_config = json.loads(config_path.read_text(encoding="utf-8")) if config_path.is_file() else {}
+        tokenizer_config["model_max_length"] = run.spec.max_len
+        input_names = list(tokenizer_config.get("model_input_names") or run.tokenizer.model_input_names)
+        if run.spec.token_type_ids and "token_type_ids" not in input_names:
+            input_names.insert(1, "token_type_ids")  # transformers 5 tokenizers leave them out by default
+            tokenizer_config["model_input_names"] = input_names
+        write_json(config_path, tokenizer_config)
+        write_json(tmp / "bertcls.json", {"format": 1, "base_model": run.args.model_name,
+                                          "max_seq_len": run.spec.max_len, "token_type_ids": run.spec.token_type_ids,
+                                          "truncation": run.spec.truncation})
+        os.replace(tmp, model_dir)
+    except BaseException:  # a full disk, Ctrl-C: no partial model directory is left behind
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def update_config(run_dir: Path, **fields: Any) -> None:
@@ -685,16 +691,32 @@ def update_config(run_dir: Path, **fields: Any) -> None:
 
 
 def write_results(run: Run, run_dir: Path, result: dict) -> None:
-    """Metric files, test-metrics.json last: its presence is what marks a finished run."""
-    update_config(run_dir, training_end=result["training_end"])
-    write_json(run_dir / "val-metrics.json", {"best_epoch": result["best_epoch"],
-                                              "train_seconds": round(result["train_seconds"], 3), **result["val"]})
-    write_predictions(run_dir / "test-predictions.jsonl", split_ids(run.splits["test"]), run.labels["test"],
-                      result["test_probs"], run.id2label)
-    atomic_write_text(run_dir / "learning-curve.svg", learning_curve_svg(result["history"]))
-    if run.args.save_model:
-        save_model(run, run_dir / "model")
-    write_json(run_dir / "test-metrics.json", result["test"])
+    """Metric files, test-metrics.json last: its presence is what marks a finished run.
+
+    When a write fails (a full disk) or the run is stopped meanwhile, the result files written so far go again:
+    the run directory is that of an unfinished run, which can be resumed; the error line gives the test scores."""
+    try:
+        update_config(run_dir, training_end=result["training_end"])
+        write_json(run_dir / "val-metrics.json", {"best_epoch": result["best_epoch"],
+                                                  "train_seconds": round(result["train_seconds"], 3), **result["val"]})
+        write_predictions(run_dir / "test-predictions.jsonl", split_ids(run.splits["test"]), run.labels["test"],
+                          result["test_probs"], run.id2label)
+        atomic_write_text(run_dir / "learning-curve.svg", learning_curve_svg(result["history"]))
+        if run.args.save_model:
+            save_model(run, run_dir / "model")
+        write_json(run_dir / "test-metrics.json", result["test"])
+    except BaseException as e:
+        if (run_dir / "test-metrics.json").exists():  # a Ctrl-C just after it was written: the run is finished
+            raise
+        for name in RESULT_FILES:
+            (run_dir / name).unlink(missing_ok=True)
+        shutil.rmtree(run_dir / "model", ignore_errors=True)
+        if not isinstance(e, (OSError, SafetensorError)):
+            raise
+        test = result["test"]
+        raise UserError(f"{failed_write(f'the results in {run_dir}', run_dir, e)}; the test scores, which no file "
+                        f"holds: accuracy {test['accuracy']:.4f}, f1 {test['f1']:.4f} (best epoch "
+                        f"{result['best_epoch']})") from e
     remove_checkpoints(run_dir)  # only now: a kill before test-metrics.json can still resume
 
 
@@ -840,10 +862,11 @@ def record_resume(run: Run, run_dir: Path, epoch: int) -> None:
 
 def start_record(run: Run, run_dir: Path, resumed_from: int | None) -> str:
     """config.json for a new run, or a note of the resume in the run's own; returns the run's identity."""
-    if resumed_from is None:
-        write_json(run_dir / "config.json", run.config_record())
-    else:
-        record_resume(run, run_dir, resumed_from)
+    with writing(f"{run_dir / 'config.json'}", run_dir):
+        if resumed_from is None:
+            write_json(run_dir / "config.json", run.config_record())
+        else:
+            record_resume(run, run_dir, resumed_from)
     return run_identity(read_json(run_dir / "config.json"))
 
 
@@ -881,7 +904,8 @@ def train_and_evaluate(run: Run, run_dir: Path | None, checkpoint: dict | None =
             f"acc {row['val_accuracy']:.4f} f1 {row['val_f1']:.4f} | {row['examples_per_s']:.1f} ex/s"
             + (f" | {stop_reason}" if stop_reason else ""))
         if run_dir is not None:
-            write_log_csv(run_dir / "log.csv", training.history)
+            with writing(f"{run_dir / 'log.csv'}", run_dir):
+                write_log_csv(run_dir / "log.csv", training.history)
         if stop_reason:
             break
         # none after the last epoch: evaluating val and test is all that is left
@@ -913,6 +937,8 @@ def fine_tune(args: argparse.Namespace, env: DistEnv, log: Callable[[str], None]
                 held.enter_context(hold_run_dir(run_dir))
         else:
             check_output_dir(Path(args.output_dir))
+            if env.rank == 0:  # the one that writes, before the model is loaded and the data tokenized
+                check_writable(Path(args.output_dir))
         device = init_distributed(args.device, env)
         random.seed(args.seed)
         run = Run(args, log, env.rank, env.world_size, device)

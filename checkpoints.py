@@ -14,7 +14,9 @@ and sweep.py import it.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import errno
 import hashlib
 import json
 import os
@@ -23,7 +25,7 @@ import random
 import shutil
 import time
 from pathlib import Path
-from typing import Any, Callable, Protocol, Sequence
+from typing import Any, Callable, Iterator, Protocol, Sequence
 
 import torch
 from safetensors import SafetensorError
@@ -143,13 +145,30 @@ def write_checkpoint(run_dir: Path, epoch: int, run_id: str, weights: dict[str, 
         shutil.rmtree(tmp, ignore_errors=True)
         if not isinstance(e, (OSError, RuntimeError, SafetensorError)):  # torch.save reports I/O as RuntimeError
             raise
-        kept = last_complete_epoch(run_dir)
-        then = (f"the checkpoint of epoch {kept} is kept: free space, then continue with "
-                f"`python bertcls.py --resume {run_dir}`" if kept else "free space and start the run again")
-        raise UserError(f"could not write the checkpoint of epoch {epoch} ({first_line(e)}; "
-                        f"{shutil.disk_usage(run_dir).free / 2**20:.0f} MiB free on its disk); {then}") from e
+        raise failed_write(f"the checkpoint of epoch {epoch}", run_dir, e) from e
     remove_checkpoints(run_dir, keep=path)
     return path
+
+
+def failed_write(what: str, run_dir: Path, error: BaseException) -> UserError:
+    """One line for a write in run_dir that failed (a full disk, a file system gone read-only): why, the space
+    left, and how to go on once that is fixed: from the newest whole checkpoint, or from the start."""
+    denied = getattr(error, "errno", None) in (errno.EROFS, errno.EACCES, errno.EPERM)
+    remedy = f"make {run_dir} writable" if denied else "free space"
+    kept = last_complete_epoch(run_dir)
+    then = (f"the checkpoint of epoch {kept} is kept: {remedy}, then continue with "
+            f"`python bertcls.py --resume {run_dir}`" if kept else f"{remedy} and start the run again")
+    return UserError(f"could not write {what} ({first_line(error)}; "
+                     f"{shutil.disk_usage(run_dir).free / 2**20:.0f} MiB free on its disk); {then}")
+
+
+@contextlib.contextmanager
+def writing(what: str, run_dir: Path) -> Iterator[None]:
+    """A failed write of `what` in run_dir as failed_write's one line."""
+    try:
+        yield
+    except (OSError, SafetensorError) as e:
+        raise failed_write(what, run_dir, e) from e
 
 
 def save_weights(path: Path, weights: dict[str, torch.Tensor]) -> None:

@@ -25,6 +25,7 @@ import re
 import secrets
 import signal
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterator, NamedTuple
@@ -460,12 +461,28 @@ def check_output_dir(output_dir: Path, flag: str = "--output_dir") -> None:
             raise UserError(f"{flag} {output_dir} {where}: pass a directory")
 
 
+def check_writable(directory: Path, flag: str = "--output_dir") -> None:
+    """Fail before any expensive work when nothing can be created in directory, or in the part of its path that
+    exists (a read-only file system, no permission): a temporary file is made there and removed at once.
+    A full disk passes (an empty file takes no space): writing the results says so when it comes to that."""
+    existing = next(path for path in (directory, *directory.parents) if path.exists())
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as e:
+        raise UserError(f"cannot write in {existing} ({e.strerror}): {flag} needs a directory you can write to") \
+            from None
+
+
 def make_run_dir(output_dir: Path, model_name: str, now: datetime.datetime | None = None) -> Path:
     """A new outputs/<model>/<YYYY-MM-DD>/<HH-MM-SS.ffffff>/ directory."""
     now = now or datetime.datetime.now()
     check_output_dir(output_dir)
     run_dir = output_dir / safe_name(model_name) / now.strftime("%Y-%m-%d") / now.strftime("%H-%M-%S.%f")
-    run_dir.mkdir(parents=True, exist_ok=False)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=False)
+    except OSError as e:
+        raise UserError(f"cannot create the run directory {run_dir} ({e.strerror})") from None
     return run_dir
 
 
@@ -479,7 +496,11 @@ def hold_run_dir(run_dir: Path) -> Iterator[None]:
     if fcntl is None:
         yield
         return
-    with open(run_dir / ".lock", "a+", encoding="utf-8") as f:
+    try:
+        lock = open(run_dir / ".lock", "a+", encoding="utf-8")
+    except OSError as e:
+        raise UserError(f"cannot write in {run_dir} ({e.strerror}): a run writes in its directory") from None
+    with lock as f:
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -85,8 +85,8 @@ import checkpoints
 import data
 import families
 import stats
-from common import (UserError, atomic_write_text, dtype_name, first_line, log, positive_float, positive_int, read_jsonl,
-                    resolve_dtype, run_cli, safe_name)
+from common import (UserError, atomic_write_text, check_output_dir, dtype_name, first_line, log, positive_float,
+                    positive_int, read_jsonl, resolve_dtype, run_cli, safe_name)
 
 BERTCLS = Path(__file__).resolve().with_name("bertcls.py")
 DEFAULT_MODELS = [
@@ -644,11 +644,17 @@ def read_lock(path: Path) -> LockFile | None:
             data = f.read(65536)
     except FileNotFoundError:
         return None
+    except IsADirectoryError:
+        raise not_a_lock(path) from None
     except OSError as e:
         if e.errno == errno.ESTALE:  # NFS: another host renamed or removed it while we opened it
             return None
         raise
     return LockFile(data.decode("utf-8", errors="replace"), stat.st_ino, stat.st_mtime_ns)
+
+
+def not_a_lock(path: Path) -> UserError:
+    return UserError(f"{path} is a directory where sweep.py keeps a lock file (no sweep makes one): remove it")
 
 
 def lock_owner(lock: LockFile) -> tuple[list[int], str]:
@@ -1448,8 +1454,7 @@ def show_grid(args: argparse.Namespace, combos: Sequence[Combination], output_di
 
 def sweep(args: argparse.Namespace, log: Callable[[str], None]) -> int:
     output_dir = Path(args.output_dir)
-    if output_dir.exists() and not output_dir.is_dir():
-        raise UserError(f"--output_dir {output_dir} is a file: pass a directory")
+    check_output_dir(output_dir)  # a file, or under one; writing is checked when there is something to write
     defaults = resolve_bertcls_args([])
     passed = resolve_bertcls_args(args.bertcls_flags)  # also rejects bad flags before anything runs
     failed = 0
@@ -1481,6 +1486,9 @@ def sweep(args: argparse.Namespace, log: Callable[[str], None]) -> int:
         log(f"sweep.py: {len(combos)} combinations, {len(combos) - len(todo)} already finished, {len(todo)} to run "
             f"(logs in {output_dir / 'sweep-logs'})")
         if todo:
+            blocked = [path for path in (lock_path(output_dir, c) for c in todo) if path.is_dir()]
+            if blocked:  # said now, not after the runs before it
+                raise not_a_lock(blocked[0])
             check_datasets(todo, passed, args.lrs or DEFAULT_LRS, log)
         bad_models = unloadable_models(todo, log)
         skipped = [c for c in todo if c.model_name in bad_models]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import errno
 import json
 import math
 import os
@@ -25,7 +26,7 @@ import checkpoints
 import common
 import data
 import families
-from conftest import REPO, finished_runs, train_args
+from conftest import REPO, finished_runs, run_on_read_only, train_args
 
 # ------------------------------------------------------------------------------------ pure functions
 
@@ -488,6 +489,78 @@ def test_output_dir_that_is_a_file(tiny_bert, tiny_dataset, tmp_path, capsys):
     code, err = run_main(train_args(tiny_bert, tiny_dataset, tmp_path / "out"), capsys)
     assert code == 1
     assert "is a file" in error_line(err)
+
+
+def test_output_dir_under_a_file_is_refused_before_the_model_is_loaded(tmp_path, capsys):
+    (tmp_path / "file").write_text("", encoding="utf-8")
+    out = tmp_path / "file" / "outputs"
+    # no such model or dataset: a check made after loading them would report those instead
+    code, err = run_main(["--model_name", str(tmp_path / "no-model"), "--dataset_dir", str(tmp_path / "no-data"),
+                          "--output_dir", str(out)], capsys)
+    assert code == 1
+    assert error_line(err) == (f"bertcls.py: error: --output_dir {out} is under {tmp_path / 'file'}, which is a file: "
+                               "pass a directory")
+
+
+def test_read_only_output_dir_is_refused_before_the_model_is_loaded(tmp_path):
+    read_only = tmp_path / "outputs"
+    # no such model or dataset: a check made after loading them would report those instead
+    result = run_on_read_only(read_only, [sys.executable, str(REPO / "bertcls.py"), "--model_name",
+                                          str(tmp_path / "none"), "--dataset_dir", str(tmp_path / "none"),
+                                          "--output_dir", str(read_only / "runs")])
+    assert result.returncode == 1
+    assert error_line(result.stderr) == (f"bertcls.py: error: cannot write in {read_only} (Read-only file system): "
+                                         "--output_dir needs a directory you can write to")
+    assert list(read_only.iterdir()) == []
+
+
+def full_disk_at(monkeypatch, name: str, nth: int = 1) -> dict[str, str]:
+    """The nth write of a file called `name` fails as on a full disk (atomic_write_text then leaves nothing, as it
+    does when the disk is full); returns the text that was to be written."""
+    write, attempts, lost = common.atomic_write_text, [], {}
+
+    def atomic_write_text(path: Path, text: str) -> None:
+        if Path(path).name == name:
+            attempts.append(path)
+            if len(attempts) == nth:
+                lost[name] = text
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        write(path, text)
+
+    monkeypatch.setattr(common, "atomic_write_text", atomic_write_text)  # what write_json calls
+    monkeypatch.setattr(bertcls, "atomic_write_text", atomic_write_text)
+    return lost
+
+
+@pytest.mark.parametrize("name,nth", [("test-metrics.json", 1), ("bertcls.json", 1), ("log.csv", 2)])
+def test_a_full_disk_loses_no_scores_and_leaves_no_partial_result(name, nth, tiny_bert, tiny_dataset, tmp_path,
+                                                                  capsys, monkeypatch):
+    """log.csv of epoch 2, the model's bertcls.json (inside .model.tmp/), test-metrics.json: one line saying how to
+    go on, the test scores when they are known, and a run directory that is that of an unfinished run."""
+    out = tmp_path / "out"
+    args = train_args(tiny_bert, tiny_dataset, out, "--epochs", "2", "--checkpoint_minutes", "0", "--save_model")
+    lost = full_disk_at(monkeypatch, name, nth)
+    code, err = run_main(args, capsys)
+    (run_dir,) = out.glob("*/*/*")
+    assert code == 1
+    line = error_line(err)
+    what = run_dir / "log.csv" if name == "log.csv" else f"the results in {run_dir}"
+    assert line.startswith(f"bertcls.py: error: could not write {what} ([Errno 28] No space left on device; ")
+    assert f"MiB free on its disk); the checkpoint of epoch 1 is kept: free space, then continue with " \
+           f"`python bertcls.py --resume {run_dir}`" in line
+    assert sorted(p.name for p in run_dir.iterdir()) == [".lock", "checkpoint-epoch1", "config.json", "log.csv"]
+    monkeypatch.undo()
+    assert bertcls.main(["--resume", str(run_dir)]) == 0  # the run goes on from there, to the same result
+    if name == "test-metrics.json":
+        test = json.loads((run_dir / "test-metrics.json").read_text(encoding="utf-8"))
+        best = json.loads((run_dir / "val-metrics.json").read_text(encoding="utf-8"))["best_epoch"]
+        assert test == json.loads(lost[name])
+        assert line.endswith(f"; the test scores, which no file holds: accuracy {test['accuracy']:.4f}, "
+                             f"f1 {test['f1']:.4f} (best epoch {best})")
+    elif name == "log.csv":  # in training: no scores yet
+        assert "test scores" not in line
+    else:  # the model's files, after the evaluation
+        assert "; the test scores, which no file holds: accuracy " in line
 
 
 @pytest.mark.parametrize("signum,exit_code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import errno
 import io
 import random
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -362,3 +364,34 @@ def test_inputs_that_cannot_be_classified_are_one_line(run_dir, capsys, argv, me
     rc, stdout, err = run_predict(capsys, "--model_dir", str(run_dir / "model"), *argv)
     assert rc == 1 and stdout == []
     assert message in error_line(err)
+
+
+@pytest.mark.parametrize("output, message", [
+    ("out", "--output {tmp}/out is a directory: pass a file name, e.g. {tmp}/out/predictions.jsonl"),
+    ("missing/p.jsonl", "--output {tmp}/missing/p.jsonl: {tmp}/missing does not exist: create the directory or pass "
+                        "another path"),
+    ("file/p.jsonl", "--output {tmp}/file/p.jsonl: {tmp}/file is not a directory: create the directory or pass "
+                     "another path"),
+])
+def test_an_output_that_cannot_be_written_is_refused_before_the_model_is_loaded(tmp_path, capsys, output, message):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "file").write_text("")
+    # no model there: a check made after loading it (and after the inference) would report that instead
+    rc, stdout, err = run_predict(capsys, "--model_dir", str(tmp_path / "no-model"), "--text", "野球",
+                                  "--output", str(tmp_path / output))
+    assert rc == 1 and stdout == []
+    assert error_line(err) == "predict.py: error: " + message.format(tmp=tmp_path)
+
+
+def test_a_full_disk_while_writing_the_output_is_one_line_and_no_file(run_dir, tmp_path, capsys, monkeypatch):
+    def full_disk(path, text):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(predict, "atomic_write_text", full_disk)
+    output = tmp_path / "p.jsonl"
+    rc, stdout, err = run_predict(capsys, "--model_dir", str(run_dir / "model"), "--text", "野球",
+                                  "--output", str(output))
+    assert rc == 1 and stdout == []
+    assert error_line(err) == (f"predict.py: error: could not write --output {output} (No space left on device): "
+                               "nothing was written; free space and run again, or pass --output - for stdout")
+    assert list(tmp_path.iterdir()) == []

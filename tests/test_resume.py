@@ -22,8 +22,8 @@ import torch
 import bertcls
 import checkpoints
 import common
-from conftest import (REPO, STOPPING_BERTCLS, build_tiny_bert, kill_when_stopped, only_run, results, stopping_env,
-                      train_args)
+from conftest import (REPO, STOPPING_BERTCLS, build_tiny_bert, kill_when_stopped, only_run, results,
+                      run_on_read_only, stopping_env, train_args)
 
 EPOCHS = ("--epochs", "3")
 
@@ -280,6 +280,15 @@ def test_resume_of_a_run_that_another_process_is_running(run_dir, capsys):
     with common.hold_run_dir(run_dir):
         line = refused(["--resume", str(run_dir)], capsys)
     assert f"{run_dir} is in use by another process (pid {os.getpid()})" in line
+
+
+def test_resume_on_a_read_only_file_system_is_one_line(run_dir):
+    before = snapshot(run_dir)
+    result = run_on_read_only(run_dir, [sys.executable, str(REPO / "bertcls.py"), "--resume", str(run_dir)])
+    assert result.returncode == 1
+    assert error_line(result.stderr) == (f"bertcls.py: error: cannot write in {run_dir} (Read-only file system): "
+                                         "a run writes in its directory")
+    assert_unchanged(run_dir, before)
 
 
 # ------------------------------------------------------------------ faults while writing a checkpoint
