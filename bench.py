@@ -41,6 +41,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 import bertcls
+import data
 from common import dtype_name, first_line, log, pick_device, positive_float, positive_int, run_cli
 
 
@@ -144,16 +145,16 @@ def random_batches(n_examples: int, batch_size: int, n_batches: int, rng: random
     return batches[:n_batches]
 
 
-def tutorial_collate(tokenizer: Any, rows: Sequence[dict], spec: bertcls.InputSpec) -> Callable:
+def tutorial_collate(tokenizer: Any, rows: Sequence[dict], spec: data.InputSpec) -> Callable:
     """A collate step that tokenizes its batch's texts, as the tutorial's collate_fn does every epoch.
 
     It makes the tutorial's one batched tokenizer call (padding=True, return_tensors="pt") rather than reuse
-    bertcls.tokenize_rows: that call is the cost being measured (bertcls.py's per-row path ran 9-16% faster here).
+    data.tokenize_rows: that call is the cost being measured (bertcls.py's per-row path ran 9-16% faster here).
     """
 
     def collate(packed: Any, indices: Sequence[int], labels: torch.Tensor | None, pad_id: int,
                 buckets: Sequence[int] | None = None) -> dict[str, torch.Tensor]:
-        texts = [bertcls.example_text(rows[i]) for i in indices]
+        texts = [data.example_text(rows[i]) for i in indices]
         kwargs = dict(max_length=spec.max_len, padding=True, return_tensors="pt",
                       return_token_type_ids=spec.token_type_ids)
         if all(second is not None for _, second in texts):
@@ -244,7 +245,7 @@ def measure(run: bertcls.Run, steps: int, warmup: int, tutorial_style: bool, pro
     args, device = run.args, run.device
     n_batches = (warmup + steps + profiled) * args.grad_accum_steps
     if tutorial_style:
-        rows = bertcls.load_split(Path(args.dataset_dir), "train", run.label2id)  # the tutorial holds every text
+        rows = data.load_split(Path(args.dataset_dir), "train", run.label2id)  # the tutorial holds every text
         batches = random_batches(len(rows), args.batch_size, n_batches, random.Random(args.seed))
         collate_fn = tutorial_collate(run.tokenizer, rows, run.spec)
     else:

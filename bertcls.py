@@ -17,70 +17,60 @@ end of an epoch every --checkpoint_minutes, so that a killed run loses at most t
 
 Reading guide (this file is the training story, in the order it happens):
     parse_args                    every setting, with its default
-    data                          label2id.json and the JSONL splits
     batching                      length-grouped batches (of --batch_size or a token budget), padding, collate
     schedule + optimizer          AdamW without decay on biases/norms, linear warmup then decay (get_lr)
     training loop                 train_epoch: one epoch of optimizer steps (AMP, accumulation, clipping)
     evaluation                    predict / evaluate: every example once, also under DDP
     metrics                       confusion matrix and macro precision / recall / F1 by hand
-    tokenization cache            (title, body) -> ids, cut to length (head / head_tail), in worker
-                                  processes; once per (tokenizer, input spec, data), memory-mapped and
-                                  reused across runs
-    distributed                   torchrun process group and the collectives used
-    outputs                       log.csv, learning curve, predictions, --save_model
-    checkpoints + --resume        epoch checkpoints written all or nothing, and continuing from one exactly
-    Run, train_and_evaluate, main set-up, the epoch loop with best-epoch selection and early stopping, and
-                                  the command line
-Below it: common.py (errors, files, devices; nothing about BERT) and families.py (how each model family
-is loaded and fed).
+    distributed                   the torchrun process group; wrap_model (DDP, torch.compile)
+    outputs                       log.csv, learning curve, predictions, --save_model, the result files
+    set-up + main                 Run (everything set up before the first step), the epoch loop with
+                                  best-epoch selection and early stopping, --resume, the command line
+The files it builds on (each imports only those above it; nothing imports prepare.py):
+    common.py                     errors, files, progress, flags, devices and collectives, run directories;
+                                  nothing about BERT
+    families.py                   how each model family is loaded and fed
+    data.py                       the dataset on disk -> labels and token ids: label2id.json and the JSONL
+                                  splits, the cut to length (head / head_tail), the tokenization cache and
+                                  its worker processes
+    checkpoints.py                epoch checkpoints written all or nothing, and continuing from one exactly
 """
 
 from __future__ import annotations
 
 import argparse
-import array
-import collections
 import contextlib
 import csv
-import dataclasses
 import datetime
-import hashlib
 import io
 import json
 import math
-import multiprocessing
-import multiprocessing.connection
 import os
-import pickle
 import random
 import shutil
-import signal
 import sys
-import tempfile
 import time
-import traceback
-from collections import Counter
 from pathlib import Path
-from typing import Any, Callable, NamedTuple, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 
-from common import (DistEnv, Progress, UserError, atomic_write_text, autocast_context, check_output_dir, dist_env,
-                    dtype_name, finite_float, first_line, hold_run_dir, iter_jsonl, make_run_dir, non_negative_float,
-                    pick_device, positive_float, positive_int, read_json, read_jsonl, resolve_dtype, run_cli, use_tf32,
-                    write_json)
+from checkpoints import (TrainingState, check_resumable, checkpoint_due, cpu_state, failed_write, last_complete_epoch,
+                         load_resume_checkpoint, remove_checkpoints, restore, resumed_settings, run_identity,
+                         save_checkpoint, writing)
+from common import (DistEnv, Progress, UserError, atomic_write_text, autocast_context, barrier, broadcast_object,
+                    check_output_dir, check_writable, dist_env, dtype_name, finite_float, gather_objects, hold_run_dir,
+                    make_run_dir, non_negative_float, pick_device, positive_float, positive_int, read_json,
+                    resolve_dtype, run_cli, use_tf32, write_json)
+from data import (MAX_DEFAULT_WORKERS, SPLITS, TRUNCATIONS, InputSpec, check_room_for_text, default_tokenize_workers,
+                  example_lengths, file_digest, load_dataset, load_fold, load_or_tokenize, split_ids,
+                  tokenizer_fingerprint)
 from families import (effective_max_len, freeze_unreachable, load_model, load_tokenizer, unknown_family_note,
                       uses_token_type_ids)
 
-CACHE_FORMAT = 2  # bump when the layout or the key of the tokenization cache changes
-MAX_DEFAULT_WORKERS = 16  # each tokenization worker holds its own tokenizer (a MeCab dictionary and a vocabulary)
-PARALLEL_MIN_EXAMPLES = 2000  # fewer: starting worker processes would cost more than they save
-TOKENIZE_CHUNK = 1000  # examples per task of a tokenization worker: the grain of load balancing and progress
 NO_DECAY_SUFFIXES = ("bias", "layernorm.weight", "layer_norm.weight", "norm.weight", "ln.weight")
-SPLITS = ("train", "val", "test")
 OOM_ADVICE = ("lower --batch_size (with --grad_accum_steps to keep the effective batch), lower --max_seq_len, "
               "or add --gradient_checkpointing")
 
@@ -135,7 +125,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="MeCab dictionary for BertJapaneseTokenizer models; auto uses IPAdic for cl-tohoku v1 "
                         "configs that name none (default: auto)")
     p.add_argument("--log_interval", type=positive_int, default=20,
-                   help="optimizer steps between progress updates and NaN checks (default: %(default)s)")
+                   help="optimizer steps between NaN checks and progress updates: on a terminal in the bar, "
+                        "elsewhere (nohup, CI, sweep logs) a line with the step, examples/s, the mean loss so far, "
+                        "the learning rate and the time left in the epoch (default: %(default)s)")
     p.add_argument("--patience", type=positive_int, default=None,
                    help="early stopping: stop when val F1 has not improved for this many epochs; the learning-rate "
                         "schedule stays the one planned for --epochs (default: off)")
@@ -157,172 +149,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     if args.tokenize_workers is None:
         args.tokenize_workers = default_tokenize_workers()
     return args
-
-
-# ---------------------------------------------------------------------------------------------- data
-
-
-def load_label2id(dataset_dir: Path) -> dict[str, int]:
-    path = dataset_dir / "label2id.json"
-    label2id = read_json(path, hint="re-run prepare.py")
-    if not isinstance(label2id, dict) or not label2id:
-        raise UserError(f"{path}: expected a non-empty object mapping label names to ids; re-run prepare.py")
-    for name, label in label2id.items():
-        if isinstance(label, bool) or not isinstance(label, int):
-            raise UserError(f"{path}: the id of {name!r} is {json.dumps(label, ensure_ascii=False)}, not an integer; "
-                            f"ids must be 0..{len(label2id) - 1}, each once; re-run prepare.py")
-    if sorted(label2id.values()) != list(range(len(label2id))):
-        raise UserError(f"{path}: ids must be 0..{len(label2id) - 1}, each once; re-run prepare.py")
-    return label2id
-
-
-def load_fold(dataset_dir: Path) -> dict | None:
-    """Which fold of which cross-validation set the dataset is (prepare.py --folds writes fold.json); None
-    for a plain split. config.json records it, so that sweep.py puts the runs over all folds in one row."""
-    path = dataset_dir / "fold.json"
-    if not path.is_file():
-        return None
-    fold = read_json(path, hint="re-run prepare.py --folds")
-    if not (isinstance(fold, dict) and isinstance(fold.get("set"), str)
-            and all(isinstance(fold.get(k), int) and not isinstance(fold.get(k), bool) for k in ("fold", "folds"))):
-        raise UserError(f"{path}: expected an object with integers 'fold', 'folds' and a string 'set'; "
-                        f"re-run prepare.py --folds")
-    return {k: fold[k] for k in ("fold", "folds", "set")}
-
-
-def example_text(row: dict) -> tuple[str, str | None]:
-    """The model input of one example: the (title, body) pair when both exist, else `text`."""
-    if isinstance(row.get("title"), str) and isinstance(row.get("body"), str):
-        return row["title"], row["body"]
-    if isinstance(row.get("text"), str):
-        return row["text"], None
-    raise ValueError("needs a string 'text', or string 'title' and 'body'")
-
-
-def split_path(dataset_dir: Path, split: str) -> Path:
-    path = dataset_dir / f"{split}.jsonl"
-    if not path.is_file():
-        raise UserError(f"{path} not found: create the dataset with `python prepare.py --output_dir {dataset_dir}`")
-    return path
-
-
-def example_label(row: dict, label2id: dict[str, int], where: str, label2id_path: Path) -> int:
-    """A row's label as an id (label names are mapped through label2id), once the row is checked."""
-    label = row.get("label")
-    if isinstance(label, str) and label in label2id:
-        label = label2id[label]
-    elif isinstance(label, bool) or not isinstance(label, int) or not 0 <= label < len(label2id):
-        raise UserError(f"{where}: label {label!r} is not in {label2id_path} (ids 0..{len(label2id) - 1}); "
-                        "the dataset and label2id.json disagree: re-run prepare.py")
-    try:
-        example_text(row)
-    except ValueError as e:
-        raise UserError(f"{where}: {e}") from None
-    return label
-
-
-def load_split(dataset_dir: Path, split: str, label2id: dict[str, int]) -> list[dict]:
-    """Rows of one split, each with an int `label` in range and a text; bad rows are UserErrors."""
-    path = split_path(dataset_dir, split)
-    rows = read_jsonl(path)
-    if not rows:
-        raise UserError(f"{path} is empty: every split needs examples (re-run prepare.py with more data)")
-    for number, row in enumerate(rows, 1):
-        row["label"] = example_label(row, label2id, f"{path}: example {number}", dataset_dir / "label2id.json")
-    return rows
-
-
-class SplitData(NamedTuple):
-    """A split as a run keeps it: the labels, and where each example's line is; the texts stay in the file."""
-    path: Path
-    labels: torch.Tensor
-    starts: array.array  # byte offset of each example's line in the file, then the end of the last one
-    digest: str  # sha256 of the file's bytes: the tokenization cache key
-    signature: tuple  # size and modification time, to notice the file changing under a run
-    pairs: bool  # some example is a (title, body) pair (else every one is a single text)
-
-
-def read_split(dataset_dir: Path, split: str, label2id: dict[str, int]) -> SplitData:
-    """Check every example of a split as load_split does, keeping only labels and offsets: a run's memory does
-    not grow with the texts of a large dataset (tokenization reads them again, chunk by chunk)."""
-    path = split_path(dataset_dir, split)
-    signature = file_signature(path)
-    labels, starts, digest, end, pairs = [], array.array("q"), hashlib.sha256(), 0, False
-    for line, row in iter_jsonl(path, digest):
-        labels.append(example_label(row, label2id, f"{path}: example {len(labels) + 1}", dataset_dir / "label2id.json"))
-        starts.append(line.start)
-        end = line.end
-        pairs = pairs or example_text(row)[1] is not None
-    if not labels:
-        raise UserError(f"{path} is empty: every split needs examples (re-run prepare.py with more data)")
-    starts.append(end)
-    return SplitData(path, torch.tensor(labels), starts, digest.hexdigest(), signature, pairs)
-
-
-def file_signature(path: Path) -> tuple:
-    stat = path.stat()
-    return stat.st_size, stat.st_mtime_ns
-
-
-def read_rows(path: Path, start: int, end: int) -> list[dict]:
-    """The rows whose lines fill bytes [start, end) of a JSONL file that read_split has checked."""
-    with open(path, "rb") as f:
-        f.seek(start)
-        text = f.read(end - start).decode("utf-8-sig" if start == 0 else "utf-8")
-    return [json.loads(line) for line in text.split("\n") if line.strip()]
-
-
-def split_ids(data: SplitData) -> list:
-    """The `id` of each example of a split (None where it has none), read from its file."""
-    ids = [row.get("id") for _, row in iter_jsonl(data.path)]
-    if len(ids) != len(data.labels) or file_signature(data.path) != data.signature:
-        raise UserError(f"{data.path} changed while bertcls.py was running; run again")
-    return ids
-
-
-def check_labels(labels: dict[str, torch.Tensor], id2label: dict[int, str], dataset_dir: Path) -> str | None:
-    """Refuse a train split with fewer than 2 labels: there is nothing to classify, yet every score would come
-    out perfect. Return a warning naming the val/test labels that train never shows (never learned)."""
-    seen = Counter(labels["train"].tolist())
-    if len(seen) < 2:
-        raise UserError(f"{dataset_dir / 'train.jsonl'}: every example has the label "
-                        f"{id2label[next(iter(seen))]!r}: a classifier needs examples of at least 2 labels in train")
-    unseen: dict[str, Counter] = {}
-    for split in ("val", "test"):
-        for label in labels[split].tolist():
-            if label not in seen:
-                unseen.setdefault(id2label[label], Counter())[split] += 1
-    if not unseen:
-        return None
-    listed = "; ".join(f"{name!r} ({', '.join(f'{n} in {split}' for split, n in counts.items())})"
-                       for name, counts in sorted(unseen.items()))
-    return f"warning: labels that train never shows, so the model cannot learn them: {listed}"
-
-
-def load_dataset(dataset_dir: Path, log: Callable[[str], None]) -> tuple[dict[str, int], dict[str, SplitData]]:
-    """label2id and every split (labels and line offsets), checked: a classification run can be made of them."""
-    if not dataset_dir.is_dir():
-        raise UserError(f"dataset directory {dataset_dir} not found: run `python prepare.py` first "
-                        "(or pass --dataset_dir)")
-    if not (dataset_dir / "label2id.json").is_file():
-        raise UserError(f"{dataset_dir / 'label2id.json'} not found: run `python prepare.py` first")
-    label2id = load_label2id(dataset_dir)
-    splits = {split: read_split(dataset_dir, split, label2id) for split in SPLITS}
-    warning = check_labels({s: d.labels for s, d in splits.items()}, {i: name for name, i in label2id.items()},
-                           dataset_dir)
-    if warning is not None:
-        log(warning)
-    return label2id, splits
-
-
-def file_digest(paths: Sequence[Path]) -> str:
-    h = hashlib.sha256()
-    for path in paths:
-        h.update(path.name.encode() + b"\0")
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                h.update(block)
-    return h.hexdigest()
 
 
 # ------------------------------------------------------------------------------------------ batching
@@ -429,10 +255,6 @@ def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str,
     return batch
 
 
-def example_lengths(packed: dict[str, torch.Tensor]) -> list[int]:
-    return (packed["offsets"][1:] - packed["offsets"][:-1]).tolist()
-
-
 # ------------------------------------------------------------------------------ schedule + optimizer
 
 
@@ -502,7 +324,7 @@ class NonFiniteLoss(UserError):
 
 
 def train_epoch(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
-                run: Run, batches: list[list[int]], step: int, epoch: int, progress: Any = None,
+                run: Run, batches: list[list[int]], step: int, epoch: int, progress: Progress | None = None,
                 collate_fn: Any = None, step_examples: Sequence[int] | None = None) -> tuple[int, float]:
     """One pass over `batches` (this rank's); returns the next optimizer step and the mean train loss.
 
@@ -510,8 +332,10 @@ def train_epoch(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scaler
     the schedule. The loss of each micro-batch is weighted by its share of the examples of its optimizer
     step, so K accumulated micro-batches give the gradient of one batch K times as large. Batches of a
     token budget differ in size, also between ranks: `step_examples` (the examples of each optimizer step
-    over all ranks, see examples_per_step) makes each example count the same there too. `collate_fn`
-    (default `collate`) lets bench.py time another way of building batches through the same loop.
+    over all ranks, see examples_per_step) makes each example count the same there too. `progress` counts the
+    examples of every step (of all ranks, with step_examples) and, every --log_interval steps, is given the step,
+    the mean loss of the epoch so far and the learning rate. `collate_fn` (default `collate`) lets bench.py time
+    another way of building batches through the same loop.
     """
     args, device = run.args, run.device
     packed, labels = run.packed["train"], run.labels["train"]
@@ -547,12 +371,14 @@ def train_epoch(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scaler
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
         step += 1
-        if step % args.log_interval == 0 or group is groups[-1]:
-            check_finite(first_bad_step, epoch, run)  # the only host sync: once per interval
-            if progress is not None:
-                progress.set_postfix(loss=f"{loss_sum.item() / n_examples:.4f}", lr=f"{lr:.2e}", refresh=False)
+        at_interval = step % args.log_interval == 0
+        if at_interval or group is groups[-1]:
+            check_finite(first_bad_step, epoch, run)  # the host waits for the GPU only here: once per interval
         if progress is not None:
-            progress.update(group_examples)
+            progress.update(step_examples[group_index] if step_examples else group_examples)
+            if at_interval:  # off a terminal a line: step, examples/s, loss, time left
+                progress.report(step=f"{step}/{run.total_steps}", loss=f"{loss_sum.item() / n_examples:.4f}",
+                                lr=f"{lr:.2e}")
     return step, loss_sum.item() / max(1, n_examples)
 
 
@@ -676,437 +502,6 @@ def classification_metrics(gold: Sequence[int], pred: Sequence[int], loss_sum: f
     }
 
 
-# ------------------------------------------------------------------------------- tokenization cache
-
-
-TRUNCATIONS = ("head", "head_tail")
-# Sun et al. 2019 ("How to Fine-Tune BERT for Text Classification?") kept the first 128 and the last 382 of BERT's 510
-# text tokens; head_tail keeps the same shares of whatever room the title leaves for the body.
-HEAD_SHARE = 128 / 510
-
-
-class InputSpec(NamedTuple):
-    """How texts become model inputs: what the cache key, config.json and a saved model record."""
-    max_len: int  # tokens per example, special tokens included
-    token_type_ids: bool  # feed the body as segment B (BERT-style pre-training)
-    truncation: str = "head"  # which part of an over-long body is kept: "head", or "head_tail" (its start and end)
-
-
-def check_room_for_text(max_len: int, tokenizer: Any, pair: bool) -> None:
-    """Refuse a length that the special tokens fill: every example would become [CLS][SEP], with no text."""
-    special = tokenizer.num_special_tokens_to_add(pair=pair)
-    if max_len <= special:
-        raise UserError(f"a length of {max_len} tokens leaves no room for text: the tokenizer adds {special} special "
-                        f"tokens to each {'(title, body) pair' if pair else 'text'}; raise --max_seq_len")
-
-
-def tokenize_rows(tokenizer: Any, rows: Sequence[dict], spec: InputSpec,
-                  log: Callable[[str], None] = print) -> dict[str, list[list[int]]]:
-    """Token ids of every row (see encode_one); one line says how many titles had to be cut."""
-    out = encode_rows(tokenizer, rows, spec)
-    if out["titles_cut"]:
-        log(titles_cut_note(out["titles_cut"], len(rows), spec))
-    return out
-
-
-def encode_rows(tokenizer: Any, rows: Sequence[dict], spec: InputSpec) -> dict[str, Any]:
-    """input_ids and token_type_ids of each row, and how many titles were cut (titles_cut)."""
-    out: dict[str, Any] = {"input_ids": [], "token_type_ids": [], "titles_cut": 0}
-    for row in rows:
-        enc = encode_one(tokenizer, *example_text(row), spec)
-        out["input_ids"].append(enc["input_ids"])
-        out["token_type_ids"].append(enc.get("token_type_ids") or [])
-        out["titles_cut"] += enc["title_cut"]
-    return out
-
-
-def titles_cut_note(titles_cut: int, n_rows: int, spec: InputSpec) -> str:
-    return (f"note: {titles_cut} of {n_rows} titles were cut to fit: each alone is longer than {spec.max_len} "
-            "tokens with the special tokens, so its example keeps the start of the title and none of its body")
-
-
-def encode_one(tokenizer: Any, first: str, second: str | None, spec: InputSpec) -> dict:
-    """One example of at most spec.max_len tokens, laid out exactly as tokenizer(first, second) lays it out.
-
-    The family's own special tokens and segment ids are kept; only text is cut: the body's end (head) or its
-    middle (head_tail); the title only when it alone leaves no room for the body ("title_cut"). A single text is
-    cut like a body. The tokenizer itself is never asked to truncate: fast tokenizers refuse a pair whose first text
-    alone is too long ("Sequence to truncate too short"), and slow ones warn once per example.
-    """
-    ids, types, sources = pair_layout(tokenizer, first, second)
-    keep, title_cut = kept_positions(sources, second is not None, spec.max_len, spec.truncation)
-    enc = {"input_ids": [ids[i] for i in keep], "title_cut": title_cut}
-    if spec.token_type_ids:
-        enc["token_type_ids"] = [types[i] for i in keep]
-    return enc
-
-
-def pair_layout(tokenizer: Any, first: str, second: str | None) -> tuple[list[int], list[int], list[int | None]]:
-    """input_ids, token_type_ids and each token's source (0: first text, 1: second, None: special) of
-    tokenizer(first, second), uncut."""
-    texts = [first] if second is None else [first, second]
-    quiet = dict(truncation=False, verbose=False)  # no truncation baked into a saved tokenizer, no length warning
-    if getattr(tokenizer, "is_fast", False):  # tokenizers library: its post-processor marks where tokens came from
-        enc = tokenizer(*texts, return_token_type_ids=True, return_attention_mask=False, **quiet)
-        return enc["input_ids"], enc["token_type_ids"], enc.sequence_ids()
-    # Python tokenizers (BertJapaneseTokenizer): tokenizer(first, second) tokenizes each text, then adds these
-    parts = [tokenizer(text, add_special_tokens=False, **quiet)["input_ids"] for text in texts]
-    special = tokenizer.get_special_tokens_mask(*parts)
-    text_sources = iter([k for k, part in enumerate(parts) for _ in part])
-    sources = [None if is_special else next(text_sources) for is_special in special]
-    return (tokenizer.build_inputs_with_special_tokens(*parts), tokenizer.create_token_type_ids_from_sequences(*parts),
-            sources)
-
-
-def kept_positions(sources: Sequence[int | None], pair: bool, max_len: int, truncation: str) -> tuple[list[int], bool]:
-    """Positions kept of an uncut layout, and whether the title was cut: every special token, the title (its start,
-    when it alone leaves no room), and of the body (or the only text) as much as the room left allows: its first
-    tokens (head), or its first HEAD_SHARE and its last tokens (head_tail)."""
-    specials = [i for i, s in enumerate(sources) if s is None]
-    title = [i for i, s in enumerate(sources) if pair and s == 0]
-    body = [i for i, s in enumerate(sources) if s == (1 if pair else 0)]
-    room = max(0, max_len - len(specials))
-    kept_title = title[:room]
-    room -= len(kept_title)
-    if len(body) <= room:
-        kept_body = body
-    elif truncation == "head_tail":
-        head = round(room * HEAD_SHARE)
-        kept_body = body[:head] + body[len(body) - (room - head):]
-    else:
-        kept_body = body[:room]
-    return sorted(specials + kept_title + kept_body), len(kept_title) < len(title)
-
-
-def tokenizer_fingerprint(tokenizer: Any) -> str:
-    """Digest of everything that defines the tokenizer's output: its class and its saved files."""
-    h = hashlib.sha256(f"{type(tokenizer).__module__}.{type(tokenizer).__name__}".encode())
-    with tempfile.TemporaryDirectory() as tmp:
-        tokenizer.save_pretrained(tmp)
-        for path in sorted(Path(tmp).rglob("*")):
-            if path.is_file():
-                h.update(path.name.encode() + b"\0" + path.read_bytes())
-    return h.hexdigest()
-
-
-def pack(encoded: dict[str, list[list[int]]]) -> dict[str, torch.Tensor]:
-    """Ragged token lists as flat tensors + offsets: small on disk, loadable with weights_only."""
-    lengths = torch.tensor([len(x) for x in encoded["input_ids"]], dtype=torch.int64)
-    offsets = torch.zeros(len(lengths) + 1, dtype=torch.int64)
-    offsets[1:] = torch.cumsum(lengths, 0)
-    packed = {"offsets": offsets,
-              "input_ids": torch.tensor([t for x in encoded["input_ids"] for t in x], dtype=torch.int32)}
-    if any(encoded["token_type_ids"]):
-        packed["token_type_ids"] = torch.tensor([t for x in encoded["token_type_ids"] for t in x], dtype=torch.int8)
-    return packed
-
-
-def load_or_tokenize(run: Run, split: str, fingerprint: str) -> dict[str, torch.Tensor]:
-    """A split's packed tokens, tokenized once per (tokenizer, input spec, data) and memory-mapped from the cache.
-
-    Mapped, not read: the ranks of one node share the file's pages, and a run holds in memory only the batches
-    it reads, however large the dataset. A sweep over learning rates and seeds tokenizes nothing after its first run.
-    """
-    data, log = run.splits[split], run.log
-    if not run.args.cache_dir:
-        with tempfile.TemporaryDirectory(ignore_cleanup_errors=True) as tmp:  # the mapping outlives the file
-            return tokenize_and_load(run, split, Path(tmp) / f"{split}.pt")
-    key = hashlib.sha256(json.dumps([CACHE_FORMAT, fingerprint, *run.spec, data.digest]).encode()).hexdigest()[:32]
-    path = Path(run.args.cache_dir) / f"{key}.pt"
-    if path.is_file():
-        try:
-            return load_packed(path, len(data.labels))
-        except ValueError as e:  # our own words: torch's advice for such files is to unpickle them unchecked
-            log(f"warning: ignoring unreadable tokenization cache {path} ({e}); tokenizing again")
-    with contextlib.suppress(OSError):
-        path.parent.mkdir(parents=True, exist_ok=True)
-    if not os.access(path.parent, os.W_OK):  # a cache is an optimisation: never fail a run over it
-        log(f"warning: cannot write the tokenization cache in {path.parent}; tokenizing without it")
-        with tempfile.TemporaryDirectory(ignore_cleanup_errors=True) as tmp:
-            return tokenize_and_load(run, split, Path(tmp) / f"{split}.pt")
-    return tokenize_and_load(run, split, path)
-
-
-def tokenize_and_load(run: Run, split: str, path: Path) -> dict[str, torch.Tensor]:
-    data = run.splits[split]
-    started = time.perf_counter()
-    try:
-        with Progress(len(data.labels), f"tokenizing {split}", enabled=run.rank == 0) as progress:
-            workers, titles_cut = tokenize_split(run.tokenizer, data, run.spec, run.args.tokenize_workers, path,
-                                                 progress, run.log)
-    except OSError as e:
-        raise UserError(f"cannot tokenize {data.path} into {path.parent}: {e.strerror or e} (full disk? pass "
-                        "--cache_dir elsewhere)") from None
-    run.log(f"tokenized {split}: {len(data.labels)} examples in {time.perf_counter() - started:.1f}s "
-            f"({workers} process{'es' if workers > 1 else ''})")
-    if titles_cut:
-        run.log(titles_cut_note(titles_cut, len(data.labels), run.spec))
-    return load_packed(path, len(data.labels))
-
-
-def default_tokenize_workers() -> int:
-    """The CPU cores this process may run on (its affinity: taskset, a batch scheduler), at most MAX_DEFAULT_WORKERS."""
-    if hasattr(os, "process_cpu_count"):  # Python 3.13+
-        cores = os.process_cpu_count()
-    elif hasattr(os, "sched_getaffinity"):
-        cores = len(os.sched_getaffinity(0))
-    else:
-        cores = os.cpu_count()
-    return max(1, min(cores or 1, MAX_DEFAULT_WORKERS))
-
-
-class Chunk(NamedTuple):
-    """A task of a tokenization worker: examples [first, last) of a split, bytes [start, end) of its file."""
-    first: int
-    last: int
-    start: int
-    end: int
-
-
-def chunks_of(data: SplitData, workers: int) -> list[Chunk]:
-    """At most TOKENIZE_CHUNK examples each, and several per worker, so that none idles long at the end."""
-    n = len(data.labels)
-    size = max(1, min(TOKENIZE_CHUNK, math.ceil(n / (4 * workers))))
-    return [Chunk(i, min(i + size, n), data.starts[i], data.starts[min(i + size, n)]) for i in range(0, n, size)]
-
-
-class Encoded(NamedTuple):
-    """A chunk's tokens as flat machine integers: cheap to send between processes and to append to a file."""
-    lengths: bytes  # int64 per example
-    input_ids: bytes  # int32 per token
-    token_type_ids: bytes  # int8 per token; empty when the model takes none
-    titles_cut: int  # examples whose title alone did not fit (see encode_one)
-
-
-def encode_chunk(tokenizer: Any, path: Path, chunk: Chunk, spec: InputSpec) -> Encoded:
-    encoded = encode_rows(tokenizer, read_rows(path, chunk.start, chunk.end), spec)
-    return Encoded(array.array("q", map(len, encoded["input_ids"])).tobytes(),
-                   array.array("i", (t for ids in encoded["input_ids"] for t in ids)).tobytes(),
-                   array.array("b", (t for types in encoded["token_type_ids"] for t in types)).tobytes(),
-                   encoded["titles_cut"])
-
-
-def tokenize_split(tokenizer: Any, data: SplitData, spec: InputSpec, workers: int, path: Path,
-                   progress: Progress, log=print) -> tuple[int, int]:
-    """Tokenize a split into the packed file `path` (written whole or not at all); returns the processes used and
-    the number of titles cut.
-
-    The chunks' tokens go to flat files beside `path` as they arrive, in order, and are saved from there: the
-    tokens of a large dataset are never all in memory. The result is the same, token for token, whatever the
-    number of workers.
-    """
-    chunks = chunks_of(data, workers)
-    workers = min(workers, len(chunks)) if len(data.labels) >= PARALLEL_MIN_EXAMPLES else 1
-    tokenizer_pickle = b""
-    if workers > 1:
-        try:
-            tokenizer_pickle = pickle.dumps(tokenizer)
-        except (pickle.PicklingError, TypeError, AttributeError) as e:
-            log(f"note: this tokenizer cannot be sent to worker processes ({first_line(e)}); tokenizing in one")
-            workers = 1
-    with tempfile.TemporaryDirectory(dir=path.parent, prefix=f".{path.name}.") as tmp:
-        lengths, titles_cut = array.array("q"), 0
-        ids_path, types_path = Path(tmp) / "input_ids.bin", Path(tmp) / "token_type_ids.bin"
-        with open(ids_path, "wb") as ids_file, open(types_path, "wb") as types_file:
-            def append(encoded: Encoded) -> None:
-                nonlocal titles_cut
-                titles_cut += encoded.titles_cut
-                lengths.frombytes(encoded.lengths)
-                ids_file.write(encoded.input_ids)
-                types_file.write(encoded.token_type_ids)
-                progress.update(len(encoded.lengths) // 8)
-
-            if workers == 1:
-                for chunk in chunks:
-                    append(encode_chunk(tokenizer, data.path, chunk, spec))
-            else:
-                tokenize_in_workers(tokenizer_pickle, type(tokenizer).__module__, spec, data.path, chunks, workers,
-                                    append)
-        if file_signature(data.path) != data.signature:
-            raise UserError(f"{data.path} changed while bertcls.py was tokenizing it; run again")
-        offsets = torch.zeros(len(lengths) + 1, dtype=torch.int64)
-        offsets[1:] = torch.cumsum(torch.frombuffer(lengths, dtype=torch.int64), 0)
-        n_tokens = int(offsets[-1])
-        packed = {"offsets": offsets,  # the token files mapped, not read: torch.save copies them page by page
-                  "input_ids": torch.from_file(str(ids_path), shared=False, size=n_tokens, dtype=torch.int32)}
-        if types_path.stat().st_size:
-            packed["token_type_ids"] = torch.from_file(str(types_path), shared=False, size=n_tokens, dtype=torch.int8)
-        write_cache(path, packed)
-    return workers, titles_cut
-
-
-def tokenize_worker(conn: Any, tokenizer_pickle: bytes, spec: InputSpec) -> None:
-    """A worker process: unpickles the parent's tokenizer once (the same object, so the same tokens), then
-    encodes each chunk it is sent until the parent closes the connection."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group; the parent stops us
-    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one core each: no Rust thread pool on top of the workers
-    stage = "loading the tokenizer"
-    try:
-        tokenizer = pickle.loads(tokenizer_pickle)
-        stage = "chunk"
-        while True:
-            path, chunk = conn.recv()
-            conn.send(("done", encode_chunk(tokenizer, path, chunk, spec)))
-    except (EOFError, BrokenPipeError):  # the parent closed the connection: finished or stopping
-        return
-    except Exception as e:  # reported to the parent, which names the chunk
-        with contextlib.suppress(OSError):
-            conn.send(("error", stage, f"{type(e).__name__}: {first_line(e)}", traceback.format_exc()))
-
-
-def worker_context(tokenizer_module: str) -> Any:
-    """The fork server where there is one: a fork of this process would copy torch's and the process group's
-    threads in whatever state they are in, while spawning imports torch and transformers again in every worker.
-    The fork server imports them once, in a process of its own; each worker then starts in a fraction of a second."""
-    if "forkserver" not in multiprocessing.get_all_start_methods():
-        return multiprocessing.get_context("spawn")
-    context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(["torch", tokenizer_module])  # no effect once the server runs: it is imported
-    return context
-
-
-def tokenize_in_workers(tokenizer_pickle: bytes, tokenizer_module: str, spec: InputSpec, path: Path,
-                        chunks: Sequence[Chunk], workers: int, append: Callable[[Encoded], None]) -> None:
-    """Encode chunks in worker processes, passing each result to `append` in chunk order.
-
-    Each worker has two chunks in hand, so it never waits for the parent. A worker that dies (killed, out of
-    memory) or fails ends the run with the chunk it was on; any exit, Ctrl-C included, stops every worker.
-    """
-    processes, conns, finished = [], [], False
-    try:
-        start_workers(worker_context(tokenizer_module), workers, tokenizer_pickle, spec, processes, conns)
-        todo, held = collections.deque(range(len(chunks))), [collections.deque() for _ in range(workers)]
-        results: dict[int, Encoded] = {}
-        connected = set(range(workers))
-
-        def hand_out(worker: int) -> None:
-            if todo:
-                held[worker].append(todo.popleft())
-                try:
-                    conns[worker].send((path.resolve(), chunks[held[worker][-1]]))
-                except OSError:  # it died
-                    raise worker_died(processes[worker], path, chunks, held[worker][0]) from None
-
-        for worker in list(range(workers)) * 2:
-            hand_out(worker)
-        written = 0
-        while written < len(chunks):
-            if not connected:
-                raise RuntimeError("every tokenization worker left before the last chunk")
-            ready = multiprocessing.connection.wait([conns[w] for w in connected] +
-                                                    [processes[w].sentinel for w in connected])
-            for worker in [w for w in connected if conns[w] in ready or processes[w].sentinel in ready]:
-                try:
-                    message = conns[worker].recv()
-                except (EOFError, OSError):  # it died, or it left with nothing in hand
-                    if held[worker]:
-                        raise worker_died(processes[worker], path, chunks, held[worker][0]) from None
-                    connected.discard(worker)
-                    continue
-                if message[0] == "error":
-                    raise worker_failed(message, path, chunks, held[worker][0])
-                results[held[worker].popleft()] = message[1]
-                hand_out(worker)
-            while written in results:
-                append(results.pop(written))
-                written += 1
-        finished = True
-    finally:
-        stop_workers(processes, conns, finished)
-
-
-def start_workers(context: Any, workers: int, tokenizer_pickle: bytes, spec: InputSpec, processes: list,
-                  conns: list) -> None:
-    """Start worker processes, appending each (and the parent's end of its connection) as it starts."""
-    for i in range(workers):
-        conn, child_conn = context.Pipe()
-        process = context.Process(target=tokenize_worker, args=(child_conn, tokenizer_pickle, spec),
-                                  name=f"bertcls-tokenize-{i}", daemon=True)
-        try:
-            process.start()
-        except OSError as e:  # it died at once, e.g. re-importing a main script that has no __main__ guard
-            raise UserError(f"cannot start tokenization worker processes ({e}); a script that runs bertcls must "
-                            "keep its top level under `if __name__ == \"__main__\":`, or pass --tokenize_workers 1"
-                            ) from None
-        child_conn.close()
-        processes.append(process)
-        conns.append(conn)
-
-
-def stop_workers(processes: list, conns: list, finished: bool) -> None:
-    """Finished: each worker sees its connection end and exits; otherwise (an error, Ctrl-C) they are stopped."""
-    for conn in conns:
-        conn.close()
-    for process in processes:
-        if not finished:
-            process.terminate()
-        process.join(timeout=10)
-        if process.is_alive():
-            process.kill()
-            process.join()
-
-
-def chunk_description(path: Path, chunks: Sequence[Chunk], index: int) -> str:
-    chunk = chunks[index]
-    return f"examples {chunk.first + 1}-{chunk.last} of {path} (chunk {index + 1} of {len(chunks)})"
-
-
-def worker_died(process: Any, path: Path, chunks: Sequence[Chunk], index: int) -> UserError:
-    process.join(timeout=10)
-    code = process.exitcode
-    if code is not None and code < 0:
-        how = f"killed by {signal.Signals(-code).name}"
-        if -code == signal.SIGKILL:
-            how += ", as the out-of-memory killer does"
-    else:
-        how = f"exit code {code}"
-    return UserError(f"a tokenization worker died ({how}) while tokenizing {chunk_description(path, chunks, index)}; "
-                     "no cache was written (short of memory? lower --tokenize_workers)")
-
-
-def worker_failed(message: tuple, path: Path, chunks: Sequence[Chunk], index: int) -> UserError:
-    _, stage, error, worker_traceback = message
-    where = chunk_description(path, chunks, index) if stage == "chunk" else stage
-    e = UserError(f"a tokenization worker failed on {where}: {error} (--tokenize_workers 1 --debug shows where)")
-    e.add_note(f"in the worker:\n{worker_traceback}")
-    return e
-
-
-def load_packed(path: Path, n_examples: int) -> dict[str, torch.Tensor]:
-    """The packed tensors of a cache file, memory-mapped; ValueError says, in our words, why it cannot be used."""
-    try:
-        packed = torch.load(path, mmap=True, weights_only=True)
-    except pickle.UnpicklingError:
-        raise ValueError("it holds objects other than tensors") from None
-    except (RuntimeError, EOFError, OSError, KeyError, ValueError):
-        raise ValueError("truncated, or not a file bertcls.py wrote") from None
-    if not is_packed(packed, n_examples):
-        raise ValueError("its contents do not match the dataset")
-    return packed
-
-
-def is_packed(obj: Any, n_examples: int) -> bool:
-    """Whether obj has the layout pack() writes, for n_examples examples."""
-    if not (isinstance(obj, dict) and isinstance(obj.get("offsets"), torch.Tensor)
-            and isinstance(obj.get("input_ids"), torch.Tensor)):
-        return False
-    offsets, n_tokens = obj["offsets"], len(obj["input_ids"])
-    types = obj.get("token_type_ids", torch.zeros(n_tokens, dtype=torch.int8))
-    return (offsets.dtype == torch.int64 and obj["input_ids"].dtype == torch.int32 and len(offsets) == n_examples + 1
-            and int(offsets[0]) == 0 and int(offsets[-1]) == n_tokens and bool((offsets[1:] >= offsets[:-1]).all())
-            and isinstance(types, torch.Tensor) and types.dtype == torch.int8 and len(types) == n_tokens)
-
-
-def write_cache(path: Path, packed: dict[str, torch.Tensor]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        torch.save(packed, tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 # -------------------------------------------------------------------------------------- distributed
 
 
@@ -1118,30 +513,6 @@ def init_distributed(requested_device: str | None, env: DistEnv) -> torch.device
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo",
                                 device_id=device if device.type == "cuda" else None)
     return device
-
-
-def gather_objects(obj: Any, world_size: int) -> list[Any]:
-    if world_size == 1:
-        return [obj]
-    import torch.distributed as dist
-    gathered: list[Any] = [None] * world_size
-    dist.all_gather_object(gathered, obj)
-    return gathered
-
-
-def broadcast_object(obj: Any, world_size: int) -> Any:
-    if world_size == 1:
-        return obj
-    import torch.distributed as dist
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
-def barrier(world_size: int) -> None:
-    if world_size > 1:
-        import torch.distributed as dist
-        dist.barrier()
 
 
 def destroy_distributed() -> None:
@@ -1174,6 +545,7 @@ def wrap_model(run: Run) -> torch.nn.Module:
 # ------------------------------------------------------------------------------------------ outputs
 
 
+RESULT_FILES = ("val-metrics.json", "test-predictions.jsonl", "learning-curve.svg")  # test-metrics.json: last
 LOG_FIELDS = ["epoch", "train_loss", "val_loss", "val_accuracy", "val_precision", "val_recall", "val_f1",
               "lr", "seconds", "examples_per_s", "stop_reason"]
 
@@ -1287,26 +659,30 @@ def save_model(run: Run, model_dir: Path) -> None:
     tmp = model_dir.with_name(".model.tmp")
     if tmp.exists():  # left by an interrupted save: save_pretrained would mix old and new files
         shutil.rmtree(tmp)
-    bars = transformers_logging.is_progress_bar_enabled()
-    transformers_logging.disable_progress_bar()  # a "Writing model shards" bar of one shard says nothing
     try:
-        run.raw_model.save_pretrained(tmp, safe_serialization=True)
-    finally:
-        if bars:
-            transformers_logging.enable_progress_bar()
-    run.tokenizer.save_pretrained(tmp)
-    config_path = tmp / "tokenizer_config.json"
-    tokenizer_config = json.loads(config_path.read_text(encoding="utf-8")) if config_path.is_file() else {}
-    tokenizer_config["model_max_length"] = run.spec.max_len
-    input_names = list(tokenizer_config.get("model_input_names") or run.tokenizer.model_input_names)
-    if run.spec.token_type_ids and "token_type_ids" not in input_names:
-        input_names.insert(1, "token_type_ids")  # transformers 5 tokenizers leave them out by default
-        tokenizer_config["model_input_names"] = input_names
-    write_json(config_path, tokenizer_config)
-    write_json(tmp / "bertcls.json", {"format": 1, "base_model": run.args.model_name,
-                                      "max_seq_len": run.spec.max_len, "token_type_ids": run.spec.token_type_ids,
-                                      "truncation": run.spec.truncation})
-    os.replace(tmp, model_dir)
+        bars = transformers_logging.is_progress_bar_enabled()
+        transformers_logging.disable_progress_bar()  # a "Writing model shards" bar of one shard says nothing
+        try:
+            run.raw_model.save_pretrained(tmp, safe_serialization=True)
+        finally:
+            if bars:
+                transformers_logging.enable_progress_bar()
+        run.tokenizer.save_pretrained(tmp)
+        config_path = tmp / "tokenizer_config.json"
+        tokenizer_config = json.loads(config_path.read_text(encoding="utf-8")) if config_path.is_file() else {}
+        tokenizer_config["model_max_length"] = run.spec.max_len
+        input_names = list(tokenizer_config.get("model_input_names") or run.tokenizer.model_input_names)
+        if run.spec.token_type_ids and "token_type_ids" not in input_names:
+            input_names.insert(1, "token_type_ids")  # transformers 5 tokenizers leave them out by default
+            tokenizer_config["model_input_names"] = input_names
+        write_json(config_path, tokenizer_config)
+        write_json(tmp / "bertcls.json", {"format": 1, "base_model": run.args.model_name,
+                                          "max_seq_len": run.spec.max_len, "token_type_ids": run.spec.token_type_ids,
+                                          "truncation": run.spec.truncation})
+        os.replace(tmp, model_dir)
+    except BaseException:  # a full disk, Ctrl-C: no partial model directory is left behind
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def update_config(run_dir: Path, **fields: Any) -> None:
@@ -1315,318 +691,33 @@ def update_config(run_dir: Path, **fields: Any) -> None:
 
 
 def write_results(run: Run, run_dir: Path, result: dict) -> None:
-    """Metric files, test-metrics.json last: its presence is what marks a finished run."""
-    update_config(run_dir, training_end=result["training_end"])
-    write_json(run_dir / "val-metrics.json", {"best_epoch": result["best_epoch"],
-                                              "train_seconds": round(result["train_seconds"], 3), **result["val"]})
-    write_predictions(run_dir / "test-predictions.jsonl", split_ids(run.splits["test"]), run.labels["test"],
-                      result["test_probs"], run.id2label)
-    atomic_write_text(run_dir / "learning-curve.svg", learning_curve_svg(result["history"]))
-    if run.args.save_model:
-        save_model(run, run_dir / "model")
-    write_json(run_dir / "test-metrics.json", result["test"])
-    remove_checkpoints(run_dir)  # only now: a kill before test-metrics.json can still resume
+    """Metric files, test-metrics.json last: its presence is what marks a finished run.
 
-
-# ------------------------------------------------------------------------------ checkpoints + --resume
-
-
-CHECKPOINT_FORMAT = 1
-CHECKPOINT_PREFIX = "checkpoint-epoch"  # <run dir>/checkpoint-epoch<N>/, written as .checkpoint-epoch<N>.tmp/
-WEIGHTS, BEST_WEIGHTS, TRAINING_STATE, MANIFEST = ("model.safetensors", "best-model.safetensors",
-                                                   "training-state.pt", "manifest.json")
-# settings that change how a run works, not what it computes: --resume may give them new values
-# (--device and --dtype only while they resolve to the device type and dtype the run started with)
-RESUME_MAY_CHANGE = frozenset({"debug", "log_interval", "cache_dir", "checkpoint_minutes", "device", "dtype"})
-
-
-@dataclasses.dataclass
-class TrainingState:
-    """Where training stands after `epoch` epochs: what the epoch loop carries on, and a checkpoint keeps
-    (with the weights, the optimizer, the GradScaler and the random states)."""
-    epoch: int = 0  # epochs done
-    step: int = 0  # optimizer steps taken: the position in the learning-rate schedule
-    train_seconds: float = 0.0
-    history: list[dict] = dataclasses.field(default_factory=list)  # the rows of log.csv
-    best: dict | None = None  # the best epoch so far: {"epoch", "val" (its metrics), "state" (its weights)}
-
-
-def cpu_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """A copy of the weights on the CPU (copying also unties shared tensors, which safetensors refuses)."""
-    return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in model.state_dict().items()}
-
-
-def rng_state(device: torch.device) -> dict[str, Any]:
-    """This process's random states: Python's, and torch's generator that dropout draws from."""
-    return {"python": random.getstate(), "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
-
-
-def set_rng_state(state: dict[str, Any], device: torch.device) -> None:
-    random.setstate(state["python"])
-    torch.set_rng_state(state["torch"])
-    if device.type == "cuda":
-        torch.cuda.set_rng_state(state["cuda"], device)
-
-
-def run_identity(config: dict) -> str:
-    """What makes a run this run: a checkpoint that another run wrote is never taken for its own."""
-    key = json.dumps([config.get("args"), config.get("dataset_digest"), config.get("started_at")], sort_keys=True)
-    return hashlib.sha256(key.encode()).hexdigest()[:16]
-
-
-def checkpoint_due(minutes: float, since: float, world_size: int) -> bool:
-    """Whether --checkpoint_minutes have passed since `since` (time.monotonic()). Rank 0's clock decides
-    for every rank: they write a checkpoint together."""
-    return broadcast_object(minutes >= 0 and time.monotonic() - since >= minutes * 60, world_size)
-
-
-def save_checkpoint(run: Run, run_dir: Path | None, run_id: str, training: TrainingState,
-                    optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler) -> None:
-    """Checkpoint the epoch just done: every rank's random states go to rank 0, which writes it."""
-    rngs = gather_objects(rng_state(run.device), run.world_size)
-    if run_dir is None:
-        return
-    start = time.perf_counter()
-    best_is_current = training.best["epoch"] == training.epoch  # its weights are the ones in hand: store them once
-    state = {"epoch": training.epoch, "step": training.step, "train_seconds": training.train_seconds,
-             "history": training.history, "best_epoch": training.best["epoch"], "best_val": training.best["val"],
-             "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "rng": rngs}
-    weights = training.best["state"] if best_is_current else cpu_state(run.raw_model)
-    path = write_checkpoint(run_dir, training.epoch, run_id, weights,
-                            None if best_is_current else training.best["state"], state)
-    size = sum(f.stat().st_size for f in path.iterdir())
-    run.log(f"checkpoint of epoch {training.epoch}: {size / 2**20:.1f} MiB written in "
-            f"{time.perf_counter() - start:.2f}s -> {path}")
-
-
-def write_checkpoint(run_dir: Path, epoch: int, run_id: str, weights: dict[str, torch.Tensor],
-                     best_weights: dict[str, torch.Tensor] | None, state: dict) -> Path:
-    """<run dir>/checkpoint-epoch<N>/, all or nothing: the files go to a temporary directory, its manifest
-    last, which is then renamed into place; only after that are the older checkpoints removed. A kill or
-    a full disk at any moment leaves the previous checkpoint whole; a failed write is a UserError."""
-    path = run_dir / f"{CHECKPOINT_PREFIX}{epoch}"
-    tmp = run_dir / f".{path.name}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)  # left by a run killed while writing
+    When a write fails (a full disk) or the run is stopped meanwhile, the result files written so far go again:
+    the run directory is that of an unfinished run, which can be resumed; the error line gives the test scores."""
     try:
-        tmp.mkdir()
-        save_weights(tmp / WEIGHTS, weights)
-        if best_weights is not None:
-            save_weights(tmp / BEST_WEIGHTS, best_weights)
-        with open(tmp / TRAINING_STATE, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        files = {f.name: f.stat().st_size for f in tmp.iterdir()}
-        write_json(tmp / MANIFEST, {"format": CHECKPOINT_FORMAT, "epoch": epoch, "run": run_id, "files": files})
-        shutil.rmtree(path, ignore_errors=True)  # an unusable one of this epoch, from before a resume
-        os.replace(tmp, path)
-        fsync_dir(run_dir)
-    except BaseException as e:  # a signal included: the half-written directory goes, the previous one stays
-        shutil.rmtree(tmp, ignore_errors=True)
-        if not isinstance(e, (OSError, RuntimeError, SafetensorError)):  # torch.save reports I/O as RuntimeError
+        update_config(run_dir, training_end=result["training_end"])
+        write_json(run_dir / "val-metrics.json", {"best_epoch": result["best_epoch"],
+                                                  "train_seconds": round(result["train_seconds"], 3), **result["val"]})
+        write_predictions(run_dir / "test-predictions.jsonl", split_ids(run.splits["test"]), run.labels["test"],
+                          result["test_probs"], run.id2label)
+        atomic_write_text(run_dir / "learning-curve.svg", learning_curve_svg(result["history"]))
+        if run.args.save_model:
+            save_model(run, run_dir / "model")
+        write_json(run_dir / "test-metrics.json", result["test"])
+    except BaseException as e:
+        if (run_dir / "test-metrics.json").exists():  # a Ctrl-C just after it was written: the run is finished
             raise
-        kept = last_complete_epoch(run_dir)
-        then = (f"the checkpoint of epoch {kept} is kept: free space, then continue with "
-                f"`python bertcls.py --resume {run_dir}`" if kept else "free space and start the run again")
-        raise UserError(f"could not write the checkpoint of epoch {epoch} ({first_line(e)}; "
-                        f"{shutil.disk_usage(run_dir).free / 2**20:.0f} MiB free on its disk); {then}") from e
-    remove_checkpoints(run_dir, keep=path)
-    return path
-
-
-def save_weights(path: Path, weights: dict[str, torch.Tensor]) -> None:
-    save_file(weights, str(path))
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())  # on the disk before the manifest says it is there
-
-
-def fsync_dir(directory: Path) -> None:
-    """Make a rename in `directory` survive a crash of the machine (POSIX; elsewhere a no-op)."""
-    if os.name == "posix":
-        fd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def checkpoint_epoch(path: Path) -> int:
-    return int(path.name[len(CHECKPOINT_PREFIX):])
-
-
-def checkpoint_dirs(run_dir: Path) -> list[Path]:
-    """The run's checkpoint directories, newest epoch first, usable or not (read_checkpoint tells)."""
-    found = [p for p in run_dir.glob(f"{CHECKPOINT_PREFIX}*") if p.name[len(CHECKPOINT_PREFIX):].isdigit()]
-    return sorted(found, key=checkpoint_epoch, reverse=True)
-
-
-def last_complete_epoch(run_dir: Path) -> int | None:
-    """The epoch of the newest checkpoint written to the end (its manifest is there), for messages."""
-    return next((checkpoint_epoch(p) for p in checkpoint_dirs(run_dir) if (p / MANIFEST).is_file()), None)
-
-
-def remove_checkpoints(run_dir: Path, keep: Path | None = None) -> None:
-    for path in [*checkpoint_dirs(run_dir), *run_dir.glob(f".{CHECKPOINT_PREFIX}*.tmp")]:
-        if path != keep:
-            shutil.rmtree(path, ignore_errors=True)
-
-
-def read_manifest(path: Path, run_id: str) -> dict:
-    """A checkpoint's manifest, checked against its files; ValueError says why the checkpoint is unusable."""
-    try:
-        manifest = json.loads((path / MANIFEST).read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ValueError("half-written (no manifest)") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"unreadable manifest ({first_line(e)})") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError("not a checkpoint of this bertcls.py's format")
-    if manifest.get("run") != run_id or manifest.get("epoch") != checkpoint_epoch(path):
-        raise ValueError("written by another run, or moved from another directory")
-    files = manifest.get("files")
-    if not isinstance(files, dict) or not {WEIGHTS, TRAINING_STATE} <= files.keys() <= {
-            WEIGHTS, BEST_WEIGHTS, TRAINING_STATE}:
-        raise ValueError("its manifest lists the wrong files")
-    for name, size in files.items():
-        actual = (path / name).stat().st_size if (path / name).is_file() else None
-        if actual != size:
-            raise ValueError(f"{name} is damaged ({actual} bytes instead of {size})")
-    return manifest
-
-
-def usable_checkpoints(run_dir: Path, run_id: str) -> tuple[list[Path], list[str]]:
-    """Checkpoints whose manifest and file sizes are right, newest first, and why each other one is not."""
-    usable, problems = [], []
-    for path in checkpoint_dirs(run_dir):
-        try:
-            read_manifest(path, run_id)
-            usable.append(path)
-        except ValueError as e:
-            problems.append(f"{path.name}: {e}")
-    return usable, problems
-
-
-def read_checkpoint(path: Path, run_id: str) -> dict:
-    """A checkpoint's weights and training state; ValueError says why it cannot be used."""
-    manifest = read_manifest(path, run_id)
-    try:
-        weights = load_file(path / WEIGHTS)
-        best_weights = load_file(path / BEST_WEIGHTS) if BEST_WEIGHTS in manifest["files"] else weights
-        # weights_only: never runs code from the file; on the CPU first, or every rank would fill cuda:0
-        state = torch.load(path / TRAINING_STATE, map_location="cpu", weights_only=True)
-    except (OSError, RuntimeError, EOFError, SafetensorError, pickle.UnpicklingError) as e:
-        raise ValueError(f"cannot be read ({first_line(e)})") from None
-    if not isinstance(state, dict) or state.get("epoch") != manifest["epoch"]:
-        raise ValueError("its training state is not that of its epoch")
-    return {"path": path, "weights": weights, "best_weights": best_weights, "state": state}
-
-
-def no_checkpoint_error(run_dir: Path, problems: Sequence[str]) -> UserError:
-    why = "; ".join(problems) or "it stopped before its first one (see --checkpoint_minutes)"
-    return UserError(f"{run_dir} has no usable checkpoint to resume from ({why}): start the run again")
-
-
-def load_resume_checkpoint(run: Run, run_dir: Path, run_id: str) -> dict:
-    """The newest checkpoint that reads back whole (older ones when newer ones are damaged). Rank 0 picks
-    it, so every rank resumes from the same one."""
-    path, checkpoint, problems = None, None, []
-    if run.rank == 0:
-        for candidate in checkpoint_dirs(run_dir):
-            try:
-                path, checkpoint = candidate, read_checkpoint(candidate, run_id)
-                break
-            except ValueError as e:
-                run.log(f"warning: not resuming from {candidate}: {e}")
-                problems.append(f"{candidate.name}: {e}")
-        if checkpoint is None:
-            raise no_checkpoint_error(run_dir, problems)
-    path = broadcast_object(path, run.world_size)
-    if checkpoint is None:
-        try:
-            checkpoint = read_checkpoint(path, run_id)
-        except ValueError as e:
-            raise UserError(f"rank {run.rank} cannot read {path}: {e}") from None
-    return checkpoint
-
-
-def restore(checkpoint: dict, run: Run, optimizer: torch.optim.Optimizer,
-            scaler: torch.amp.GradScaler) -> TrainingState:
-    """Model, optimizer, GradScaler and this rank's random states as they were after the checkpoint's epoch."""
-    state = checkpoint["state"]
-    try:
-        run.raw_model.load_state_dict(checkpoint["weights"])
-        optimizer.load_state_dict(state["optimizer"])
-    except (RuntimeError, ValueError, KeyError) as e:
-        raise UserError(f"{checkpoint['path']} does not fit {run.args.model_name} ({first_line(e)}): the model "
-                        "changed since the run started; start a new run") from None
-    scaler.load_state_dict(state["scaler"])
-    set_rng_state(state["rng"][run.rank], run.device)
-    best = {"epoch": state["best_epoch"], "val": state["best_val"], "state": checkpoint["best_weights"]}
-    return TrainingState(state["epoch"], state["step"], state["train_seconds"], state["history"], best)
-
-
-def command_line_settings(argv: Sequence[str] | None) -> dict[str, Any]:
-    """The settings given on the command line, without the defaults of the others."""
-    parser, unset = build_parser(), object()
-    blank = argparse.Namespace(**{name: unset for name in vars(parser.parse_args([]))})
-    return {k: v for k, v in vars(parser.parse_args(argv, blank)).items() if v is not unset}
-
-
-def resume_settings(args: argparse.Namespace, argv: Sequence[str] | None) -> argparse.Namespace:
-    """--resume RUN_DIR: the settings of the run's config.json; a flag that contradicts one is refused."""
-    run_dir = Path(args.resume)
-    if not (run_dir / "config.json").is_file():
-        raise UserError(f"--resume {run_dir}: not a run directory (no config.json); pass one such as "
-                        "outputs/<model>/<date>/<time>")
-    if (run_dir / "test-metrics.json").exists():
-        raise UserError(f"--resume {run_dir}: this run is already finished (it has test-metrics.json)")
-    config = read_json(run_dir / "config.json")
-    saved = config.get("args") if isinstance(config, dict) else None
-    if not isinstance(saved, dict):
-        raise UserError(f"--resume {run_dir}: not a run directory (its config.json has no \"args\")")
-    defaults = vars(parse_args([]))
-    if unknown := sorted(saved.keys() - defaults.keys()):
-        raise UserError(f"--resume {run_dir}: the run has settings this bertcls.py does not know "
-                        f"({', '.join(unknown)}); resume it with the version that started it")
-    settings = {**defaults, **saved, "resume": str(run_dir)}
-    for name, value in command_line_settings(argv).items():
-        run_value = saved.get(name, defaults[name])
-        if name in RESUME_MAY_CHANGE:
-            settings[name] = value
-        elif name != "resume" and value != run_value:
-            raise UserError(f"--{name} {value} contradicts the run's --{name} {run_value} "
-                            f"(in {run_dir / 'config.json'}): leave it out to resume, or start a new run")
-    usable, problems = usable_checkpoints(run_dir, run_identity(config))
-    if not usable:
-        raise no_checkpoint_error(run_dir, problems)
-    return argparse.Namespace(**settings)
-
-
-def check_resumable(run: Run, config: dict) -> None:
-    """Refuse to continue a run with data, a model or a set-up that would change what it computes."""
-    if run.dataset_digest != config.get("dataset_digest"):
-        raise UserError(f"the dataset in {run.args.dataset_dir} changed since the run started (its digest differs "
-                        "from the one in config.json): restore it, or start a new run")
-    if (run.params, run.spec.max_len) != (config.get("params"), config.get("max_seq_len_used")):
-        raise UserError(f"{run.args.model_name} is not the model the run started with ({run.params} parameters, "
-                        f"max_seq_len {run.spec.max_len}; config.json: {config.get('params')}, "
-                        f"{config.get('max_seq_len_used')}): restore it, or start a new run")
-    here = {"device": run.device.type, "dtype": dtype_name(run.dtype), "world size": run.world_size}
-    there = {"device": torch.device(config.get("device", "cpu")).type, "dtype": config.get("dtype"),
-             "world size": config.get("world_size")}
-    for what in here:
-        if here[what] != there[what]:
-            raise UserError(f"the run started with {what} {there[what]}, here it would be {here[what]}: resume it "
-                            "on the same kind of device, dtype and number of processes (--device, --dtype, torchrun)")
-
-
-def record_resume(run: Run, run_dir: Path, epoch: int) -> None:
-    """config.json keeps its settings; each resume is added, with the settings it changed (RESUME_MAY_CHANGE)."""
-    config = read_json(run_dir / "config.json")
-    changed = {k: v for k, v in vars(run.args).items() if k != "resume" and config["args"].get(k, v) != v}
-    entry = {"at": datetime.datetime.now().isoformat(timespec="seconds"), "from_epoch": epoch, "changed": changed}
-    update_config(run_dir, resumed=[*config.get("resumed", []), entry])
+        for name in RESULT_FILES:
+            (run_dir / name).unlink(missing_ok=True)
+        shutil.rmtree(run_dir / "model", ignore_errors=True)
+        if not isinstance(e, (OSError, SafetensorError)):
+            raise
+        test = result["test"]
+        raise UserError(f"{failed_write(f'the results in {run_dir}', run_dir, e)}; the test scores, which no file "
+                        f"holds: accuracy {test['accuracy']:.4f}, f1 {test['f1']:.4f} (best epoch "
+                        f"{result['best_epoch']})") from e
+    remove_checkpoints(run_dir)  # only now: a kill before test-metrics.json can still resume
 
 
 # ------------------------------------------------------------------------------------- set-up + main
@@ -1726,15 +817,14 @@ def all_train_batches(run: Run, epoch: int) -> list[list[int]]:
 
 
 def run_epoch(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, run: Run,
-              training: TrainingState, quiet: bool) -> dict:
+              training: TrainingState) -> dict:
     """Train the next epoch and validate it; record its log.csv row, and its weights if its val F1 is the best."""
-    from tqdm.auto import tqdm
     epoch = training.epoch + 1
     all_batches = all_train_batches(run, epoch)
     batches = all_batches[run.rank::run.world_size]
     start = time.perf_counter()
-    with tqdm(total=sum(map(len, batches)), desc=f"epoch {epoch}", unit="ex", disable=quiet, leave=False,
-              dynamic_ncols=True) as progress:
+    with Progress(sum(map(len, all_batches)), f"epoch {epoch}/{run.args.epochs}", enabled=run.rank == 0,
+                  timed=False) as progress:
         training.step, train_loss = train_epoch(model, optimizer, scaler, run, batches, step=training.step,
                                                 epoch=epoch, progress=progress, step_examples=examples_per_step(
                                                     all_batches, run.args.grad_accum_steps, run.world_size))
@@ -1762,12 +852,21 @@ def early_stop_reason(training: TrainingState, args: argparse.Namespace) -> str 
             f"(--patience {args.patience})")
 
 
+def record_resume(run: Run, run_dir: Path, epoch: int) -> None:
+    """config.json keeps its settings; each resume is added, with the settings it changed (RESUME_MAY_CHANGE)."""
+    config = read_json(run_dir / "config.json")
+    changed = {k: v for k, v in vars(run.args).items() if k != "resume" and config["args"].get(k, v) != v}
+    entry = {"at": datetime.datetime.now().isoformat(timespec="seconds"), "from_epoch": epoch, "changed": changed}
+    update_config(run_dir, resumed=[*config.get("resumed", []), entry])
+
+
 def start_record(run: Run, run_dir: Path, resumed_from: int | None) -> str:
     """config.json for a new run, or a note of the resume in the run's own; returns the run's identity."""
-    if resumed_from is None:
-        write_json(run_dir / "config.json", run.config_record())
-    else:
-        record_resume(run, run_dir, resumed_from)
+    with writing(f"{run_dir / 'config.json'}", run_dir):
+        if resumed_from is None:
+            write_json(run_dir / "config.json", run.config_record())
+        else:
+            record_resume(run, run_dir, resumed_from)
     return run_identity(read_json(run_dir / "config.json"))
 
 
@@ -1799,13 +898,14 @@ def train_and_evaluate(run: Run, run_dir: Path | None, checkpoint: dict | None =
     # ------------------------------------------------------------------------------- the epoch loop
     for epoch in tqdm(range(training.epoch + 1, args.epochs + 1), desc="epochs", initial=training.epoch,
                       total=args.epochs, disable=quiet, dynamic_ncols=True):
-        row = run_epoch(model, optimizer, scaler, run, training, quiet)
+        row = run_epoch(model, optimizer, scaler, run, training)
         stop_reason = row["stop_reason"] = early_stop_reason(training, args)
         log(f"epoch {epoch}/{args.epochs}: train loss {row['train_loss']:.4f} | val loss {row['val_loss']:.4f} "
             f"acc {row['val_accuracy']:.4f} f1 {row['val_f1']:.4f} | {row['examples_per_s']:.1f} ex/s"
             + (f" | {stop_reason}" if stop_reason else ""))
         if run_dir is not None:
-            write_log_csv(run_dir / "log.csv", training.history)
+            with writing(f"{run_dir / 'log.csv'}", run_dir):
+                write_log_csv(run_dir / "log.csv", training.history)
         if stop_reason:
             break
         # none after the last epoch: evaluating val and test is all that is left
@@ -1837,6 +937,8 @@ def fine_tune(args: argparse.Namespace, env: DistEnv, log: Callable[[str], None]
                 held.enter_context(hold_run_dir(run_dir))
         else:
             check_output_dir(Path(args.output_dir))
+            if env.rank == 0:  # the one that writes, before the model is loaded and the data tokenized
+                check_writable(Path(args.output_dir))
         device = init_distributed(args.device, env)
         random.seed(args.seed)
         run = Run(args, log, env.rank, env.world_size, device)
@@ -1857,6 +959,25 @@ def fine_tune(args: argparse.Namespace, env: DistEnv, log: Callable[[str], None]
                 f"(best epoch {result['best_epoch']}) -> {run_dir}")
         barrier(env.world_size)
     return 0
+
+
+def command_line_settings(argv: Sequence[str] | None) -> dict[str, Any]:
+    """The settings given on the command line, without the defaults of the others."""
+    parser, unset = build_parser(), object()
+    blank = argparse.Namespace(**{name: unset for name in vars(parser.parse_args([]))})
+    return {k: v for k, v in vars(parser.parse_args(argv, blank)).items() if v is not unset}
+
+
+def resume_settings(args: argparse.Namespace, argv: Sequence[str] | None) -> argparse.Namespace:
+    """--resume RUN_DIR: the settings of the run's config.json; a flag that contradicts one is refused."""
+    run_dir = Path(args.resume)
+    if not (run_dir / "config.json").is_file():
+        raise UserError(f"--resume {run_dir}: not a run directory (no config.json); pass one such as "
+                        "outputs/<model>/<date>/<time>")
+    if (run_dir / "test-metrics.json").exists():
+        raise UserError(f"--resume {run_dir}: this run is already finished (it has test-metrics.json)")
+    return resumed_settings(run_dir, read_json(run_dir / "config.json"), vars(parse_args([])),
+                            command_line_settings(argv))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

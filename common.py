@@ -9,7 +9,7 @@ of the project may import it (nothing here imports them back).
 - files: atomic writes, and JSON / JSONL reading whose errors name the file and line
 - progress: bars on a terminal, plain lines in logs
 - flags: argparse validators
-- devices: torchrun's environment, the device and the autocast dtype
+- devices: torchrun's environment and the collectives of its processes, the device and the autocast dtype
 - run directories: outputs/<model>/<date>/<time>/, and a lock that keeps two processes out of one
 """
 
@@ -25,6 +25,7 @@ import re
 import secrets
 import signal
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterator, NamedTuple
@@ -282,12 +283,14 @@ def format_duration(seconds: float) -> str:
 
 class Progress:
     """Progress of a long step on stderr: a tqdm bar on a terminal; elsewhere (nohup, CI, the logs of a sweep's
-    runs) a plain line every PROGRESS_EVERY_S seconds, since a bar's carriage returns make a log unreadable."""
+    runs) plain lines, since a bar's carriage returns make a log unreadable: one every PROGRESS_EVERY_S seconds,
+    or with timed=False one at each report() (training reports every --log_interval optimizer steps)."""
 
-    def __init__(self, total: float, desc: str, unit: str = "examples", enabled: bool = True):
-        self.total, self.desc, self.unit, self.enabled = total, desc, unit, enabled
+    def __init__(self, total: float, desc: str, unit: str = "examples", enabled: bool = True, timed: bool = True):
+        self.total, self.desc, self.unit, self.enabled, self.timed = total, desc, unit, enabled, timed
         self.done, self.started = 0, time.monotonic()
         self.shown = self.started
+        self.fields: dict[str, str] = {}
         self.bar = None
         if enabled and sys.stderr.isatty():
             from tqdm.auto import tqdm  # installed with transformers
@@ -297,7 +300,16 @@ class Progress:
         self.done += n
         if self.bar is not None:
             self.bar.update(n)
-        elif self.enabled and time.monotonic() - self.shown >= PROGRESS_EVERY_S:
+        elif self.enabled and self.timed and time.monotonic() - self.shown >= PROGRESS_EVERY_S:
+            self.shown = time.monotonic()
+            log(self.line())
+
+    def report(self, **fields: str) -> None:
+        """Figures that go with the progress (a step, a loss): the bar's postfix on a terminal, else a line now."""
+        self.fields = fields
+        if self.bar is not None:
+            self.bar.set_postfix(fields)
+        elif self.enabled:
             self.shown = time.monotonic()
             log(self.line())
 
@@ -307,7 +319,8 @@ class Progress:
         left = (self.total - self.done) / rate if rate > 0 else math.inf
         percent = 100 * self.done / (self.total or 1)
         return (f"{self.desc}: {self.done:.0f}/{self.total:.0f} {self.unit} ({percent:.0f}%), "
-                f"{rate:.0f} {self.unit}/s, {format_duration(left)} left")
+                f"{rate:.0f} {self.unit}/s, {format_duration(left)} left"
+                + "".join(f", {name} {value}" for name, value in self.fields.items()))
 
     def close(self) -> None:
         if self.bar is not None:
@@ -334,6 +347,31 @@ class DistEnv(NamedTuple):
 def dist_env() -> DistEnv:
     return DistEnv(int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0")),
                    int(os.environ.get("WORLD_SIZE", "1")), "LOCAL_RANK" in os.environ)
+
+
+def gather_objects(obj: Any, world_size: int) -> list[Any]:
+    """Every rank's obj, in rank order (the process group's collectives; nothing to do for one process)."""
+    if world_size == 1:
+        return [obj]
+    import torch.distributed as dist
+    gathered: list[Any] = [None] * world_size
+    dist.all_gather_object(gathered, obj)
+    return gathered
+
+
+def broadcast_object(obj: Any, world_size: int) -> Any:
+    if world_size == 1:
+        return obj
+    import torch.distributed as dist
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def barrier(world_size: int) -> None:
+    if world_size > 1:
+        import torch.distributed as dist
+        dist.barrier()
 
 
 def pick_device(requested: str | None, local_rank: int | None = None) -> torch.device:
@@ -423,12 +461,28 @@ def check_output_dir(output_dir: Path, flag: str = "--output_dir") -> None:
             raise UserError(f"{flag} {output_dir} {where}: pass a directory")
 
 
+def check_writable(directory: Path, flag: str = "--output_dir") -> None:
+    """Fail before any expensive work when nothing can be created in directory, or in the part of its path that
+    exists (a read-only file system, no permission): a temporary file is made there and removed at once.
+    A full disk passes (an empty file takes no space): writing the results says so when it comes to that."""
+    existing = next(path for path in (directory, *directory.parents) if path.exists())
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as e:
+        raise UserError(f"cannot write in {existing} ({e.strerror}): {flag} needs a directory you can write to") \
+            from None
+
+
 def make_run_dir(output_dir: Path, model_name: str, now: datetime.datetime | None = None) -> Path:
     """A new outputs/<model>/<YYYY-MM-DD>/<HH-MM-SS.ffffff>/ directory."""
     now = now or datetime.datetime.now()
     check_output_dir(output_dir)
     run_dir = output_dir / safe_name(model_name) / now.strftime("%Y-%m-%d") / now.strftime("%H-%M-%S.%f")
-    run_dir.mkdir(parents=True, exist_ok=False)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=False)
+    except OSError as e:
+        raise UserError(f"cannot create the run directory {run_dir} ({e.strerror})") from None
     return run_dir
 
 
@@ -442,7 +496,11 @@ def hold_run_dir(run_dir: Path) -> Iterator[None]:
     if fcntl is None:
         yield
         return
-    with open(run_dir / ".lock", "a+", encoding="utf-8") as f:
+    try:
+        lock = open(run_dir / ".lock", "a+", encoding="utf-8")
+    except OSError as e:
+        raise UserError(f"cannot write in {run_dir} ({e.strerror}): a run writes in its directory") from None
+    with lock as f:
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

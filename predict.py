@@ -23,10 +23,10 @@ from typing import Any, Sequence, TextIO
 
 import torch
 
-from bertcls import (TRUNCATIONS, InputSpec, check_room_for_text, example_text, pack, padded_length, predict,
-                     tokenize_rows)
-from common import (UserError, atomic_write_text, autocast_context, first_line, log, parse_json_object, pick_device,
-                    positive_int, read_json, resolve_dtype, run_cli, use_tf32)
+from bertcls import padded_length, predict
+from common import (UserError, atomic_write_text, autocast_context, check_writable, first_line, log, parse_json_object,
+                    pick_device, positive_int, read_json, resolve_dtype, run_cli, use_tf32)
+from data import TRUNCATIONS, InputSpec, check_room_for_text, example_text, pack, tokenize_rows
 from families import load_tokenizer, position_limit, uses_token_type_ids
 
 DEFAULT_LABEL = re.compile(r"LABEL_\d+")  # the names transformers makes up for a config without labels
@@ -197,13 +197,30 @@ def prediction_record(row: dict, probs: Sequence[float], id2label: dict[int, str
     return record
 
 
+def check_output(destination: str) -> None:
+    """Refuse an --output that cannot be written before the model is loaded, not after the inference."""
+    if destination == "-":
+        return
+    path = Path(destination)
+    if path.is_dir():
+        raise UserError(f"--output {path} is a directory: pass a file name, e.g. {path / 'predictions.jsonl'}")
+    if not path.parent.is_dir():
+        problem = "is not a directory" if path.parent.exists() else "does not exist"
+        raise UserError(f"--output {path}: {path.parent} {problem}: create the directory or pass another path")
+    check_writable(path.parent, "--output")
+
+
 def write_output(destination: str, lines: list[str]) -> None:
     text = "".join(line + "\n" for line in lines)
     if destination == "-":
         sys.stdout.write(text)
         sys.stdout.flush()
-    else:
+        return
+    try:
         atomic_write_text(Path(destination), text)
+    except OSError as e:  # a full disk: atomic_write_text leaves nothing behind
+        raise UserError(f"could not write --output {destination} ({e.strerror}): nothing was written; free space "
+                        "and run again, or pass --output - for stdout") from None
 
 
 # ------------------------------------------------------------------------------------------------ main
@@ -232,6 +249,7 @@ def classify(args: argparse.Namespace, rows: list[dict]) -> list[dict]:
 
 
 def run_predict(args: argparse.Namespace) -> int:
+    check_output(args.output)
     if args.text is not None:
         try:
             args.text.encode("utf-8")

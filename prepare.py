@@ -44,8 +44,8 @@ from collections import Counter, defaultdict
 from pathlib import Path, PurePosixPath
 from typing import BinaryIO, Callable, Iterable, Iterator, NamedTuple, Sequence
 
-from common import (Line, Progress, UserError, atomic_write_text, check_output_dir, decode_utf8, iter_jsonl,
-                    iter_lines, jsonl_line, run_cli)
+from common import (Line, Progress, UserError, atomic_write_text, check_output_dir, check_writable, decode_utf8,
+                    iter_jsonl, iter_lines, jsonl_line, run_cli)
 
 CORPUS_URL = "https://www.rondhuit.com/download/ldcc-20140209.tar.gz"
 N_CATEGORIES = 9
@@ -519,6 +519,7 @@ def rare_label_warning(splits: dict[str, list[dict]], label2id: dict[str, int]) 
 def check_dataset_dir(output_dir: Path) -> None:
     """Fail before any work if the output cannot be written without clobbering something else."""
     check_output_dir(output_dir)
+    check_writable(output_dir.parent)  # where the dataset is staged, then swapped into place
     if output_dir.is_dir():
         foreign = sorted(p.name for p in output_dir.iterdir()
                          if p.name not in OUTPUT_FILES and not (p.is_dir() and FOLD_DIR.fullmatch(p.name)))

@@ -81,10 +81,12 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, NamedTuple, Sequence
 
 import bertcls
+import checkpoints
+import data
 import families
 import stats
-from common import (UserError, atomic_write_text, dtype_name, first_line, log, positive_float, positive_int, read_jsonl,
-                    resolve_dtype, run_cli, safe_name)
+from common import (UserError, atomic_write_text, check_output_dir, dtype_name, first_line, log, positive_float,
+                    positive_int, read_jsonl, resolve_dtype, run_cli, safe_name)
 
 BERTCLS = Path(__file__).resolve().with_name("bertcls.py")
 DEFAULT_MODELS = [
@@ -152,7 +154,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--long_context", action="store_true",
                    help="also the long-context Japanese encoders (LONG_CONTEXT_MODELS: sbintuitions/modernbert-ja-30m, "
                         "-70m, -130m, -310m, llm-jp/llm-jp-modernbert-base) (default: off)")
-    p.add_argument("--truncations", nargs="+", choices=bertcls.TRUNCATIONS, metavar="TRUNCATION",
+    p.add_argument("--truncations", nargs="+", choices=data.TRUNCATIONS, metavar="TRUNCATION",
                    help="bertcls.py --truncation values, head and/or head_tail (default: head; with --no_run: every "
                         "one found)")
     p.add_argument("--dataset_dirs", nargs="+", metavar="DIR",
@@ -476,7 +478,7 @@ def resumable_run(directory: Path, combo: Combination, defaults: dict[str, Any])
             continue
         args = config.get("args")
         if (isinstance(args, dict) and matches(args, combo.wanted, defaults) and recorded_on(config) == combo.computed
-                and bertcls.usable_checkpoints(run_dir, bertcls.run_identity(config))[0]):
+                and checkpoints.usable_checkpoints(run_dir, checkpoints.run_identity(config))[0]):
             found.append(run_dir)
     return max(found, key=lambda d: (d.parent.name, d.name)) if found else None
 
@@ -642,11 +644,17 @@ def read_lock(path: Path) -> LockFile | None:
             data = f.read(65536)
     except FileNotFoundError:
         return None
+    except IsADirectoryError:
+        raise not_a_lock(path) from None
     except OSError as e:
         if e.errno == errno.ESTALE:  # NFS: another host renamed or removed it while we opened it
             return None
         raise
     return LockFile(data.decode("utf-8", errors="replace"), stat.st_ino, stat.st_mtime_ns)
+
+
+def not_a_lock(path: Path) -> UserError:
+    return UserError(f"{path} is a directory where sweep.py keeps a lock file (no sweep makes one): remove it")
 
 
 def lock_owner(lock: LockFile) -> tuple[list[int], str]:
@@ -871,7 +879,7 @@ def check_dataset(dataset_dir: Path, passed: dict[str, Any], lrs: Sequence[float
                   log: Callable[[str], None]) -> None:
     """What every run would find out alone, said once: a dataset no run can use is an error, a schedule that
     cannot reach the swept learning rates (e.g. --epochs 1 with the default 2 warmup epochs) a warning."""
-    _, splits = bertcls.load_dataset(dataset_dir, lambda line: log(f"sweep.py: {line}"))
+    _, splits = data.load_dataset(dataset_dir, lambda line: log(f"sweep.py: {line}"))
     if passed.get("max_batch_tokens") is not None:  # batches per epoch depend on the token lengths: runs warn
         return
     n_batches = math.ceil(len(splits["train"].labels) / passed["batch_size"])  # one process per run
@@ -1446,8 +1454,7 @@ def show_grid(args: argparse.Namespace, combos: Sequence[Combination], output_di
 
 def sweep(args: argparse.Namespace, log: Callable[[str], None]) -> int:
     output_dir = Path(args.output_dir)
-    if output_dir.exists() and not output_dir.is_dir():
-        raise UserError(f"--output_dir {output_dir} is a file: pass a directory")
+    check_output_dir(output_dir)  # a file, or under one; writing is checked when there is something to write
     defaults = resolve_bertcls_args([])
     passed = resolve_bertcls_args(args.bertcls_flags)  # also rejects bad flags before anything runs
     failed = 0
@@ -1479,6 +1486,9 @@ def sweep(args: argparse.Namespace, log: Callable[[str], None]) -> int:
         log(f"sweep.py: {len(combos)} combinations, {len(combos) - len(todo)} already finished, {len(todo)} to run "
             f"(logs in {output_dir / 'sweep-logs'})")
         if todo:
+            blocked = [path for path in (lock_path(output_dir, c) for c in todo) if path.is_dir()]
+            if blocked:  # said now, not after the runs before it
+                raise not_a_lock(blocked[0])
             check_datasets(todo, passed, args.lrs or DEFAULT_LRS, log)
         bad_models = unloadable_models(todo, log)
         skipped = [c for c in todo if c.model_name in bad_models]

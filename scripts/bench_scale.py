@@ -53,7 +53,7 @@ MIB = 2**20
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    import bertcls
+    import data
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--corpus", default=str(SHARED_CORPUS if SHARED_CORPUS.is_file() else DOWNLOADED_CORPUS),
                    help="livedoor tarball, or a JSONL of articles with id, category, title, body "
@@ -62,7 +62,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="copies of each article in the large corpus (default: %(default)s, about 737k articles)")
     p.add_argument("--ratio_examples", type=positive_int, default=20000,
                    help="training examples tokenized with MeCab for the 1-vs-all-workers ratio (default: %(default)s)")
-    p.add_argument("--tokenize_workers", type=positive_int, default=bertcls.default_tokenize_workers(),
+    p.add_argument("--tokenize_workers", type=positive_int, default=data.default_tokenize_workers(),
                    help="worker processes to compare with 1 (default: %(default)s, the cores available)")
     p.add_argument("--max_seq_len", type=positive_int, default=512, help="(default: %(default)s)")
     p.add_argument("--work_dir", default=".cache/bench_scale", help="(default: %(default)s)")
@@ -225,16 +225,16 @@ def bertcls_run(name: str, work: Path, model: Path, dataset: Path, cache: Path, 
 def tokenization_ratio(tokenizer: Any, dataset: Path, n: int, workers: int, max_len: int, work: Path) -> dict:
     """Seconds to tokenize the first n training examples with 1 process and with `workers` (worker start-up
     included), and the one-time start of the fork server the workers are forked from (bertcls.py pays it once)."""
-    import bertcls
+    import data
     from common import Progress
-    data = bertcls.read_split(dataset, "train", bertcls.load_label2id(dataset))
-    n = min(n, len(data.labels))
-    if n < bertcls.PARALLEL_MIN_EXAMPLES:
-        raise SystemExit(f"bench_scale.py: --ratio_examples must be at least {bertcls.PARALLEL_MIN_EXAMPLES}")
-    subset = data._replace(labels=data.labels[:n], starts=data.starts[:n + 1])
-    spec = bertcls.InputSpec(max_len, True)
+    train = data.read_split(dataset, "train", data.load_label2id(dataset))
+    n = min(n, len(train.labels))
+    if n < data.PARALLEL_MIN_EXAMPLES:
+        raise SystemExit(f"bench_scale.py: --ratio_examples must be at least {data.PARALLEL_MIN_EXAMPLES}")
+    subset = train._replace(labels=train.labels[:n], starts=train.starts[:n + 1])
+    spec = data.InputSpec(max_len, True)
     started = time.perf_counter()
-    server = bertcls.worker_context(type(tokenizer).__module__).Process(target=os.getpid)
+    server = data.worker_context(type(tokenizer).__module__).Process(target=os.getpid)
     server.start()  # starts the fork server (importing torch and the tokenizer's module), then forks from it
     server.join()
     figures = {"examples": n, "workers": workers, "fork_server_start_s": round(time.perf_counter() - started, 1)}
@@ -242,7 +242,7 @@ def tokenization_ratio(tokenizer: Any, dataset: Path, n: int, workers: int, max_
         path = work / f"ratio-{processes}.pt"
         started = time.perf_counter()
         with Progress(n, f"tokenizing {n} examples, {processes} process(es)") as progress:
-            bertcls.tokenize_split(tokenizer, subset, spec, processes, path, progress)
+            data.tokenize_split(tokenizer, subset, spec, processes, path, progress)
         figures[f"seconds_{'1' if processes == 1 else 'workers'}"] = round(time.perf_counter() - started, 1)
         path.unlink()
     figures["speedup"] = round(figures["seconds_1"] / figures["seconds_workers"], 2)

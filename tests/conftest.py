@@ -8,9 +8,11 @@ for the long-context family (build_tiny_modernbert); tests/test_families.py buil
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
+import subprocess
 import sys
 from pathlib import Path
 
@@ -170,6 +172,29 @@ def results(run_dir: Path) -> dict:
            for row in csv.DictReader((run_dir / "log.csv").open(encoding="utf-8"))]
     return {"val": val, "log": log, "test": (run_dir / "test-metrics.json").read_bytes(),
             "predictions": (run_dir / "test-predictions.jsonl").read_bytes()}
+
+
+def read_only_mount_prefix(directory: Path) -> list[str] | None:
+    """A command prefix running a command with directory bind-mounted read-only (a private mount namespace:
+    root, or an unprivileged user namespace), or None where this system allows neither."""
+    mount = ['sh', '-c', 'mount --bind -o ro "$0" "$0" && exec "$@"', str(directory)]
+    for unshare in (["unshare", "--mount"], ["unshare", "--map-root-user", "--mount"]):
+        with contextlib.suppress(OSError):
+            probe = subprocess.run([*unshare, *mount, "sh", "-c", 'touch "$0/probe" 2>/dev/null; test $? -ne 0',
+                                    str(directory)], capture_output=True)
+            if probe.returncode == 0:
+                return [*unshare, *mount]
+    return None
+
+
+def run_on_read_only(directory: Path, command: list[str]) -> subprocess.CompletedProcess:
+    """command, run with directory (made if need be) on a read-only mount; skips the test where none can be made."""
+    directory.mkdir(parents=True, exist_ok=True)
+    prefix = read_only_mount_prefix(directory)
+    if prefix is None:
+        pytest.skip("cannot mount a read-only file system here (needs unshare --mount: root or user namespaces)")
+    return subprocess.run([*prefix, *command], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
 
 
 # bertcls.py, except that at the STOP_BATCH-th training batch of epoch STOP_EPOCH each process writes its

@@ -17,6 +17,7 @@ import torch
 import bench
 import bertcls
 import common
+import data
 from conftest import REPO, train_args, write_dataset
 
 REQUIRED_KEYS = {"examples_per_s", "tokens_per_s", "padding_fraction", "peak_mem_mb", "mfu", "peak_flops", "device"}
@@ -60,7 +61,7 @@ def test_bench_peak_flops_flag_grad_accumulation_and_host_figures(tiny_bert, tin
 
 
 def test_always_mask_gives_unpadded_batches_a_mask_of_ones():
-    packed = bertcls.pack({"input_ids": [[5] * 8, [6] * 8], "token_type_ids": [[], []]})
+    packed = data.pack({"input_ids": [[5] * 8, [6] * 8], "token_type_ids": [[], []]})
     counts = {"examples": 0, "tokens": 0, "slots": 0, "host_data_s": 0.0}
     plain = bench.counting(bertcls.collate, counts, torch.device("cpu"))(packed, [0, 1], None, 0)
     masked = bench.counting(bertcls.collate, counts, torch.device("cpu"), always_mask=True)(packed, [0, 1], None, 0)
@@ -115,9 +116,9 @@ def test_tokenization_cache_is_reused_and_invalidated(tiny_bert, tiny_dataset, t
     cache = tmp_path / "cache"
     first = make_run(tiny_bert, tiny_dataset, cache)
     assert len(list(cache.glob("*.pt"))) == 3  # one file per split
-    monkeypatch.setattr(bertcls, "encode_rows", refuse_tokenizing)
+    monkeypatch.setattr(data, "encode_rows", refuse_tokenizing)
     second = make_run(tiny_bert, tiny_dataset, cache)  # same tokenizer, max_seq_len and data: nothing to do
-    for split in bertcls.SPLITS:
+    for split in data.SPLITS:
         assert all(torch.equal(first.packed[split][k], second.packed[split][k]) for k in first.packed[split])
 
     with pytest.raises(Tokenized):
@@ -170,7 +171,7 @@ def test_padded_length_and_compile_buckets():
 
 
 def test_collate_gathers_rows_pads_and_masks():
-    packed = bertcls.pack({"input_ids": [[2, 5, 3], [2, 6, 7, 8, 3], [2, 3]],
+    packed = data.pack({"input_ids": [[2, 5, 3], [2, 6, 7, 8, 3], [2, 3]],
                            "token_type_ids": [[0, 0, 0], [0, 0, 1, 1, 1], [0, 0]]})
     batch = bertcls.collate(packed, [1, 2], torch.tensor([0, 1, 2]), pad_id=9)
     assert batch["input_ids"].tolist() == [[2, 6, 7, 8, 3, 9, 9, 9], [2, 3, 9, 9, 9, 9, 9, 9]]
@@ -178,7 +179,7 @@ def test_collate_gathers_rows_pads_and_masks():
     assert batch["token_type_ids"].tolist() == [[0, 0, 1, 1, 1, 0, 0, 0], [0] * 8]
     assert batch["labels"].tolist() == [1, 2]
     assert all(v.dtype == torch.long for v in batch.values())
-    assert "token_type_ids" not in bertcls.collate(bertcls.pack({"input_ids": [[2, 3]], "token_type_ids": [[]]}),
+    assert "token_type_ids" not in bertcls.collate(data.pack({"input_ids": [[2, 3]], "token_type_ids": [[]]}),
                                                    [0], None, pad_id=0)
 
 
@@ -194,7 +195,7 @@ class LengthModel(torch.nn.Module):
 
 def test_predict_restores_the_original_order():
     lengths = [3, 9, 2, 12, 5]
-    packed = bertcls.pack({"input_ids": [[1] * n for n in lengths], "token_type_ids": [[] for _ in lengths]})
+    packed = data.pack({"input_ids": [[1] * n for n in lengths], "token_type_ids": [[] for _ in lengths]})
     labels = torch.tensor([0, 1, 0, 1, 0])
     probs, losses = bertcls.predict(LengthModel(), packed, batch_size=2, device=torch.device("cpu"),
                                     ctx=contextlib.nullcontext(), pad_id=0, labels=labels)

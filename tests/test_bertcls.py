@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import errno
 import json
 import math
 import os
@@ -21,9 +22,11 @@ import pytest
 import torch
 
 import bertcls
+import checkpoints
 import common
+import data
 import families
-from conftest import REPO, finished_runs, train_args
+from conftest import REPO, finished_runs, run_on_read_only, train_args
 
 # ------------------------------------------------------------------------------------ pure functions
 
@@ -84,13 +87,13 @@ def test_pair_truncation_keeps_the_title(tiny_bert):
     tokenizer = families.load_tokenizer(str(tiny_bert))
     title, body = "野球の試合", "選手、監督、サッカー、得点が発表された。" * 20
     title_ids = tokenizer(title, add_special_tokens=False)["input_ids"]
-    enc = bertcls.encode_one(tokenizer, title, body, bertcls.InputSpec(max_len=24, token_type_ids=True))
+    enc = data.encode_one(tokenizer, title, body, data.InputSpec(max_len=24, token_type_ids=True))
     assert len(enc["input_ids"]) == 24
     assert enc["input_ids"][1:1 + len(title_ids)] == title_ids  # [CLS] title [SEP] body... [SEP]
     assert enc["token_type_ids"][:len(title_ids) + 2] == [0] * (len(title_ids) + 2)
     assert enc["token_type_ids"][-1] == 1
     # a title longer than the budget alone still fits, by truncating both
-    long = bertcls.encode_one(tokenizer, title * 20, body, bertcls.InputSpec(max_len=24, token_type_ids=False))
+    long = data.encode_one(tokenizer, title * 20, body, data.InputSpec(max_len=24, token_type_ids=False))
     assert len(long["input_ids"]) == 24
 
 
@@ -98,23 +101,23 @@ def test_label_names_are_mapped_and_text_field_used(tmp_path):
     rows = [{"text": "映画の公開", "label": "movie"}, {"title": "野球", "body": "試合", "label": 2}]
     (tmp_path / "train.jsonl").write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in rows) + "\n",
                                           encoding="utf-8")
-    loaded = bertcls.load_split(tmp_path, "train", {"movie": 0, "sports": 1, "tech": 2})
+    loaded = data.load_split(tmp_path, "train", {"movie": 0, "sports": 1, "tech": 2})
     assert [r["label"] for r in loaded] == [0, 2]
-    assert bertcls.example_text(loaded[0]) == ("映画の公開", None)
-    assert bertcls.example_text(loaded[1]) == ("野球", "試合")
+    assert data.example_text(loaded[0]) == ("映画の公開", None)
+    assert data.example_text(loaded[1]) == ("野球", "試合")
 
 
 def test_fold_record_is_read_from_fold_json(tmp_path):
-    assert bertcls.load_fold(tmp_path) is None  # a plain split
+    assert data.load_fold(tmp_path) is None  # a plain split
     (tmp_path / "fold.json").write_text(json.dumps({"fold": 2, "folds": 5, "seed": 42, "set": "abc"}))
-    assert bertcls.load_fold(tmp_path) == {"fold": 2, "folds": 5, "set": "abc"}
+    assert data.load_fold(tmp_path) == {"fold": 2, "folds": 5, "set": "abc"}
     (tmp_path / "fold.json").write_text(json.dumps({"fold": "2", "folds": 5, "set": "abc"}))
     with pytest.raises(common.UserError, match="fold.json: expected an object with integers 'fold', 'folds'"):
-        bertcls.load_fold(tmp_path)
+        data.load_fold(tmp_path)
 
 
 def test_collate_pads_to_multiple_of_eight_and_masks():
-    packed = bertcls.pack({"input_ids": [[5, 6, 7], [5] * 10], "token_type_ids": [[0, 0, 1], [0] * 10]})
+    packed = data.pack({"input_ids": [[5, 6, 7], [5] * 10], "token_type_ids": [[0, 0, 1], [0] * 10]})
     batch = bertcls.collate(packed, [1, 0], torch.tensor([4, 2]), pad_id=0)
     assert batch["input_ids"].shape == (2, 16)
     assert batch["attention_mask"].sum(1).tolist() == [10, 3]
@@ -147,7 +150,7 @@ def test_check_labels_refuses_one_label_and_names_labels_train_never_shows():
     labels = {"train": [0, 0], "val": [1], "test": [0]}
 
     def check() -> str | None:
-        return bertcls.check_labels({s: torch.tensor(v) for s, v in labels.items()}, id2label, Path("d"))
+        return data.check_labels({s: torch.tensor(v) for s, v in labels.items()}, id2label, Path("d"))
 
     with pytest.raises(common.UserError, match=r"train.jsonl: every example has the label 'movie': a classifier "
                                                r"needs examples of at least 2 labels"):
@@ -165,8 +168,8 @@ def test_check_room_for_text_counts_the_special_tokens(tiny_bert, pair, special)
     tokenizer = families.load_tokenizer(str(tiny_bert))
     with pytest.raises(common.UserError, match=f"a length of {special} tokens leaves no room for text: the tokenizer "
                                                f"adds {special} special tokens"):
-        bertcls.check_room_for_text(special, tokenizer, pair)
-    bertcls.check_room_for_text(special + 1, tokenizer, pair)
+        data.check_room_for_text(special, tokenizer, pair)
+    data.check_room_for_text(special + 1, tokenizer, pair)
 
 
 def test_nonfinite_advice_suggests_only_other_settings():
@@ -187,12 +190,12 @@ def test_label2id_with_bad_ids_or_bytes_is_one_line(tmp_path, content, message):
     path = tmp_path / "label2id.json"
     path.write_bytes(content if isinstance(content, bytes) else content.encode("utf-8"))
     with pytest.raises(common.UserError, match=re.escape(message)):
-        bertcls.load_label2id(tmp_path)
+        data.load_label2id(tmp_path)
 
 
 def test_label2id_with_a_bom_is_read_like_the_jsonl_files(tmp_path):
     (tmp_path / "label2id.json").write_bytes(b"\xef\xbb\xbf" + json.dumps({"a": 0, "b": 1}).encode())
-    assert bertcls.load_label2id(tmp_path) == {"a": 0, "b": 1}
+    assert data.load_label2id(tmp_path) == {"a": 0, "b": 1}
 
 
 def svg_series(root: ET.Element) -> dict[str, list[tuple[float, float]]]:
@@ -228,7 +231,7 @@ def test_learning_curve_draws_every_epoch_with_ticks_and_a_legend_clear_of_the_d
 
 
 def test_an_unpadded_batch_has_no_attention_mask():
-    packed = bertcls.pack({"input_ids": [[5, 6, 7, 8, 9, 10, 11, 12], [5] * 8, [5] * 3],
+    packed = data.pack({"input_ids": [[5, 6, 7, 8, 9, 10, 11, 12], [5] * 8, [5] * 3],
                            "token_type_ids": [[0, 0, 0, 1, 1, 1, 1, 1], [0] * 8, [0] * 3]})
     batch = bertcls.collate(packed, [1, 0], None, pad_id=0)
     assert "attention_mask" not in batch  # SDPA may then take its flash kernel
@@ -297,8 +300,8 @@ def test_each_rank_draws_its_own_dropout_masks(tiny_bert, tiny_dataset, tmp_path
     rank1 = bertcls.Run(args, log=quiet, rank=1)
     assert not torch.equal(torch.get_rng_state(), after_rank0)
     # the data order does not depend on the rank: each takes its turns in the one global order
-    shards = [bertcls.train_batches(SimpleNamespace(args=args, packed=rank1.packed, rank=r, world_size=2, buckets=None), 1)
-              for r in (0, 1)]
+    shards = [bertcls.train_batches(SimpleNamespace(args=args, packed=rank1.packed, rank=r, world_size=2, buckets=None),
+                                    1) for r in (0, 1)]
     assert [b for pair in zip(*shards) for b in pair] == bertcls.train_batches(rank0, 1)  # 10 batches of 8
 
 
@@ -331,6 +334,34 @@ def test_patience_stops_early_on_the_schedule_planned_for_all_epochs(two_runs, t
     assert run["val"]["best_epoch"] == best and run["val"]["f1"] == f1[best - 1]
 
 
+def test_progress_off_a_terminal_is_a_line_every_log_interval(tiny_bert, tiny_dataset, tmp_path, capsys):
+    """stderr is no terminal here, as under nohup, in CI and in a sweep's run logs: a plain line every --log_interval
+    optimizer steps with the step, examples/s, the epoch's mean loss so far, the learning rate and the time left."""
+    assert bertcls.main(train_args(tiny_bert, tiny_dataset, tmp_path, "--epochs", "2", "--log_interval", "3")) == 0
+    err = capsys.readouterr().err
+    line = re.compile(r"epoch (\d)/2: (\d+)/80 examples \((\d+)%\), (\d+) examples/s, (\S+) left, step (\d+)/20, "
+                      r"loss (\S+), lr (\S+)$")
+    found = [m for text in err.splitlines() if (m := line.match(text))]
+    # 80 examples in 10 batches of 8 a epoch, 20 optimizer steps in all: every 3rd step, across the epochs
+    assert [int(m[6]) for m in found] == [3, 6, 9, 12, 15, 18]
+    for m in found:
+        step = int(m[6])
+        epoch, steps_in_epoch = (step - 1) // 10 + 1, (step - 1) % 10 + 1
+        assert (int(m[1]), int(m[2]), int(m[3])) == (epoch, 8 * steps_in_epoch, 10 * steps_in_epoch)
+        assert int(m[4]) > 0 and re.fullmatch(r"(\d+m)?\d+s", m[5]) and 0 < float(m[7]) < 10
+        # the rate of the step just taken (0-based step - 1): 0.5 warmup epochs = 5 steps up to --lr 3e-3
+        assert float(m[8]) == pytest.approx(bertcls.get_lr(step - 1, 20, 5, 3e-3), rel=1e-2)
+    assert "\r" not in err[err.index("examples: train 80"):]  # no bar from the start of training on
+
+
+def test_progress_on_a_terminal_is_a_bar(tiny_bert, tiny_dataset, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    assert bertcls.main(train_args(tiny_bert, tiny_dataset, tmp_path, "--epochs", "1", "--log_interval", "3")) == 0
+    err = capsys.readouterr().err
+    assert "\r" in err and "step=3/10" in err and "loss=" in err  # the figures in the bar
+    assert not re.search(r"^epoch 1/1: .* step 3/10", err, flags=re.M)  # and no plain line
+
+
 def test_second_run_reuses_the_tokenization_cache(tiny_bert, tiny_dataset, tmp_path, monkeypatch, capsys):
     args = train_args(tiny_bert, tiny_dataset, tmp_path, "--epochs", "1")
     assert bertcls.main(args) == 0
@@ -339,7 +370,7 @@ def test_second_run_reuses_the_tokenization_cache(tiny_bert, tiny_dataset, tmp_p
     def no_tokenizing(*a, **k):
         raise AssertionError("tokenized again despite a warm cache")
 
-    monkeypatch.setattr(bertcls, "encode_rows", no_tokenizing)
+    monkeypatch.setattr(data, "encode_rows", no_tokenizing)
     assert bertcls.main(args) == 0
 
 
@@ -460,6 +491,78 @@ def test_output_dir_that_is_a_file(tiny_bert, tiny_dataset, tmp_path, capsys):
     assert "is a file" in error_line(err)
 
 
+def test_output_dir_under_a_file_is_refused_before_the_model_is_loaded(tmp_path, capsys):
+    (tmp_path / "file").write_text("", encoding="utf-8")
+    out = tmp_path / "file" / "outputs"
+    # no such model or dataset: a check made after loading them would report those instead
+    code, err = run_main(["--model_name", str(tmp_path / "no-model"), "--dataset_dir", str(tmp_path / "no-data"),
+                          "--output_dir", str(out)], capsys)
+    assert code == 1
+    assert error_line(err) == (f"bertcls.py: error: --output_dir {out} is under {tmp_path / 'file'}, which is a file: "
+                               "pass a directory")
+
+
+def test_read_only_output_dir_is_refused_before_the_model_is_loaded(tmp_path):
+    read_only = tmp_path / "outputs"
+    # no such model or dataset: a check made after loading them would report those instead
+    result = run_on_read_only(read_only, [sys.executable, str(REPO / "bertcls.py"), "--model_name",
+                                          str(tmp_path / "none"), "--dataset_dir", str(tmp_path / "none"),
+                                          "--output_dir", str(read_only / "runs")])
+    assert result.returncode == 1
+    assert error_line(result.stderr) == (f"bertcls.py: error: cannot write in {read_only} (Read-only file system): "
+                                         "--output_dir needs a directory you can write to")
+    assert list(read_only.iterdir()) == []
+
+
+def full_disk_at(monkeypatch, name: str, nth: int = 1) -> dict[str, str]:
+    """The nth write of a file called `name` fails as on a full disk (atomic_write_text then leaves nothing, as it
+    does when the disk is full); returns the text that was to be written."""
+    write, attempts, lost = common.atomic_write_text, [], {}
+
+    def atomic_write_text(path: Path, text: str) -> None:
+        if Path(path).name == name:
+            attempts.append(path)
+            if len(attempts) == nth:
+                lost[name] = text
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        write(path, text)
+
+    monkeypatch.setattr(common, "atomic_write_text", atomic_write_text)  # what write_json calls
+    monkeypatch.setattr(bertcls, "atomic_write_text", atomic_write_text)
+    return lost
+
+
+@pytest.mark.parametrize("name,nth", [("test-metrics.json", 1), ("bertcls.json", 1), ("log.csv", 2)])
+def test_a_full_disk_loses_no_scores_and_leaves_no_partial_result(name, nth, tiny_bert, tiny_dataset, tmp_path,
+                                                                  capsys, monkeypatch):
+    """log.csv of epoch 2, the model's bertcls.json (inside .model.tmp/), test-metrics.json: one line saying how to
+    go on, the test scores when they are known, and a run directory that is that of an unfinished run."""
+    out = tmp_path / "out"
+    args = train_args(tiny_bert, tiny_dataset, out, "--epochs", "2", "--checkpoint_minutes", "0", "--save_model")
+    lost = full_disk_at(monkeypatch, name, nth)
+    code, err = run_main(args, capsys)
+    (run_dir,) = out.glob("*/*/*")
+    assert code == 1
+    line = error_line(err)
+    what = run_dir / "log.csv" if name == "log.csv" else f"the results in {run_dir}"
+    assert line.startswith(f"bertcls.py: error: could not write {what} ([Errno 28] No space left on device; ")
+    assert f"MiB free on its disk); the checkpoint of epoch 1 is kept: free space, then continue with " \
+           f"`python bertcls.py --resume {run_dir}`" in line
+    assert sorted(p.name for p in run_dir.iterdir()) == [".lock", "checkpoint-epoch1", "config.json", "log.csv"]
+    monkeypatch.undo()
+    assert bertcls.main(["--resume", str(run_dir)]) == 0  # the run goes on from there, to the same result
+    if name == "test-metrics.json":
+        test = json.loads((run_dir / "test-metrics.json").read_text(encoding="utf-8"))
+        best = json.loads((run_dir / "val-metrics.json").read_text(encoding="utf-8"))["best_epoch"]
+        assert test == json.loads(lost[name])
+        assert line.endswith(f"; the test scores, which no file holds: accuracy {test['accuracy']:.4f}, "
+                             f"f1 {test['f1']:.4f} (best epoch {best})")
+    elif name == "log.csv":  # in training: no scores yet
+        assert "test scores" not in line
+    else:  # the model's files, after the evaluation
+        assert "; the test scores, which no file holds: accuracy " in line
+
+
 @pytest.mark.parametrize("signum,exit_code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_signal_mid_training_keeps_config_and_log_but_no_metrics(signum, exit_code, tiny_bert, tiny_dataset,
                                                                  tmp_path):
@@ -472,7 +575,8 @@ def test_signal_mid_training_keeps_config_and_log_but_no_metrics(signum, exit_co
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 120
-        while not list(output_dir.rglob(f"{bertcls.CHECKPOINT_PREFIX}*/{bertcls.MANIFEST}")):  # an epoch finished
+        # an epoch finished: its checkpoint is written
+        while not list(output_dir.rglob(f"{checkpoints.CHECKPOINT_PREFIX}*/{checkpoints.MANIFEST}")):
             assert process.poll() is None, process.communicate()
             assert time.monotonic() < deadline, "no epoch finished in time"
             time.sleep(0.1)
@@ -487,11 +591,11 @@ def test_signal_mid_training_keeps_config_and_log_but_no_metrics(signum, exit_co
     assert_no_metrics(output_dir)
     assert not (run_dir / "test-predictions.jsonl").exists()
     # the newest complete checkpoint is kept whole; what the signal cut short is gone
-    run_id = bertcls.run_identity(json.loads((run_dir / "config.json").read_text(encoding="utf-8")))
-    newest = bertcls.usable_checkpoints(run_dir, run_id)[0][0]
-    assert bertcls.read_checkpoint(newest, run_id)["state"]["epoch"] == bertcls.checkpoint_epoch(newest)
+    run_id = checkpoints.run_identity(json.loads((run_dir / "config.json").read_text(encoding="utf-8")))
+    newest = checkpoints.usable_checkpoints(run_dir, run_id)[0][0]
+    assert checkpoints.read_checkpoint(newest, run_id)["state"]["epoch"] == checkpoints.checkpoint_epoch(newest)
     assert not list(run_dir.glob(".*.tmp"))
-    assert f"checkpoint of epoch {bertcls.checkpoint_epoch(newest)}" in err and "--resume" in err
+    assert f"checkpoint of epoch {checkpoints.checkpoint_epoch(newest)}" in err and "--resume" in err
 
 
 def test_debug_shows_the_traceback(tiny_bert, tmp_path, monkeypatch):

@@ -21,6 +21,8 @@ import torch
 import bench
 import bertcls
 import common
+import data
+import families
 import prepare
 from conftest import REPO, finished_runs, train_args
 
@@ -116,7 +118,7 @@ def test_gradient_checkpointing_recomputes_the_same_gradients(tiny):
     gradients = []
     for checkpointing in (False, True):
         torch.manual_seed(0)
-        model = bertcls.load_model(str(tiny.model), {"a": 0, "b": 1, "c": 2})
+        model = families.load_model(str(tiny.model), {"a": 0, "b": 1, "c": 2})
         run = SimpleNamespace(raw_model=model, device=torch.device("cuda"),
                               args=SimpleNamespace(gradient_checkpointing=checkpointing, compile=False))
         wrapped = bertcls.wrap_model(run)
@@ -156,8 +158,8 @@ def test_one_process_torchrun_trains_with_ddp_over_nccl(tiny, tmp_path):
 
 def test_unpadded_batch_without_a_mask_matches_the_masked_one(tiny):
     """Without a mask SDPA may take the flash kernel; with an all-ones mask it cannot: same logits (to bf16)."""
-    model = bertcls.load_model(str(tiny.model), {"a": 0, "b": 1, "c": 2}).cuda().eval()
-    packed = bertcls.pack({"input_ids": [[2, *range(5, 67), 3]] * 4, "token_type_ids": [[]] * 4})
+    model = families.load_model(str(tiny.model), {"a": 0, "b": 1, "c": 2}).cuda().eval()
+    packed = data.pack({"input_ids": [[2, *range(5, 67), 3]] * 4, "token_type_ids": [[]] * 4})
     batch = bertcls.to_device(bertcls.collate(packed, [0, 1, 2, 3], None, pad_id=0), torch.device("cuda"))
     assert "attention_mask" not in batch
     with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):

@@ -14,7 +14,9 @@ import pytest
 import torch
 
 import bertcls
+import checkpoints
 import common
+import data
 import families
 from conftest import (REPO, STOPPING_BERTCLS, finished_runs, kill_when_stopped, only_run, results, stopping_env,
                       train_args)
@@ -57,10 +59,10 @@ def test_distributed_test_metrics_equal_single_process_evaluation(ddp_run, tiny_
     model_dir = ddp_run / "model"
     model = AutoModelForSequenceClassification.from_pretrained(model_dir)
     tokenizer = families.load_tokenizer(str(model_dir))
-    label2id = bertcls.load_label2id(tiny_dataset)
-    rows = bertcls.load_split(tiny_dataset, "test", label2id)
-    spec = bertcls.InputSpec(64, families.uses_token_type_ids(model.config))
-    packed = bertcls.pack(bertcls.tokenize_rows(tokenizer, rows, spec))
+    label2id = data.load_label2id(tiny_dataset)
+    rows = data.load_split(tiny_dataset, "test", label2id)
+    spec = data.InputSpec(64, families.uses_token_type_ids(model.config))
+    packed = data.pack(data.tokenize_rows(tokenizer, rows, spec))
     labels = torch.tensor([r["label"] for r in rows])
     dtype = getattr(torch, json.loads((ddp_run / "config.json").read_text(encoding="utf-8"))["dtype"])  # as the run
     threads = torch.get_num_threads()
@@ -112,8 +114,8 @@ def test_resume_under_torchrun_equals_the_uninterrupted_run(ddp_run, tiny_bert, 
     kill_when_stopped(process, tmp_path / "stopped", processes=2)
     assert process.returncode != 0
     run_dir = only_run(tmp_path / "out")
-    run_id = bertcls.run_identity(json.loads((run_dir / "config.json").read_text(encoding="utf-8")))
-    checkpoint = bertcls.read_checkpoint(run_dir / "checkpoint-epoch2", run_id)
+    run_id = checkpoints.run_identity(json.loads((run_dir / "config.json").read_text(encoding="utf-8")))
+    checkpoint = checkpoints.read_checkpoint(run_dir / "checkpoint-epoch2", run_id)
     assert len(checkpoint["state"]["rng"]) == 2  # one per rank
     resumed = torchrun(["--resume", str(run_dir)], tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
@@ -162,10 +164,10 @@ def test_accumulated_gradients_equal_one_large_batch(tiny_bert, tiny_dataset):
     """Two micro-batches of 4 with accumulation take the same optimizer step as one batch of 8."""
     from transformers import AutoModelForSequenceClassification
 
-    label2id = bertcls.load_label2id(tiny_dataset)
-    rows = bertcls.load_split(tiny_dataset, "train", label2id)[:13]
+    label2id = data.load_label2id(tiny_dataset)
+    rows = data.load_split(tiny_dataset, "train", label2id)[:13]
     tokenizer = families.load_tokenizer(str(tiny_bert))
-    packed = bertcls.pack(bertcls.tokenize_rows(tokenizer, rows, bertcls.InputSpec(64, True)))
+    packed = data.pack(data.tokenize_rows(tokenizer, rows, data.InputSpec(64, True)))
     labels = torch.tensor([r["label"] for r in rows])
     states = []
     for batches, accumulation in [([list(range(8)), list(range(8, 13))], 1),

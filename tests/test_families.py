@@ -21,6 +21,7 @@ import unidic_lite
 
 import bertcls
 import common
+import data
 import families
 from conftest import (build_tiny_bert_japanese, build_tiny_luke, build_tiny_modernbert, build_tiny_multilingual_bert,
                       build_tiny_xlm_roberta, finished_runs, save_tiny_model, train_args, train_tiny_sentencepiece,
@@ -170,7 +171,7 @@ def test_token_type_ids_only_for_models_with_segment_embeddings(family_models, t
     tokenizer = families.load_tokenizer(str(model_dir), log=lambda message: None)
     assert families.uses_token_type_ids(AutoConfig.from_pretrained(model_dir)) is with_types
     rows = tiny_rows["train"][:4]
-    packed = bertcls.pack(bertcls.tokenize_rows(tokenizer, rows, bertcls.InputSpec(64, with_types)))
+    packed = data.pack(data.tokenize_rows(tokenizer, rows, data.InputSpec(64, with_types)))
     batch = bertcls.collate(packed, [0, 1, 2, 3], None, tokenizer.pad_token_id)
     if with_types:
         assert batch["token_type_ids"].max() == 1  # the body is segment B
@@ -187,18 +188,18 @@ def test_worker_processes_tokenize_as_one_process(request, family_models, tiny_r
     model_dir = request.getfixturevalue("tiny_bert") if family == "tiny_bert" else family_models(family)
     rows = tiny_rows["train"][:20] + [{"id": f"s{i}", "label": i % 3, "text": s} for i, s in enumerate(SENTENCES)]
     write_dataset(tmp_path, {"train": rows})
-    label2id = bertcls.load_label2id(tmp_path)
+    label2id = data.load_label2id(tmp_path)
     tokenizer = families.load_tokenizer(str(model_dir), log=lambda message: None)
-    spec = bertcls.InputSpec(64, families.uses_token_type_ids(AutoConfig.from_pretrained(model_dir)))
-    expected = bertcls.pack(bertcls.tokenize_rows(tokenizer, bertcls.load_split(tmp_path, "train", label2id), spec))
-    monkeypatch.setattr(bertcls, "PARALLEL_MIN_EXAMPLES", 0)
-    monkeypatch.setattr(bertcls, "TOKENIZE_CHUNK", 3)  # 8 chunks
-    data = bertcls.read_split(tmp_path, "train", label2id)
+    spec = data.InputSpec(64, families.uses_token_type_ids(AutoConfig.from_pretrained(model_dir)))
+    expected = data.pack(data.tokenize_rows(tokenizer, data.load_split(tmp_path, "train", label2id), spec))
+    monkeypatch.setattr(data, "PARALLEL_MIN_EXAMPLES", 0)
+    monkeypatch.setattr(data, "TOKENIZE_CHUNK", 3)  # 8 chunks
+    train = data.read_split(tmp_path, "train", label2id)
     for workers in (1, 2):
         path = tmp_path / f"{workers}.pt"
         with common.Progress(len(rows), "tokenizing", enabled=False) as progress:
-            assert bertcls.tokenize_split(tokenizer, data, spec, workers, path, progress) == (workers, 0)
-        packed = bertcls.load_packed(path, len(rows))
+            assert data.tokenize_split(tokenizer, train, spec, workers, path, progress) == (workers, 0)
+        packed = data.load_packed(path, len(rows))
         assert packed.keys() == expected.keys()
         assert all(torch.equal(packed[k], expected[k]) for k in expected), f"{workers} worker(s)"
 
@@ -312,8 +313,8 @@ def test_only_parameters_without_a_gradient_are_frozen(family_models, tiny_rows,
     model_dir = family_models(family)
     model = families.load_model(str(model_dir), {"a": 0, "b": 1, "c": 2})
     tokenizer = families.load_tokenizer(str(model_dir), log=lambda message: None)
-    spec = bertcls.InputSpec(64, families.uses_token_type_ids(model.config))
-    packed = bertcls.pack(bertcls.tokenize_rows(tokenizer, tiny_rows["train"][:4], spec))
+    spec = data.InputSpec(64, families.uses_token_type_ids(model.config))
+    packed = data.pack(data.tokenize_rows(tokenizer, tiny_rows["train"][:4], spec))
     model(**bertcls.collate(packed, [0, 1, 2, 3], torch.tensor([0, 1, 2, 0]), tokenizer.pad_token_id)).loss.backward()
     without_gradient = {name for name, p in model.named_parameters() if p.grad is None}
     assert set(families.unreachable_parameters(model)) == without_gradient
@@ -331,8 +332,8 @@ def test_unpadded_batch_without_a_mask_gives_the_masked_outputs(family_models, t
     model_dir = family_models(family)
     model = families.load_model(str(model_dir), {"a": 0, "b": 1, "c": 2}).eval()
     tokenizer = families.load_tokenizer(str(model_dir), log=lambda message: None)
-    spec = bertcls.InputSpec(32, families.uses_token_type_ids(model.config))
-    packed = bertcls.pack(bertcls.tokenize_rows(tokenizer, tiny_rows["train"][:4], spec))  # all cut to 32 tokens
+    spec = data.InputSpec(32, families.uses_token_type_ids(model.config))
+    packed = data.pack(data.tokenize_rows(tokenizer, tiny_rows["train"][:4], spec))  # all cut to 32 tokens
     batch = bertcls.collate(packed, [0, 1, 2, 3], None, tokenizer.pad_token_id)
     assert "attention_mask" not in batch and batch["input_ids"].shape == (4, 32)
     with torch.no_grad():
@@ -352,10 +353,10 @@ def torchrun_runs(family_models, tiny_dataset, tmp_path_factory) -> dict[str, tu
     driver.write_text(
         "import json, os, sys\n"
         "import torch.distributed as dist\n"
-        "import bertcls\n"
+        "import bertcls, common\n"
         "make_group = bertcls.init_distributed\n"
         "def init_once(device, env):\n"
-        "    return bertcls.pick_device(device, env.local_rank) if dist.is_initialized() else make_group(device, env)\n"
+        "    return common.pick_device(device, env.local_rank) if dist.is_initialized() else make_group(device, env)\n"
         "bertcls.init_distributed, bertcls.destroy_distributed = init_once, lambda: None\n"
         "outcomes = {}\n"
         "for family, argv in json.loads(sys.argv[1]).items():\n"
@@ -387,7 +388,7 @@ def test_family_trains_under_torchrun(torchrun_runs, family):
 
 def test_luke_cap_matters(family_models, tiny_rows):
     tokenizer = families.load_tokenizer(str(family_models("luke")), log=lambda message: None)
-    encoded = bertcls.tokenize_rows(tokenizer, tiny_rows["train"], bertcls.InputSpec(128, False))
+    encoded = data.tokenize_rows(tokenizer, tiny_rows["train"], data.InputSpec(128, False))
     lengths = [len(ids) for ids in encoded["input_ids"]]
     assert max(lengths) > 64  # uncapped, some examples would index past the 66 position embeddings
 
@@ -477,14 +478,14 @@ def test_modernbert_max_len_capped_at_its_8192_tokens_with_a_notice(family_model
 @pytest.mark.parametrize("family", FAMILIES)
 def test_an_uncut_example_is_exactly_what_the_tokenizer_makes_of_it(family_models, tiny_rows, family):
     tokenizer = families.load_tokenizer(str(family_models(family)), log=lambda message: None)
-    spec = bertcls.InputSpec(10**6, True, "head_tail")
+    spec = data.InputSpec(10**6, True, "head_tail")
     rows = tiny_rows["train"][:8] + [{"title": "野球", "body": ""}, {"title": "", "body": "映画の公開"}]
     for row in rows:
         expected = tokenizer(row["title"], row["body"], return_token_type_ids=True)
-        enc = bertcls.encode_one(tokenizer, row["title"], row["body"], spec)
+        enc = data.encode_one(tokenizer, row["title"], row["body"], spec)
         assert (enc["input_ids"], enc["token_type_ids"]) == (expected["input_ids"], expected["token_type_ids"])
         assert not enc["title_cut"]
-        single = bertcls.encode_one(tokenizer, row["body"], None, spec)
+        single = data.encode_one(tokenizer, row["body"], None, spec)
         assert single["input_ids"] == tokenizer(row["body"])["input_ids"]
 
 
@@ -497,8 +498,8 @@ def test_a_title_longer_than_the_budget_keeps_its_start_with_every_family(family
     special = set(tokenizer.all_special_ids) - {tokenizer.unk_token_id}  # <unk> can be text
     n_special = sum(i in special for i in uncut)
     assert len(title) > 24 - n_special
-    for truncation in bertcls.TRUNCATIONS:
-        enc = bertcls.encode_one(tokenizer, LONG_TITLE, body, bertcls.InputSpec(24, False, truncation))
+    for truncation in data.TRUNCATIONS:
+        enc = data.encode_one(tokenizer, LONG_TITLE, body, data.InputSpec(24, False, truncation))
         assert len(enc["input_ids"]) == 24 and enc["title_cut"]
         assert [i for i in enc["input_ids"] if i not in special] == title[:24 - n_special]  # no body left
         assert [i for i in enc["input_ids"] if i in special] == [i for i in uncut if i in special]

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import bertcls
+import data
 import families
 from conftest import train_args
 from test_bench import LengthModel, make_run
@@ -21,20 +22,20 @@ from test_bench import LengthModel, make_run
 def test_kept_positions_hand_computed():
     # [CLS] t t t [SEP] b x 20 [SEP]: 3 special tokens, a 3-token title, a 20-token body at positions 5..24
     sources = [None, 0, 0, 0, None] + [1] * 20 + [None]
-    head, cut = bertcls.kept_positions(sources, True, 16, "head")  # room for 13: the title and 10 of the body
+    head, cut = data.kept_positions(sources, True, 16, "head")  # room for 13: the title and 10 of the body
     assert (head, cut) == ([0, 1, 2, 3, 4, *range(5, 15), 25], False)
     # head_tail: round(10 * 128 / 510) = 3 from the start of the body, the other 7 from its end
-    head_tail, cut = bertcls.kept_positions(sources, True, 16, "head_tail")
+    head_tail, cut = data.kept_positions(sources, True, 16, "head_tail")
     assert (head_tail, cut) == ([0, 1, 2, 3, 4, 5, 6, 7, *range(18, 25), 25], False)
-    assert bertcls.kept_positions(sources, True, 100, "head_tail") == (list(range(26)), False)  # fits: all of it
+    assert data.kept_positions(sources, True, 100, "head_tail") == (list(range(26)), False)  # fits: all of it
     # a title longer than the room: its start, no body, said so
-    assert bertcls.kept_positions([None] + [0] * 30 + [None] + [1] * 5 + [None], True, 10, "head_tail") == \
+    assert data.kept_positions([None] + [0] * 30 + [None] + [1] * 5 + [None], True, 10, "head_tail") == \
         ([0, *range(1, 8), 31, 37], True)
 
 
 def test_head_tail_at_512_keeps_sun_et_al_128_and_382():
     sources = [None] + [0] * 1000 + [None]  # [CLS] text [SEP], one text of 1000 tokens
-    kept, cut = bertcls.kept_positions(sources, False, 512, "head_tail")
+    kept, cut = data.kept_positions(sources, False, 512, "head_tail")
     assert kept == [0, *range(1, 129), *range(1001 - 382, 1001), 1001] and not cut
 
 
@@ -47,7 +48,7 @@ def test_head_tail_keeps_the_start_and_the_end_of_the_body(tiny_bert):
     head = round(room * 128 / 510)
     kept = {"head": body_ids[:room], "head_tail": body_ids[:head] + body_ids[-(room - head):]}
     for truncation, kept_body in kept.items():
-        enc = bertcls.encode_one(tokenizer, title, body, bertcls.InputSpec(40, True, truncation))
+        enc = data.encode_one(tokenizer, title, body, data.InputSpec(40, True, truncation))
         assert enc["input_ids"] == tokenizer.build_inputs_with_special_tokens(title_ids, kept_body)
         assert enc["token_type_ids"] == [0] * (len(title_ids) + 2) + [1] * (room + 1)
         assert not enc["title_cut"]
@@ -62,7 +63,7 @@ def test_cut_titles_are_counted_in_one_line_without_transformers_warnings(tiny_b
     transformers.logging.set_verbosity(logging.WARNING)  # conftest silences them; users see them
     try:
         notes = []
-        encoded = bertcls.tokenize_rows(tokenizer, rows, bertcls.InputSpec(24, True), log=notes.append)
+        encoded = data.tokenize_rows(tokenizer, rows, data.InputSpec(24, True), log=notes.append)
     finally:
         transformers.logging.set_verbosity(verbosity)
     assert notes == ["note: 19 of 38 titles were cut to fit: each alone is longer than 24 tokens with the special "
@@ -83,9 +84,9 @@ def test_an_unknown_truncation_is_a_usage_error(capsys):
 def test_truncation_is_part_of_the_input_spec_and_the_cache_key(tiny_bert, tiny_dataset, tmp_path, monkeypatch):
     cache = tmp_path / "cache"
     head = make_run(tiny_bert, tiny_dataset, cache, "--max_seq_len", "24")
-    assert head.spec == bertcls.InputSpec(24, True, "head")
+    assert head.spec == data.InputSpec(24, True, "head")
     head_tail = make_run(tiny_bert, tiny_dataset, cache, "--max_seq_len", "24", "--truncation", "head_tail")
-    assert head_tail.spec == bertcls.InputSpec(24, True, "head_tail")
+    assert head_tail.spec == data.InputSpec(24, True, "head_tail")
     assert len(list(cache.glob("*.pt"))) == 6  # a cache of its own: the tiny bodies are cut, differently
     assert not torch.equal(head.packed["train"]["input_ids"], head_tail.packed["train"]["input_ids"])
 
@@ -162,7 +163,7 @@ def test_ranks_average_to_the_gradient_of_all_the_steps_examples(tiny_bert, tiny
 
 def test_evaluation_with_a_budget_gives_the_same_predictions():
     lengths = [3, 9, 2, 12, 5, 40, 33]
-    packed = bertcls.pack({"input_ids": [[1] * n for n in lengths], "token_type_ids": [[] for _ in lengths]})
+    packed = data.pack({"input_ids": [[1] * n for n in lengths], "token_type_ids": [[] for _ in lengths]})
     labels = torch.tensor([0, 1, 0, 1, 0, 1, 1])
     kwargs = dict(device=torch.device("cpu"), ctx=contextlib.nullcontext(), pad_id=0, labels=labels)
     fixed = bertcls.predict(LengthModel(), packed, batch_size=2, **kwargs)

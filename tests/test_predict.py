@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import errno
 import io
 import random
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -14,6 +16,7 @@ from types import SimpleNamespace
 import pytest
 
 import bertcls
+import data
 import families
 import predict
 from conftest import REPO, finished_runs, train_args
@@ -244,7 +247,7 @@ def test_save_model_replaces_stale_temporary_directory(run_dir, tmp_path, capsys
     stale = tmp_path / ".model.tmp"
     stale.mkdir()
     (stale / "pytorch_model.bin").write_bytes(b"left by an interrupted save")
-    run = SimpleNamespace(raw_model=model, tokenizer=tokenizer, spec=bertcls.InputSpec(32, True),
+    run = SimpleNamespace(raw_model=model, tokenizer=tokenizer, spec=data.InputSpec(32, True),
                           args=SimpleNamespace(model_name="base"))
     bertcls.save_model(run, tmp_path / "model")
     assert not stale.exists() and not (tmp_path / "model" / "pytorch_model.bin").exists()
@@ -276,9 +279,9 @@ def test_head_tail_and_token_budget_are_recorded(modernbert_run, tiny_rows):
     assert (settings["max_seq_len"], settings["token_type_ids"], settings["truncation"]) == (24, False, "head_tail")
     # the schedule counts the batches of every epoch: with a token budget their number varies
     tokenizer = families.load_tokenizer(str(modernbert_run / "model"))
-    spec = bertcls.InputSpec(24, False, "head_tail")
-    packed = bertcls.pack(bertcls.tokenize_rows(tokenizer, tiny_rows["train"], spec))
-    lengths = bertcls.example_lengths(packed)
+    spec = data.InputSpec(24, False, "head_tail")
+    packed = data.pack(data.tokenize_rows(tokenizer, tiny_rows["train"], spec))
+    lengths = data.example_lengths(packed)
     steps = [len(bertcls.length_grouped_batches(lengths, 8, random.Random(f"42-{epoch}"), max_tokens=128))
              for epoch in range(1, 5)]
     assert config["total_optimizer_steps"] == sum(steps)
@@ -326,7 +329,7 @@ def test_save_model_shows_no_shard_progress_bar(run_dir, tmp_path, capfd):
     from transformers.utils import logging as transformers_logging
     model = AutoModelForSequenceClassification.from_pretrained(run_dir / "model", use_safetensors=True)
     run = SimpleNamespace(raw_model=model, tokenizer=families.load_tokenizer(str(run_dir / "model")),
-                          spec=bertcls.InputSpec(32, True), args=SimpleNamespace(model_name="base"))
+                          spec=data.InputSpec(32, True), args=SimpleNamespace(model_name="base"))
     capfd.readouterr()
     assert transformers_logging.is_progress_bar_enabled()
     bertcls.save_model(run, tmp_path / "model")
@@ -361,3 +364,34 @@ def test_inputs_that_cannot_be_classified_are_one_line(run_dir, capsys, argv, me
     rc, stdout, err = run_predict(capsys, "--model_dir", str(run_dir / "model"), *argv)
     assert rc == 1 and stdout == []
     assert message in error_line(err)
+
+
+@pytest.mark.parametrize("output, message", [
+    ("out", "--output {tmp}/out is a directory: pass a file name, e.g. {tmp}/out/predictions.jsonl"),
+    ("missing/p.jsonl", "--output {tmp}/missing/p.jsonl: {tmp}/missing does not exist: create the directory or pass "
+                        "another path"),
+    ("file/p.jsonl", "--output {tmp}/file/p.jsonl: {tmp}/file is not a directory: create the directory or pass "
+                     "another path"),
+])
+def test_an_output_that_cannot_be_written_is_refused_before_the_model_is_loaded(tmp_path, capsys, output, message):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "file").write_text("")
+    # no model there: a check made after loading it (and after the inference) would report that instead
+    rc, stdout, err = run_predict(capsys, "--model_dir", str(tmp_path / "no-model"), "--text", "野球",
+                                  "--output", str(tmp_path / output))
+    assert rc == 1 and stdout == []
+    assert error_line(err) == "predict.py: error: " + message.format(tmp=tmp_path)
+
+
+def test_a_full_disk_while_writing_the_output_is_one_line_and_no_file(run_dir, tmp_path, capsys, monkeypatch):
+    def full_disk(path, text):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(predict, "atomic_write_text", full_disk)
+    output = tmp_path / "p.jsonl"
+    rc, stdout, err = run_predict(capsys, "--model_dir", str(run_dir / "model"), "--text", "野球",
+                                  "--output", str(output))
+    assert rc == 1 and stdout == []
+    assert error_line(err) == (f"predict.py: error: could not write --output {output} (No space left on device): "
+                               "nothing was written; free space and run again, or pass --output - for stdout")
+    assert list(tmp_path.iterdir()) == []

@@ -21,6 +21,7 @@ if str(ROOT) not in sys.path:
 
 import common  # noqa: E402
 import prepare  # noqa: E402
+from conftest import run_on_read_only  # noqa: E402
 from livedoor_fixtures import (CATEGORIES, DUPLICATE_IDS, PER_CATEGORY, corpus_files,  # noqa: E402
                                write_tarball, write_tree)
 
@@ -342,6 +343,16 @@ def test_output_path_is_a_file(tmp_path, corpus_tarball, capsys):
     rc = prepare.main(["--input", str(corpus_tarball), "--output_dir", str(out), "--no_verify"])
     one_line_error(capsys, rc, "is a file")
     assert out.read_text() == "precious"
+
+
+def test_read_only_output_dir_is_refused_before_the_input_is_read(tmp_path):
+    read_only = tmp_path / "datasets"
+    # no such input: a check made after reading it (or after a download) would report that instead
+    result = run_on_read_only(read_only, [sys.executable, str(ROOT / "prepare.py"), "--input",
+                                          str(tmp_path / "none.jsonl"), "--output_dir", str(read_only / "mine")])
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.splitlines()[-1] == (f"prepare.py: error: cannot write in {read_only} (Read-only file "
+                                              "system): --output_dir needs a directory you can write to")
 
 
 def test_output_dir_with_other_files_is_left_alone(tmp_path, corpus_tarball, capsys):

@@ -20,9 +20,10 @@ import pytest
 import torch
 
 import bertcls
+import checkpoints
 import common
-from conftest import (REPO, STOPPING_BERTCLS, build_tiny_bert, kill_when_stopped, only_run, results, stopping_env,
-                      train_args)
+from conftest import (REPO, STOPPING_BERTCLS, build_tiny_bert, kill_when_stopped, only_run, results,
+                      run_on_read_only, stopping_env, train_args)
 
 EPOCHS = ("--epochs", "3")
 
@@ -106,7 +107,7 @@ def interrupt(argv: list[str], epoch: int, keep_old_checkpoints: bool = False) -
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(bertcls, "train_epoch", stop)
         if keep_old_checkpoints:
-            mp.setattr(bertcls, "remove_checkpoints", lambda run_dir, keep=None: None)
+            mp.setattr(checkpoints, "remove_checkpoints", lambda run_dir, keep=None: None)
         assert bertcls.main([*argv, "--checkpoint_minutes", "0"]) == 130
     return only_run(Path(argv[argv.index("--output_dir") + 1]))
 
@@ -139,10 +140,10 @@ def test_resume_continues_from_the_newest_checkpoint(run_dir, reference, capsys)
 
 def test_damaged_and_half_written_checkpoints_are_passed_over(run_dir, reference, capsys):
     newest = run_dir / "checkpoint-epoch2"
-    weights = newest / bertcls.WEIGHTS
+    weights = newest / checkpoints.WEIGHTS
     weights.write_bytes(b"\0" * weights.stat().st_size)  # damaged in place: the size still matches
     half_written = shutil.copytree(newest, run_dir / "checkpoint-epoch3")
-    (half_written / bertcls.MANIFEST).unlink()
+    (half_written / checkpoints.MANIFEST).unlink()
     shutil.copytree(newest, run_dir / ".checkpoint-epoch3.tmp")  # what a kill while writing leaves
     # flags that agree with the run's settings, and one that only changes how it reports
     assert bertcls.main(["--resume", str(run_dir), *EPOCHS, "--lr", "0.003", "--log_interval", "5"]) == 0
@@ -250,7 +251,7 @@ def test_resume_without_a_checkpoint(run_dir, capsys):
 
 
 def test_resume_with_only_truncated_checkpoints(run_dir, capsys):
-    for path in run_dir.glob("checkpoint-epoch*/" + bertcls.WEIGHTS):
+    for path in run_dir.glob("checkpoint-epoch*/" + checkpoints.WEIGHTS):
         path.write_bytes(path.read_bytes()[:1000])
     line = refused(["--resume", str(run_dir)], capsys)
     assert "no usable checkpoint" in line and "model.safetensors is damaged (1000 bytes instead of" in line
@@ -265,11 +266,11 @@ class RunsCode:
 def test_a_checkpoint_that_would_run_code_is_not_loaded(run_dir, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     for checkpoint in run_dir.glob("checkpoint-epoch*"):
-        state = checkpoint / bertcls.TRAINING_STATE
+        state = checkpoint / checkpoints.TRAINING_STATE
         state.write_bytes(pickle.dumps({"epoch": 1, "payload": RunsCode()}, protocol=2))
-        manifest = json.loads((checkpoint / bertcls.MANIFEST).read_text())
+        manifest = json.loads((checkpoint / checkpoints.MANIFEST).read_text())
         manifest["files"][state.name] = state.stat().st_size
-        (checkpoint / bertcls.MANIFEST).write_text(json.dumps(manifest))
+        (checkpoint / checkpoints.MANIFEST).write_text(json.dumps(manifest))
     line = refused(["--resume", str(run_dir)], capsys)
     assert "no usable checkpoint" in line and "cannot be read" in line
     assert not (tmp_path / "ran-code").exists()
@@ -279,6 +280,15 @@ def test_resume_of_a_run_that_another_process_is_running(run_dir, capsys):
     with common.hold_run_dir(run_dir):
         line = refused(["--resume", str(run_dir)], capsys)
     assert f"{run_dir} is in use by another process (pid {os.getpid()})" in line
+
+
+def test_resume_on_a_read_only_file_system_is_one_line(run_dir):
+    before = snapshot(run_dir)
+    result = run_on_read_only(run_dir, [sys.executable, str(REPO / "bertcls.py"), "--resume", str(run_dir)])
+    assert result.returncode == 1
+    assert error_line(result.stderr) == (f"bertcls.py: error: cannot write in {run_dir} (Read-only file system): "
+                                         "a run writes in its directory")
+    assert_unchanged(run_dir, before)
 
 
 # ------------------------------------------------------------------ faults while writing a checkpoint
@@ -291,7 +301,7 @@ def test_resume_of_a_run_that_another_process_is_running(run_dir, capsys):
 ], ids=["disk-full", "sigterm"])
 def test_fault_while_writing_a_checkpoint_keeps_the_previous_one(fault, exit_code, message, reference, tiny_bert,
                                                                  tiny_dataset, tmp_path, monkeypatch, capsys):
-    save_weights = bertcls.save_weights
+    save_weights = checkpoints.save_weights
 
     def fail_in_epoch_2(path: Path, weights: dict) -> None:
         if path.parent.name == ".checkpoint-epoch2.tmp":
@@ -299,7 +309,7 @@ def test_fault_while_writing_a_checkpoint_keeps_the_previous_one(fault, exit_cod
             raise fault
         save_weights(path, weights)
 
-    monkeypatch.setattr(bertcls, "save_weights", fail_in_epoch_2)
+    monkeypatch.setattr(checkpoints, "save_weights", fail_in_epoch_2)
     out = tmp_path / "out"
     assert bertcls.main(train_args(tiny_bert, tiny_dataset, out, *EPOCHS, "--checkpoint_minutes", "0")) == exit_code
     line = error_line(capsys.readouterr().err)
@@ -319,12 +329,13 @@ def test_fault_while_writing_a_checkpoint_keeps_the_previous_one(fault, exit_cod
 
 def test_checkpoint_due():
     now = time.monotonic()
-    assert bertcls.checkpoint_due(0, now, 1) and bertcls.checkpoint_due(10, now - 600, 1)
-    assert not bertcls.checkpoint_due(10, now - 599, 1) and not bertcls.checkpoint_due(-1, now - 1e9, 1)
+    assert checkpoints.checkpoint_due(0, now, 1) and checkpoints.checkpoint_due(10, now - 600, 1)
+    assert not checkpoints.checkpoint_due(10, now - 599, 1) and not checkpoints.checkpoint_due(-1, now - 1e9, 1)
 
 
 def test_checkpoint_contents(interrupted):
-    checkpoint = bertcls.read_checkpoint(interrupted / "checkpoint-epoch2", bertcls.run_identity(config(interrupted)))
+    run_id = checkpoints.run_identity(config(interrupted))
+    checkpoint = checkpoints.read_checkpoint(interrupted / "checkpoint-epoch2", run_id)
     state = checkpoint["state"]
     assert (state["epoch"], state["step"], len(state["history"])) == (2, 20, 2)
     assert state["best_epoch"] == max(state["history"], key=lambda r: r["val_f1"])["epoch"]
@@ -332,8 +343,8 @@ def test_checkpoint_contents(interrupted):
     moments = state["optimizer"]["state"]
     assert len(moments) == sum(len(group["params"]) for group in state["optimizer"]["param_groups"])
     assert all({"exp_avg", "exp_avg_sq"} <= set(m) for m in moments.values())
-    manifest = json.loads((interrupted / "checkpoint-epoch2" / bertcls.MANIFEST).read_text())
-    assert set(manifest["files"]) <= {bertcls.WEIGHTS, bertcls.BEST_WEIGHTS, bertcls.TRAINING_STATE}
+    manifest = json.loads((interrupted / "checkpoint-epoch2" / checkpoints.MANIFEST).read_text())
+    assert set(manifest["files"]) <= {checkpoints.WEIGHTS, checkpoints.BEST_WEIGHTS, checkpoints.TRAINING_STATE}
 
 
 # ------------------------------------------------------------------------------------------- CUDA
@@ -345,9 +356,9 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 def test_cuda_random_states_are_restored():
     device = torch.device("cuda")
     torch.manual_seed(0)
-    saved = bertcls.rng_state(device)
+    saved = checkpoints.rng_state(device)
     first = torch.nn.functional.dropout(torch.ones(1000, device=device), 0.5)
-    bertcls.set_rng_state(saved, device)
+    checkpoints.set_rng_state(saved, device)
     assert torch.equal(torch.nn.functional.dropout(torch.ones(1000, device=device), 0.5), first)
     assert saved["cuda"] is not None and not torch.equal(torch.nn.functional.dropout(
         torch.ones(1000, device=device), 0.5), first)
@@ -363,7 +374,7 @@ def test_resume_on_cuda(tiny_bert, tiny_dataset, tmp_path):
 
     assert bertcls.main(on_cuda(train_args(tiny_bert, tiny_dataset, tmp_path / "whole", *EPOCHS))) == 0
     run_dir = interrupt(on_cuda(train_args(tiny_bert, tiny_dataset, tmp_path / "resumed", *EPOCHS)), epoch=3)
-    checkpoint = bertcls.read_checkpoint(run_dir / "checkpoint-epoch2", bertcls.run_identity(config(run_dir)))
+    checkpoint = checkpoints.read_checkpoint(run_dir / "checkpoint-epoch2", checkpoints.run_identity(config(run_dir)))
     assert checkpoint["state"]["rng"][0]["cuda"] is not None
     assert bertcls.main(["--resume", str(run_dir)]) == 0
     whole, resumed = results(only_run(tmp_path / "whole")), results(run_dir)

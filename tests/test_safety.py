@@ -11,6 +11,7 @@ import torch
 
 import bertcls
 import common
+import data
 from conftest import finished_runs, train_args
 
 
@@ -89,5 +90,5 @@ def test_a_cache_holding_objects_is_ignored_without_torchs_unsafe_advice(tiny_be
         "tokenizing again" for path in cache_files)
     assert sum(line.startswith("tokenized ") for line in lines) == 3
     assert not marker.exists()
-    for split in bertcls.SPLITS:  # rebuilt, the same as before
+    for split in data.SPLITS:  # rebuilt, the same as before
         assert all(torch.equal(first[split][k], second.packed[split][k]) for k in first[split])

@@ -18,6 +18,7 @@ import torch
 
 import bertcls
 import common
+import data
 from conftest import REPO, finished_runs, train_args, write_dataset
 from tokenizer_faults import use_faulty_tokenizer
 
@@ -46,22 +47,22 @@ def test_tokenize_workers_must_be_a_positive_integer(value, capsys):
 
 def test_default_workers_are_the_cores_this_process_may_use():
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    assert bertcls.parse_args([]).tokenize_workers == min(cores, bertcls.MAX_DEFAULT_WORKERS)
+    assert bertcls.parse_args([]).tokenize_workers == min(cores, data.MAX_DEFAULT_WORKERS)
     assert bertcls.parse_args(["--tokenize_workers", "3"]).tokenize_workers == 3
 
 
 def test_chunks_cover_every_example_once_in_order(tiny_dataset):
-    data = bertcls.read_split(tiny_dataset, "train", bertcls.load_label2id(tiny_dataset))
-    chunks = bertcls.chunks_of(data, workers=3)  # 80 examples: ceil(80 / 12) = 7 per chunk
+    train = data.read_split(tiny_dataset, "train", data.load_label2id(tiny_dataset))
+    chunks = data.chunks_of(train, workers=3)  # 80 examples: ceil(80 / 12) = 7 per chunk
     assert [(c.first, c.last) for c in chunks] == [(i, min(i + 7, 80)) for i in range(0, 80, 7)]
-    assert [r for c in chunks for r in bertcls.read_rows(data.path, c.start, c.end)] == common.read_jsonl(data.path)
+    assert [r for c in chunks for r in data.read_rows(train.path, c.start, c.end)] == common.read_jsonl(train.path)
 
 
 def test_parallel_run_shows_progress_and_matches_one_process(tiny_bert, tiny_dataset, tmp_path, monkeypatch,
                                                              capsys):
     monkeypatch.setattr(common, "PROGRESS_EVERY_S", 0.0)  # a plain line per chunk: stderr is not a terminal here
-    monkeypatch.setattr(bertcls, "PARALLEL_MIN_EXAMPLES", 0)
-    monkeypatch.setattr(bertcls, "TOKENIZE_CHUNK", 10)
+    monkeypatch.setattr(data, "PARALLEL_MIN_EXAMPLES", 0)
+    monkeypatch.setattr(data, "TOKENIZE_CHUNK", 10)
     args = bertcls.parse_args(train_args(tiny_bert, tiny_dataset, tmp_path, "--tokenize_workers", "2"))
     run = bertcls.Run(args, log=common.log)
     err = capsys.readouterr().err
@@ -69,14 +70,14 @@ def test_parallel_run_shows_progress_and_matches_one_process(tiny_bert, tiny_dat
     for split, n in [("train", 80), ("val", 20), ("test", 20)]:
         assert re.search(rf"tokenized {split}: {n} examples in [0-9.]+s \(2 processes\)", err)
         assert f"tokenizing {split}: {n}/{n} examples (100%)" in err
-        rows = bertcls.load_split(tiny_dataset, split, run.label2id)
-        expected = bertcls.pack(bertcls.tokenize_rows(run.tokenizer, rows, run.spec))  # as predict.py does
+        rows = data.load_split(tiny_dataset, split, run.label2id)
+        expected = data.pack(data.tokenize_rows(run.tokenizer, rows, run.spec))  # as predict.py does
         assert run.packed[split].keys() == expected.keys() == {"offsets", "input_ids", "token_type_ids"}
         assert all(torch.equal(run.packed[split][k], expected[k]) for k in expected)
 
 
 def test_a_failing_worker_names_the_chunk(tiny_bert, marked_dataset, tmp_path, monkeypatch, capsys):
-    use_faulty_tokenizer(bertcls, TRIGGER, "raise", set_attr=monkeypatch.setattr)
+    use_faulty_tokenizer(TRIGGER, "raise", set_attr=monkeypatch.setattr)
     code = bertcls.main(train_args(tiny_bert, marked_dataset, tmp_path / "out", "--tokenize_workers", "2"))
     lines = capsys.readouterr().err.strip().splitlines()
     assert code == 1
@@ -143,7 +144,7 @@ def test_an_unwritable_cache_directory_is_a_warning(tiny_bert, tiny_dataset, tmp
     run = bertcls.Run(bertcls.parse_args(args), log=common.log)
     err = capsys.readouterr().err
     assert err.count(f"warning: cannot write the tokenization cache in {blocker / 'c'}; tokenizing without it") == 3
-    assert len(bertcls.example_lengths(run.packed["train"])) == 80
+    assert len(data.example_lengths(run.packed["train"])) == 80
 
 
 # ---------------------------------------------------------------------------------- memory-mapped cache
@@ -162,9 +163,9 @@ def test_the_cache_is_mapped_not_read(tmp_path):
     path = tmp_path / "big.pt"
     torch.save({"offsets": offsets, "input_ids": torch.ones(n_examples * length, dtype=torch.int32)}, path)
     before = resident_anonymous_bytes()
-    packed = bertcls.load_packed(path, n_examples)
+    packed = data.load_packed(path, n_examples)
     batch = bertcls.collate(packed, [0, 4_999, 49_999], torch.zeros(n_examples, dtype=torch.long), pad_id=0)
-    lengths = bertcls.example_lengths(packed)
+    lengths = data.example_lengths(packed)
     mapped = resident_anonymous_bytes() - before
     assert batch["input_ids"].shape == (3, 504) and lengths[-1] == length
     del packed, batch

@@ -559,6 +559,16 @@ def test_output_dir_that_is_a_file_is_a_one_line_error(tmp_path, capsys, extra):
     assert out == "" and err == f"sweep.py: error: --output_dir {path} is a file: pass a directory\n"
 
 
+@pytest.mark.parametrize("extra", [[], ["--no_run"], ["--list"]])
+def test_output_dir_under_a_file_is_a_one_line_error(tmp_path, capsys, extra):
+    (tmp_path / "file").write_text("")
+    path = tmp_path / "file" / "outputs"
+    assert sweep.main(["--output_dir", str(path), *extra]) == 1
+    out, err = capsys.readouterr()
+    assert out == "" and err == (f"sweep.py: error: --output_dir {path} is under {tmp_path / 'file'}, which is a file: "
+                                 "pass a directory\n")
+
+
 def test_bad_flags_for_bertcls_are_a_one_line_error(tmp_path, capsys):
     assert sweep.main(["--output_dir", str(tmp_path), "--epochs", "0"]) == 1
     assert capsys.readouterr().err == ("sweep.py: error: flags for bertcls.py: argument --epochs: "

@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 import sweep
-from conftest import REPO, finished_runs
+from conftest import REPO, finished_runs, read_only_mount_prefix
 
 FAKE = Path(__file__).resolve().with_name("fake_bertcls.py")
 MODEL = "org/m"
@@ -382,17 +382,16 @@ def test_lease_keeper_refreshes_its_locks_and_warns_once_when_one_is_lost(tmp_pa
 # ------------------------------------------------------------------------------- read-only file system
 
 
-def read_only_mount_prefix(directory: Path) -> list[str] | None:
-    """A command prefix running a command with directory bind-mounted read-only (a private mount namespace:
-    root, or an unprivileged user namespace), or None where this system allows neither."""
-    mount = ['sh', '-c', 'mount --bind -o ro "$0" "$0" && exec "$@"', str(directory)]
-    for unshare in (["unshare", "--mount"], ["unshare", "--map-root-user", "--mount"]):
-        with contextlib.suppress(OSError):
-            probe = subprocess.run([*unshare, *mount, "sh", "-c", 'touch "$0/probe" 2>/dev/null; test $? -ne 0',
-                                    str(directory)], capture_output=True)
-            if probe.returncode == 0:
-                return [*unshare, *mount]
-    return None
+def test_a_lock_path_that_is_a_directory_is_one_line_before_any_run(tmp_path, fake, capsys):
+    out = tmp_path / "outputs"
+    lock = sweep.lock_path(out, sweep.grid(sweep.parse_args(grid_argv(out)), out)[2])
+    lock.mkdir(parents=True)
+    for argv in (grid_argv(out), grid_argv(out, "--list")):
+        assert sweep.main(argv) == 1
+        stdout, err = capsys.readouterr()
+        assert stdout == "" and err.endswith(f"sweep.py: error: {lock} is a directory where sweep.py keeps a lock "
+                                             "file (no sweep makes one): remove it\n"), err
+    assert runs_made(fake) == []
 
 
 READ_ONLY_SWEEPS = """

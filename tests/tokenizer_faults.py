@@ -44,16 +44,18 @@ class FaultyTokenizer:
         return getattr(self.inner, name)
 
 
-def use_faulty_tokenizer(bertcls: Any, trigger: str, fault: str, pid_dir: str = "", set_attr: Any = setattr) -> None:
+def use_faulty_tokenizer(trigger: str, fault: str, pid_dir: str = "", set_attr: Any = setattr) -> None:
     """Make bertcls load FaultyTokenizers, and use worker processes for splits of any size in chunks of 10."""
+    import bertcls
+    import data
     import families
 
     def load_tokenizer(*args: Any, **kwargs: Any) -> FaultyTokenizer:
         return FaultyTokenizer(families.load_tokenizer(*args, **kwargs), trigger, fault, pid_dir)
 
     set_attr(bertcls, "load_tokenizer", load_tokenizer)
-    set_attr(bertcls, "PARALLEL_MIN_EXAMPLES", 0)
-    set_attr(bertcls, "TOKENIZE_CHUNK", 10)
+    set_attr(data, "PARALLEL_MIN_EXAMPLES", 0)
+    set_attr(data, "TOKENIZE_CHUNK", 10)
 
 
 if __name__ == "__main__":  # worker processes import this file again: nothing may run then
@@ -64,5 +66,5 @@ if __name__ == "__main__":  # worker processes import this file again: nothing m
     parser.add_argument("bertcls_args", nargs=argparse.REMAINDER)
     args = parser.parse_args()
     import bertcls
-    use_faulty_tokenizer(bertcls, args.trigger, args.fault, args.pid_dir)
+    use_faulty_tokenizer(args.trigger, args.fault, args.pid_dir)
     sys.exit(bertcls.main(args.bertcls_args[1:] if args.bertcls_args[:1] == ["--"] else args.bertcls_args))
