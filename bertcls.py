@@ -67,8 +67,8 @@ from common import (DistEnv, Progress, UserError, atomic_write_text, autocast_co
 from data import (MAX_DEFAULT_WORKERS, SPLITS, TRUNCATIONS, InputSpec, check_room_for_text, default_tokenize_workers,
                   example_lengths, file_digest, load_dataset, load_fold, load_or_tokenize, split_ids,
                   tokenizer_fingerprint)
-from families import (effective_max_len, freeze_unreachable, load_model, load_tokenizer, unknown_family_note,
-                      uses_token_type_ids)
+from families import (effective_max_len, freeze_unreachable, load_model, load_tokenizer, transformers_progress_bars,
+                      unknown_family_note, uses_token_type_ids)
 
 NO_DECAY_SUFFIXES = ("bias", "layernorm.weight", "layer_norm.weight", "norm.weight", "ln.weight")
 OOM_ADVICE = ("lower --batch_size (with --grad_accum_steps to keep the effective batch), lower --max_seq_len, "
@@ -655,18 +655,12 @@ def save_model(run: Run, model_dir: Path) -> None:
     cannot keep a body's tail; the README's snippet, tested). bertcls.json records the length, token types and
     truncation for predict.py, which reproduces test-predictions.jsonl exactly.
     """
-    from transformers.utils import logging as transformers_logging
     tmp = model_dir.with_name(".model.tmp")
     if tmp.exists():  # left by an interrupted save: save_pretrained would mix old and new files
         shutil.rmtree(tmp)
     try:
-        bars = transformers_logging.is_progress_bar_enabled()
-        transformers_logging.disable_progress_bar()  # a "Writing model shards" bar of one shard says nothing
-        try:
+        with transformers_progress_bars(show=False):  # a "Writing model shards" bar of one shard says nothing
             run.raw_model.save_pretrained(tmp, safe_serialization=True)
-        finally:
-            if bars:
-                transformers_logging.enable_progress_bar()
         run.tokenizer.save_pretrained(tmp)
         config_path = tmp / "tokenizer_config.json"
         tokenizer_config = json.loads(config_path.read_text(encoding="utf-8")) if config_path.is_file() else {}

@@ -33,6 +33,7 @@ import importlib.util
 import logging
 import pickle
 import ssl
+import sys
 import tempfile
 import urllib.error
 import urllib.request
@@ -284,6 +285,20 @@ def describe_new_weights(model: torch.nn.Module, info: dict, model_name: str) ->
     return lines
 
 
+@contextlib.contextmanager
+def transformers_progress_bars(show: bool) -> Iterator[None]:
+    """transformers' own progress bars (loading weights, writing shards) shown or not for the block, then as before."""
+    from transformers.utils import logging as transformers_logging
+    shown = transformers_logging.is_progress_bar_enabled()
+    if not show:
+        transformers_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if shown and not show:
+            transformers_logging.enable_progress_bar()
+
+
 def load_model(model_name: str, label2id: dict[str, int], trust_remote_code: bool = False,
                log=print) -> torch.nn.Module:
     from transformers import AutoModelForSequenceClassification
@@ -291,7 +306,8 @@ def load_model(model_name: str, label2id: dict[str, int], trust_remote_code: boo
     kwargs = dict(num_labels=len(label2id), id2label=id2label, label2id=label2id,
                   trust_remote_code=trust_remote_code, ignore_mismatched_sizes=True, output_loading_info=True)
     try:
-        with held_load_report():
+        # a "Loading weights" bar in a log file (nohup, CI, a sweep's child) is a run of carriage returns
+        with held_load_report(), transformers_progress_bars(show=sys.stderr.isatty()):
             try:
                 model, info = AutoModelForSequenceClassification.from_pretrained(
                     model_name, attn_implementation="sdpa", **kwargs)

@@ -4,7 +4,8 @@
     python prepare.py --input data/tiny.jsonl --text_fields title,body --label_field category
     python bertcls.py --model_name models/tiny-bert --dataset_dir datasets/tiny --epochs 3 --lr 3e-3
     # a model of BERT-base's shape (random weights), e.g. to measure throughput on a GPU:
-    python scripts/make_tiny.py --layers 12 --hidden 768 --heads 12 --vocab_size 32000 --model_dir models/bert-base-shape
+    python scripts/make_tiny.py --layers 12 --hidden 768 --heads 12 --vocab_size 32000 \\
+        --model_dir models/bert-base-shape
     # articles that all fill 512 tokens (about 24 tokens a sentence), as 72% of livedoor's do:
     python scripts/make_tiny.py --min_sentences 24 --max_sentences 32 --data data/long.jsonl ...
 
@@ -40,8 +41,10 @@ COMMON_WORDS = ["今日", "新しい", "発表", "話題", "人気", "多く", "
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model_dir", default="models/tiny-bert", help="model directory to write (default: %(default)s)")
-    p.add_argument("--data", default="data/tiny.jsonl", help="corpus JSONL to write; '' for none (default: %(default)s)")
-    p.add_argument("--per_category", type=positive_int, default=200, help="examples per category (default: %(default)s)")
+    p.add_argument("--data", default="data/tiny.jsonl",
+                   help="corpus JSONL to write; '' for none (default: %(default)s)")
+    p.add_argument("--per_category", type=positive_int, default=200,
+                   help="examples per category (default: %(default)s)")
     p.add_argument("--min_sentences", type=positive_int, default=2,
                    help="body sentences at least (default: %(default)s)")
     p.add_argument("--max_sentences", type=positive_int, default=8,

@@ -525,3 +525,14 @@ def test_over_long_titles_train_and_predict_with_fast_tokenizers(family_models, 
     assert "note: 7 of 20 titles were cut to fit" in capsys.readouterr().err
     expected = [json.loads(line)["predicted"] for line in (run_dir / "test-predictions.jsonl").open(encoding="utf-8")]
     assert [json.loads(line)["label"] for line in predictions.open(encoding="utf-8")] == expected
+
+
+def test_no_loading_bar_in_a_log_file(tiny_bert, capfd):
+    """Off a terminal (nohup, CI, a sweep's child log) transformers' "Loading weights" bar is a run of carriage
+    returns: it is left out, and the bars are as before afterwards."""
+    from transformers.utils import logging as transformers_logging
+    capfd.readouterr()
+    families.load_model(str(tiny_bert), {"a": 0, "b": 1, "c": 2}, log=lambda message: None)
+    err = capfd.readouterr().err
+    assert "Loading weights" not in err and "\r" not in err
+    assert transformers_logging.is_progress_bar_enabled()
