@@ -67,8 +67,8 @@ from common import (DistEnv, Progress, UserError, atomic_write_text, autocast_co
 from data import (MAX_DEFAULT_WORKERS, SPLITS, TRUNCATIONS, InputSpec, check_room_for_text, default_tokenize_workers,
                   example_lengths, file_digest, load_dataset, load_fold, load_or_tokenize, split_ids,
                   tokenizer_fingerprint)
-from families import (effective_max_len, freeze_unreachable, load_model, load_tokenizer, transformers_progress_bars,
-                      unknown_family_note, uses_token_type_ids)
+from families import (attention_implementation, effective_max_len, freeze_unreachable, load_model, load_tokenizer,
+                      transformers_progress_bars, unknown_family_note, uses_token_type_ids)
 
 NO_DECAY_SUFFIXES = ("bias", "layernorm.weight", "layer_norm.weight", "norm.weight", "ln.weight")
 OOM_ADVICE = ("lower --batch_size (with --grad_accum_steps to keep the effective batch), lower --max_seq_len, "
@@ -743,7 +743,8 @@ class Run:
         # has its own generator (train_batches), and DDP copies rank 0's new classifier head to every rank.
         torch.manual_seed(args.seed + rank)
         self.tokenizer = load_tokenizer(args.model_name, args.mecab_dic, args.trust_remote_code, log)
-        self.raw_model = load_model(args.model_name, self.label2id, args.trust_remote_code, log)
+        self.raw_model = load_model(args.model_name, self.label2id, args.trust_remote_code, log,
+                                    attention_implementation(self.device, self.dtype))
         if note := unknown_family_note(args.model_name, self.raw_model.config):
             log(note)
         freeze_unreachable(self.raw_model, log)

@@ -299,8 +299,19 @@ def transformers_progress_bars(show: bool) -> Iterator[None]:
             transformers_logging.enable_progress_bar()
 
 
+def attention_implementation(device: torch.device, dtype: torch.dtype) -> str:
+    """transformers' attention for a run: SDPA (fused kernels, flash on CUDA), except in bf16/fp16 on the CPU.
+
+    There, with dropout (training), PyTorch's SDPA takes its math fallback, which upcasts bf16 inputs to fp32;
+    transformers' eager attention multiplies in bf16 under autocast: 1.2x the examples/s of a 4-layer BERT at 256
+    tokens on a CPU with AVX512-BF16 (README, 性能). Evaluation and predict.py use the same one, so their numbers
+    agree with training's.
+    """
+    return "eager" if device.type == "cpu" and dtype != torch.float32 else "sdpa"
+
+
 def load_model(model_name: str, label2id: dict[str, int], trust_remote_code: bool = False,
-               log=print) -> torch.nn.Module:
+               log=print, attention: str = "sdpa") -> torch.nn.Module:
     from transformers import AutoModelForSequenceClassification
     id2label = {i: name for name, i in label2id.items()}
     kwargs = dict(num_labels=len(label2id), id2label=id2label, label2id=label2id,
@@ -310,9 +321,9 @@ def load_model(model_name: str, label2id: dict[str, int], trust_remote_code: boo
         with held_load_report(), transformers_progress_bars(show=sys.stderr.isatty()):
             try:
                 model, info = AutoModelForSequenceClassification.from_pretrained(
-                    model_name, attn_implementation="sdpa", **kwargs)
-            except ValueError as e:
-                if "sdpa" not in str(e).lower() and "attention" not in str(e).lower():
+                    model_name, attn_implementation=attention, **kwargs)
+            except ValueError as e:  # a model without this attention: its own default
+                if attention not in str(e).lower() and "attention" not in str(e).lower():
                     raise
                 model, info = AutoModelForSequenceClassification.from_pretrained(model_name, **kwargs)
     except pickle.UnpicklingError:  # transformers loads *.bin with torch.load(weights_only=True)

@@ -27,7 +27,7 @@ from bertcls import padded_length, predict
 from common import (UserError, atomic_write_text, autocast_context, check_writable, first_line, log, parse_json_object,
                     pick_device, positive_int, read_json, resolve_dtype, run_cli, use_tf32)
 from data import TRUNCATIONS, InputSpec, check_room_for_text, example_text, pack, tokenize_rows
-from families import load_tokenizer, position_limit, uses_token_type_ids
+from families import attention_implementation, load_tokenizer, position_limit, uses_token_type_ids
 
 DEFAULT_LABEL = re.compile(r"LABEL_\d+")  # the names transformers makes up for a config without labels
 
@@ -142,7 +142,7 @@ def check_classifier_config(config: Any, model_dir: Path) -> None:
                         "LABEL_0, LABEL_1, ...): save the model with bertcls.py --save_model")
 
 
-def load_classifier(model_dir: Path, trust_remote_code: bool) -> torch.nn.Module:
+def load_classifier(model_dir: Path, trust_remote_code: bool, attention: str = "sdpa") -> torch.nn.Module:
     """The saved classifier from safetensors only; a config or weights it cannot use are UserErrors."""
     from transformers import AutoConfig, AutoModelForSequenceClassification
     if not model_dir.is_dir():
@@ -156,7 +156,7 @@ def load_classifier(model_dir: Path, trust_remote_code: bool) -> torch.nn.Module
         check_classifier_config(config, model_dir)
         model, info = AutoModelForSequenceClassification.from_pretrained(
             model_dir, config=config, use_safetensors=True, trust_remote_code=trust_remote_code,
-            output_loading_info=True)
+            output_loading_info=True, attn_implementation=attention)
     except (OSError, ValueError, KeyError) as e:
         raise UserError(f"cannot load the model in {model_dir}: {first_line(e)}") from None
     if info.get("missing_keys"):  # e.g. no trained classification head: it would be random
@@ -229,13 +229,13 @@ def write_output(destination: str, lines: list[str]) -> None:
 def classify(args: argparse.Namespace, rows: list[dict]) -> list[dict]:
     model_dir = Path(args.model_dir)
     settings = read_saved_settings(model_dir)
-    model = load_classifier(model_dir, args.trust_remote_code)
-    tokenizer = load_tokenizer(str(model_dir), "auto", args.trust_remote_code, log)
-    spec = input_settings(settings, args.max_seq_len, model, tokenizer)
-    check_room_for_text(spec.max_len, tokenizer, pair=any(example_text(r)[1] is not None for r in rows))
     device = pick_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
     use_tf32(device, dtype)
+    model = load_classifier(model_dir, args.trust_remote_code, attention_implementation(device, dtype))
+    tokenizer = load_tokenizer(str(model_dir), "auto", args.trust_remote_code, log)
+    spec = input_settings(settings, args.max_seq_len, model, tokenizer)
+    check_room_for_text(spec.max_len, tokenizer, pair=any(example_text(r)[1] is not None for r in rows))
     ctx = autocast_context(device, dtype)
     if args.max_batch_tokens is not None and args.max_batch_tokens < padded_length(spec.max_len):
         raise UserError(f"--max_batch_tokens {args.max_batch_tokens} cannot hold one text of {spec.max_len} tokens "

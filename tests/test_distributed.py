@@ -57,14 +57,15 @@ def test_distributed_test_metrics_equal_single_process_evaluation(ddp_run, tiny_
     from transformers import AutoModelForSequenceClassification
 
     model_dir = ddp_run / "model"
-    model = AutoModelForSequenceClassification.from_pretrained(model_dir)
+    dtype = getattr(torch, json.loads((ddp_run / "config.json").read_text(encoding="utf-8"))["dtype"])  # as the run
+    attention = families.attention_implementation(torch.device("cpu"), dtype)  # as the run
+    model = AutoModelForSequenceClassification.from_pretrained(model_dir, attn_implementation=attention)
     tokenizer = families.load_tokenizer(str(model_dir))
     label2id = data.load_label2id(tiny_dataset)
     rows = data.load_split(tiny_dataset, "test", label2id)
     spec = data.InputSpec(64, families.uses_token_type_ids(model.config))
     packed = data.pack(data.tokenize_rows(tokenizer, rows, spec))
     labels = torch.tensor([r["label"] for r in rows])
-    dtype = getattr(torch, json.loads((ddp_run / "config.json").read_text(encoding="utf-8"))["dtype"])  # as the run
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as each torchrun worker ran, so the float sums are the same
     try:

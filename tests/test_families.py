@@ -536,3 +536,21 @@ def test_no_loading_bar_in_a_log_file(tiny_bert, capfd):
     err = capfd.readouterr().err
     assert "Loading weights" not in err and "\r" not in err
     assert transformers_logging.is_progress_bar_enabled()
+
+
+def test_attention_is_sdpa_except_reduced_precision_on_the_cpu():
+    import torch
+    cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)
+    assert families.attention_implementation(cpu, torch.bfloat16) == "eager"  # CPU SDPA would upcast to fp32
+    assert families.attention_implementation(cpu, torch.float32) == "sdpa"
+    assert families.attention_implementation(cuda, torch.bfloat16) == "sdpa"  # flash kernels
+    assert families.attention_implementation(cuda, torch.float16) == "sdpa"
+
+
+def test_the_attention_a_run_trains_with_is_not_saved_with_the_model(tiny_bert, tmp_path):
+    """A model trained with eager attention on the CPU loads with transformers' own default elsewhere."""
+    import json
+    model = families.load_model(str(tiny_bert), {"a": 0, "b": 1}, log=lambda message: None, attention="eager")
+    assert model.config._attn_implementation == "eager"
+    model.save_pretrained(tmp_path / "saved")
+    assert "eager" not in json.dumps(json.loads((tmp_path / "saved" / "config.json").read_text(encoding="utf-8")))
