@@ -45,7 +45,7 @@ from typing import Any, Sequence
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "scripts")]
 
-from common import jsonl_line, positive_int, run_cli  # noqa: E402
+from common import jsonl_line, positive_int, read_jsonl, run_cli  # noqa: E402
 
 SHARED_CORPUS = REPO.parent / "shared" / "data" / "livedoor" / "ldcc-20140209.tar.gz"
 DOWNLOADED_CORPUS = REPO / "data" / "ldcc-20140209.tar.gz"  # where prepare.py downloads it
@@ -72,14 +72,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 # -------------------------------------------------------------------------------------------- corpus
 
 
-def source_articles(corpus: Path) -> list[dict]:
-    """id, category, title, body of each article of the livedoor tarball (or of a JSONL of such rows)."""
-    if corpus.suffix == ".jsonl":
-        from common import read_jsonl
-        return [{k: r[k] for k in ("id", "category", "title", "body")} for r in read_jsonl(corpus)]
-    import prepare
-    rows, _ = prepare.livedoor_rows(prepare.read_tarball(corpus), corpus)
-    return [{k: r[k] for k in ("id", "category", "title", "body")} for r in rows]
+def source_articles(corpus: Path, work: Path) -> list[dict]:
+    """id, category, title, body of each article of the livedoor tarball (read by prepare.py, run as users run it:
+    nothing imports prepare.py), or of a JSONL of such rows."""
+    if corpus.suffix != ".jsonl":
+        subprocess.run([sys.executable, str(REPO / "prepare.py"), "--input", str(corpus), "--output_dir",
+                        str(work / "livedoor")], check=True, stdout=subprocess.DEVNULL)
+        corpus = work / "livedoor" / "all.jsonl"
+    return [{k: r[k] for k in ("id", "category", "title", "body")} for r in read_jsonl(corpus)]
 
 
 def edited(article: dict, copy: int, rng: random.Random) -> dict:
@@ -291,7 +291,7 @@ def bench(args: argparse.Namespace) -> int:
     def say(message: str) -> None:
         print(f"[{time.perf_counter() - started:7.1f} s] {message}", file=sys.stderr, flush=True)
 
-    articles = source_articles(Path(args.corpus))
+    articles = source_articles(Path(args.corpus), work)
     copies = sorted({1, args.copies})
     report: dict[str, Any] = {"copies": copies, "cpus": os.cpu_count(), "corpus": args.corpus,
                               "max_seq_len": args.max_seq_len, "tokenize_workers": args.tokenize_workers}
