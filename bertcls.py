@@ -408,27 +408,31 @@ def check_finite(first_bad_step: torch.Tensor, epoch: int, run: Run) -> None:
 def predict(model: torch.nn.Module, packed: dict[str, torch.Tensor], batch_size: int, device: torch.device,
             ctx: contextlib.AbstractContextManager, pad_id: int, labels: torch.Tensor | None = None,
             rank: int = 0, world_size: int = 1, buckets: Sequence[int] | None = None,
-            max_batch_tokens: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+            max_batch_tokens: int | None = None, progress: str | None = None
+            ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Class probabilities (n, C) in the original example order, and per-example losses when labels are given.
 
     Examples are evaluated in length-sorted batches; under DDP each rank takes every world_size-th
     batch and the results are gathered by example index, so each example counts exactly once and the
     numbers equal a single-process evaluation. With max_batch_tokens a batch holds as many examples as fit
-    in that many padded tokens instead of batch_size.
+    in that many padded tokens instead of batch_size. Progress of this process's examples is shown on stderr
+    under the description progress (None: silent).
     """
     model.eval()
     batches = sorted_batches(example_lengths(packed), batch_size, max_batch_tokens, buckets)[rank::world_size]
     indices, probs, losses = [], [], []
-    for batch_indices in batches:
-        batch = to_device(collate(packed, batch_indices, None, pad_id, buckets), device)
-        with ctx:
-            logits = model(**batch).logits
-        logits = logits.float()
-        indices += batch_indices
-        probs.append(logits.softmax(-1))  # kept on the device: one copy to the host at the end, not one per batch
-        if labels is not None:
-            gold = labels[batch_indices].to(device, non_blocking=True)
-            losses.append(F.cross_entropy(logits, gold, reduction="none"))
+    with Progress(sum(map(len, batches)), progress or "", enabled=progress is not None) as shown:
+        for batch_indices in batches:
+            batch = to_device(collate(packed, batch_indices, None, pad_id, buckets), device)
+            with ctx:
+                logits = model(**batch).logits
+            logits = logits.float()
+            indices += batch_indices
+            probs.append(logits.softmax(-1))  # kept on the device: one copy to the host at the end, not one per batch
+            if labels is not None:
+                gold = labels[batch_indices].to(device, non_blocking=True)
+                losses.append(F.cross_entropy(logits, gold, reduction="none"))
+            shown.update(len(batch_indices))
     local = (indices, torch.cat(probs).cpu() if probs else None, torch.cat(losses).cpu() if losses else None)
     n = len(example_lengths(packed))
     all_probs, all_losses = None, torch.zeros(n, dtype=torch.float64)
@@ -449,7 +453,7 @@ def evaluate(model: torch.nn.Module, run: Run, split: str) -> tuple[dict[str, An
     max_tokens = 2 * run.args.max_batch_tokens if run.args.max_batch_tokens else None  # no activations kept
     probs, losses = predict(model, run.packed[split], run.args.eval_batch_size, run.device, run.ctx, run.pad_id,
                             labels=labels, rank=run.rank, world_size=run.world_size, buckets=run.buckets,
-                            max_batch_tokens=max_tokens)
+                            max_batch_tokens=max_tokens, progress=f"evaluating {split}" if run.rank == 0 else None)
     pred = probs.argmax(-1).tolist()
     return classification_metrics(labels.tolist(), pred, float(losses.sum()), run.id2label), probs
 

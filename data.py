@@ -236,10 +236,18 @@ def check_room_for_text(max_len: int, tokenizer: Any, pair: bool) -> None:
                         f"tokens to each {'(title, body) pair' if pair else 'text'}; raise --max_seq_len")
 
 
-def tokenize_rows(tokenizer: Any, rows: Sequence[dict], spec: InputSpec,
-                  log: Callable[[str], None] = print) -> dict[str, list[list[int]]]:
-    """Token ids of every row (see encode_one); one line says how many titles had to be cut."""
-    out = encode_rows(tokenizer, rows, spec)
+def tokenize_rows(tokenizer: Any, rows: Sequence[dict], spec: InputSpec, log: Callable[[str], None] = print,
+                  progress: str | None = None) -> dict[str, list[list[int]]]:
+    """Token ids of every row (see encode_one), with progress on stderr under that description (None: silent);
+    one line says how many titles had to be cut."""
+    out: dict[str, Any] = {"input_ids": [], "token_type_ids": [], "titles_cut": 0}
+    with Progress(len(rows), progress or "", enabled=progress is not None) as shown:
+        for start in range(0, len(rows), TOKENIZE_CHUNK):
+            part = encode_rows(tokenizer, rows[start:start + TOKENIZE_CHUNK], spec)
+            out["input_ids"] += part["input_ids"]
+            out["token_type_ids"] += part["token_type_ids"]
+            out["titles_cut"] += part["titles_cut"]
+            shown.update(len(part["input_ids"]))
     if out["titles_cut"]:
         log(titles_cut_note(out["titles_cut"], len(rows), spec))
     return out

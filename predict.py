@@ -47,8 +47,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="token budget per batch instead of --batch_size texts, for long inputs (default: off)")
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available, else cpu)")
     p.add_argument("--dtype", choices=("auto", "bf16", "fp16", "fp32"), default="auto",
-                   help="autocast dtype, as bertcls.py's; auto = bf16 on GPUs with bf16 units, else fp16; fp32 on "
-                        "CUDA multiplies matrices in TF32 (default: auto)")
+                   help="autocast dtype, as bertcls.py's; auto = bf16 on GPUs with bf16 units, else fp16; on a "
+                        "CPU bf16 where it has bf16 units, else fp32; fp32 on CUDA multiplies matrices in TF32 "
+                        "(default: auto)")
     p.add_argument("--max_seq_len", type=positive_int, default=None,
                    help="tokens per text (default: the length used in training, from bertcls.json)")
     p.add_argument("--trust_remote_code", action="store_true",
@@ -240,10 +241,10 @@ def classify(args: argparse.Namespace, rows: list[dict]) -> list[dict]:
     if args.max_batch_tokens is not None and args.max_batch_tokens < padded_length(spec.max_len):
         raise UserError(f"--max_batch_tokens {args.max_batch_tokens} cannot hold one text of {spec.max_len} tokens "
                         f"(padded to {padded_length(spec.max_len)}): raise it or lower --max_seq_len")
-    packed = pack(tokenize_rows(tokenizer, rows, spec, log=log))
+    packed = pack(tokenize_rows(tokenizer, rows, spec, log=log, progress="tokenizing"))
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     probs, _ = predict(model.to(device), packed, args.batch_size, device, ctx, pad_id,
-                       max_batch_tokens=args.max_batch_tokens)
+                       max_batch_tokens=args.max_batch_tokens, progress="classifying")
     id2label = {int(i): name for i, name in model.config.id2label.items()}
     return [prediction_record(row, p, id2label, args.top_k) for row, p in zip(rows, probs.tolist())]
 

@@ -16,6 +16,7 @@ from types import SimpleNamespace
 import pytest
 
 import bertcls
+import common
 import data
 import families
 import predict
@@ -95,6 +96,21 @@ def test_predict_reproduces_test_predictions(run_dir, tiny_dataset, tmp_path, ca
         for k in p["top_k"]:
             assert k["probability"] == pytest.approx(e["probabilities"][k["label"]], abs=1e-5)
         assert p["top_k"][0] == {"label": p["label"], "probability": p["probability"]}
+
+
+def test_predict_shows_its_progress_off_a_terminal(run_dir, tiny_dataset, tmp_path, monkeypatch, capsys):
+    """A large --input is not silent until it ends: plain progress lines for tokenizing and classifying."""
+    monkeypatch.setattr(common, "PROGRESS_EVERY_S", 0.0)  # a line at each update: stderr is not a terminal here
+    monkeypatch.setattr(data, "TOKENIZE_CHUNK", 8)
+    rc, _, err = run_predict(capsys, "--model_dir", str(run_dir / "model"), "--input", str(tiny_dataset / "test.jsonl"),
+                             "--output", str(tmp_path / "p.jsonl"), "--batch_size", "7")
+    assert rc == 0, err
+    tokenizing = [line.split(" (")[0] for line in err.splitlines() if line.startswith("tokenizing: ")]
+    classifying = [line.split(" (")[0] for line in err.splitlines() if line.startswith("classifying: ")]
+    assert tokenizing == ["tokenizing: 8/20 examples", "tokenizing: 16/20 examples", "tokenizing: 20/20 examples"]
+    done = [int(line.split(" ")[1].split("/")[0]) for line in classifying]  # batches of 7, 7, 6 in length order
+    assert len(done) == 3 and done[-1] == 20
+    assert sorted(b - a for a, b in zip([0] + done, done)) == [6, 7, 7]
 
 
 def test_stdin_text_and_top_k(run_dir, monkeypatch, capsys):
