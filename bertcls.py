@@ -42,6 +42,7 @@ import argparse
 import contextlib
 import csv
 import datetime
+import inspect
 import io
 import json
 import math
@@ -535,9 +536,13 @@ def wrap_model(run: Run) -> torch.nn.Module:
     if torch.distributed.is_available() and torch.distributed.is_initialized():  # under torchrun
         from torch.nn.parallel import DistributedDataParallel
         # No buffer broadcast in forward: BERT-style models have only constant buffers, and evaluation gives
-        # ranks different numbers of batches, where a collective inside forward would deadlock.
+        # ranks different numbers of batches, where a collective inside forward would deadlock. torch 2.13
+        # renamed the switch (the old name warns); its sync at start-up is harmless for constant buffers.
+        no_buffer_sync = ({"forward_sync_buffers": False}
+                          if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
+                          else {"broadcast_buffers": False})
         model = DistributedDataParallel(model, device_ids=[run.device.index] if run.device.type == "cuda" else None,
-                                        broadcast_buffers=False)
+                                        **no_buffer_sync)
     if run.args.compile:
         torch._dynamo.config.recompile_limit = 64  # a few length buckets x (train, eval, last batch)
         # static shapes, one graph per bucket: left dynamic, the second length seen would turn the
