@@ -506,9 +506,9 @@ def test_a_title_longer_than_the_budget_keeps_its_start_with_every_family(family
         assert (enc["input_ids"][0], enc["input_ids"][-1]) == (uncut[0], uncut[-1])
 
 
-# the fast tokenizers that refused such titles (LUKE's is XLM-R's class; every family's is checked above)
-@pytest.mark.parametrize("family", ["mbert", "xlmr"])
-def test_over_long_titles_train_and_predict_with_fast_tokenizers(family_models, tiny_rows, tmp_path, capsys, family):
+# the fast tokenizers (mBERT, XLM-R and LUKE's XLMRobertaTokenizer) refused such titles; every family end to end
+@pytest.mark.parametrize("family", FAMILIES)
+def test_over_long_titles_train_and_predict_with_every_family(family_models, tiny_rows, tmp_path, capsys, family):
     import predict
     rows = {split: [dict(r, title=LONG_TITLE) if i % 3 == 0 else r for i, r in enumerate(split_rows)]
             for split, split_rows in tiny_rows.items()}
