@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -106,8 +107,12 @@ def bench_run(model_dir: Path, dataset_dir: Path, length: int, args: argparse.Na
                "--steps", str(args.steps), "--warmup", str(args.warmup), "--device", args.device, "--dtype",
                args.dtype, "--cache_dir", str(Path(args.work_dir) / "cache"), "--epochs", "1"]
     result = subprocess.run(command, capture_output=True, text=True)
+    if result.returncode < 0:  # the kernel's OOM killer sends SIGKILL: the process could say nothing
+        name = signal.Signals(-result.returncode).name
+        return {"error": f"killed by {name}" + (" (out of memory?)" if name == "SIGKILL" else "")}
     if result.returncode != 0:
-        lines = (result.stderr or result.stdout).strip().splitlines()
+        output = (result.stderr or result.stdout).strip().splitlines()
+        lines = [line for line in output if line.startswith("bench.py:")]  # its one-line error, not a warning
         return {"error": lines[-1] if lines else f"exit {result.returncode}"}
     return json.loads(result.stdout.strip().splitlines()[-1])
 

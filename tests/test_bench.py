@@ -7,6 +7,7 @@ import contextlib
 import json
 import random
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -224,3 +225,18 @@ def test_long_context_bench_compares_both_shapes_at_each_length(tmp_path, capsys
     bert, modernbert = (r["params_non_embedding"] for r in results)
     assert abs(bert - modernbert) < 0.05 * bert  # the same size: what differs is the architecture
     assert lines[2].startswith("| bert | 64 | 4 | ") and lines[3].startswith("| modernbert | 64 | 4 | ")
+
+
+@pytest.mark.parametrize("returncode, stderr, error", [
+    (-9, "", "killed by SIGKILL (out of memory?)"),  # the OOM killer: bench.py could not say why
+    (1, "warning: the warmup is longer than the run\nbench.py: out of memory: lower --max_batch_tokens\n",
+     "bench.py: out of memory: lower --max_batch_tokens"),  # the error line, not the last warning
+    (1, "Traceback (most recent call last):\n  ...\n", "exit 1")])
+def test_long_context_bench_says_why_a_run_failed(monkeypatch, tmp_path, returncode, stderr, error):
+    sys.path.insert(0, str(REPO / "scripts"))
+    import long_context_bench
+    monkeypatch.setattr(long_context_bench.subprocess, "run",
+                        lambda *a, **k: subprocess.CompletedProcess(a[0], returncode, stdout="", stderr=stderr))
+    args = long_context_bench.parse_args(["--work_dir", str(tmp_path)])
+    assert long_context_bench.bench_run(tmp_path / "m", tmp_path / "d", 8192, args) == {"error": error}
+    assert long_context_bench.table_row("bert", 8192, {"error": error}) == f"| bert | 8192 | | | | | {error} |"
