@@ -19,18 +19,13 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+sys.path[:0] = [str(REPO), str(REPO / "scripts")]
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
-SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-# Each category has its own words, so a classifier can learn it from scratch in a few epochs.
-CATEGORY_WORDS = {
-    "sports": ["野球", "サッカー", "選手", "試合", "監督", "優勝", "得点", "球場"],
-    "movie": ["映画", "俳優", "女優", "公開", "上映", "主演", "劇場", "脚本"],
-    "tech": ["スマホ", "アプリ", "端末", "電池", "画面", "発売", "通信", "機能"],
-}
-COMMON_WORDS = ["今日", "新しい", "発表", "話題", "人気", "多く", "注目", "会見"]
+# The words of scripts/make_tiny.py's corpus: each category has its own, so a classifier can learn it from
+# scratch in a few epochs. The test corpus below is smaller (one shared word per sentence, short ids).
+from make_tiny import CATEGORY_WORDS, COMMON_WORDS, SPECIAL_TOKENS  # noqa: E402
 
 
 def make_rows(n_per_label: int, seed: int = 0) -> list[dict]:
