@@ -3,7 +3,7 @@
     python scripts/bench_scale.py                                   # full scale (see the README for how long)
     python scripts/bench_scale.py --copies 3 --ratio_examples 4000  # a first look in a few minutes
 
-What it builds, under --work_dir (full scale: about 12 GB of disk):
+What it builds, under --work_dir (full scale: about 11 GB of disk):
   corpus     the livedoor articles (--corpus: the tarball, or a JSONL with id, category, title, body) repeated
              --copies times, each copy with a distinct id and light edits (a body line dropped, a marker line
              added), as one JSONL; and the same with one copy, to compare against
