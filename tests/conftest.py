@@ -12,6 +12,7 @@ import contextlib
 import json
 import os
 import random
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -22,6 +23,11 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "scripts")]
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+# A shell without job control starts a background command (`cmd &`) with SIGINT ignored, and the processes
+# the tests start would inherit that: the tests that press Ctrl-C on a run need it delivered. A handler here
+# becomes the default action in a child once it runs a new program.
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 # The words of scripts/make_tiny.py's corpus: each category has its own, so a classifier can learn it from
 # scratch in a few epochs. The test corpus below is smaller (one shared word per sentence, short ids).
