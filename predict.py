@@ -27,7 +27,8 @@ from bertcls import padded_length, predict
 from common import (UserError, atomic_write_text, autocast_context, check_writable, first_line, log, parse_json_object,
                     pick_device, positive_int, read_json, resolve_dtype, run_cli, use_tf32)
 from data import TRUNCATIONS, InputSpec, check_room_for_text, example_text, pack, tokenize_rows
-from families import attention_implementation, load_tokenizer, position_limit, uses_token_type_ids
+from families import (attention_implementation, load_tokenizer, position_limit, transformers_progress_bars,
+                      uses_token_type_ids)
 
 DEFAULT_LABEL = re.compile(r"LABEL_\d+")  # the names transformers makes up for a config without labels
 
@@ -155,9 +156,10 @@ def load_classifier(model_dir: Path, trust_remote_code: bool, attention: str = "
     try:
         config = AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
         check_classifier_config(config, model_dir)
-        model, info = AutoModelForSequenceClassification.from_pretrained(
-            model_dir, config=config, use_safetensors=True, trust_remote_code=trust_remote_code,
-            output_loading_info=True, attn_implementation=attention)
+        with transformers_progress_bars(show=sys.stderr.isatty()):  # no "Loading weights" bar in a log file
+            model, info = AutoModelForSequenceClassification.from_pretrained(
+                model_dir, config=config, use_safetensors=True, trust_remote_code=trust_remote_code,
+                output_loading_info=True, attn_implementation=attention)
     except (OSError, ValueError, KeyError) as e:
         raise UserError(f"cannot load the model in {model_dir}: {first_line(e)}") from None
     if info.get("missing_keys"):  # e.g. no trained classification head: it would be random

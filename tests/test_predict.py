@@ -113,6 +113,17 @@ def test_predict_shows_its_progress_off_a_terminal(run_dir, tiny_dataset, tmp_pa
     assert sorted(b - a for a, b in zip([0] + done, done)) == [6, 7, 7]
 
 
+def test_no_loading_bar_in_a_log_file(run_dir, capfd):
+    """Off a terminal predict.py's log has no "Loading weights" bar (a run of carriage returns), as bertcls.py's."""
+    from transformers.utils import logging as transformers_logging
+    capfd.readouterr()
+    assert predict.main(["--model_dir", str(run_dir / "model"), "--text", "野球の試合で選手が得点した"]) == 0
+    out, err = capfd.readouterr()
+    assert json.loads(out)["label"] in LABELS
+    assert "Loading weights" not in err and "\r" not in err
+    assert transformers_logging.is_progress_bar_enabled()  # as before, for what follows
+
+
 def test_stdin_text_and_top_k(run_dir, monkeypatch, capsys):
     model = str(run_dir / "model")
     text = "野球の試合で選手が得点した"
