@@ -522,7 +522,7 @@ def check_dataset_dir(output_dir: Path) -> None:
     check_writable(output_dir.parent)  # where the dataset is staged, then swapped into place
     if output_dir.is_dir():
         foreign = sorted(p.name for p in output_dir.iterdir()
-                         if p.name not in OUTPUT_FILES and not (p.is_dir() and FOLD_DIR.fullmatch(p.name)))
+                         if p.name not in OUTPUT_FILES and not is_fold_dir(p))
         if foreign:
             raise UserError(f"{output_dir} holds files prepare.py did not write ({', '.join(foreign[:3])}); "
                             f"pass a new or empty --output_dir")

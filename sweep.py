@@ -404,11 +404,6 @@ class FinishedRun:
                 "params": self.params, "train_seconds": self.train_seconds}
 
 
-def truncation_of(run_args: dict[str, Any]) -> str:
-    """A run's --truncation; runs made before the flag existed kept the head."""
-    return run_args.get("truncation", "head")
-
-
 def read_json_object(path: Path) -> dict:
     try:
         obj = json.loads(path.read_text(encoding="utf-8"))
@@ -502,7 +497,7 @@ def select_runs(runs: Sequence[FinishedRun], models: Sequence[str] | None, lrs: 
         dataset_dir = normalize("dataset_dir", run.args.get("dataset_dir", defaults.get("dataset_dir")))
         if ((models is None or model in models) and (lrs is None or any(same_value(lr, x) for x in lrs))
                 and (seeds is None or seed in seeds) and (dataset_dirs is None or dataset_dir in dataset_dirs)
-                and (truncations is None or truncation_of(run.args) in truncations)
+                and (truncations is None or run.args.get("truncation", defaults.get("truncation")) in truncations)
                 and matches(run.args, wanted, defaults)):
             key = (experiment_key(run, defaults), float(lr), seed, run.data_key)
             if key not in newest or run.age_key > newest[key].age_key:
@@ -1192,8 +1187,8 @@ def paired_comparison(pairs: Sequence[tuple[FinishedRun, FinishedRun]],
     test_sets = {load_predictions(a).test_set: len(load_predictions(a).ids) for a, _ in pairs}
     result: dict[str, Any] = {"n_examples": sum(test_sets.values()), "pairs": len(pairs), "folds": len(test_sets),
                               "seeds": sorted({a.args["seed"] for a, _ in pairs})}
-    for i, metric in enumerate(("accuracy", "f1")):
-        observed = [(load_predictions(a).scores()[i], load_predictions(b).scores()[i]) for a, b in pairs]
+    for metric in ("accuracy", "f1"):
+        observed = [(a.test[metric], b.test[metric]) for a, b in pairs]  # test-metrics.json: the predictions' scores
         differences = stats.seed_means(by_seed(
             (a.args["seed"], [x - y for x, y in zip(getattr(replicates[a.run_dir], metric),
                                                     getattr(replicates[b.run_dir], metric))]) for a, b in pairs),
