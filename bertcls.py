@@ -192,11 +192,13 @@ def cut_batches(order: Sequence[int], lengths: Sequence[int], batch_size: int, m
     if max_tokens is None:
         return [list(order[i:i + batch_size]) for i in range(0, len(order), batch_size)]
     batches: list[list[int]] = []
+    width = 0  # the padded length of the current batch's first, longest example
     for i in order:
-        if batches and (len(batches[-1]) + 1) * padded_length(lengths[batches[-1][0]], buckets=buckets) <= max_tokens:
+        if batches and (len(batches[-1]) + 1) * width <= max_tokens:
             batches[-1].append(i)
         else:  # a first example wider than the budget gets a batch of its own (Run refuses such budgets)
             batches.append([i])
+            width = padded_length(lengths[i], buckets=buckets)
     return batches
 
 
@@ -218,6 +220,15 @@ def padded_length(longest: int, multiple: int = 8, buckets: Sequence[int] | None
     if buckets:
         return next((b for b in buckets if b >= longest), buckets[-1])
     return -(-longest // multiple) * multiple
+
+
+def check_batch_budget(max_batch_tokens: int | None, max_len: int, buckets: Sequence[int] | None = None,
+                       what: str = "example") -> None:
+    """--max_batch_tokens must hold one input of max_len tokens, padded as batches are."""
+    widest = padded_length(max_len, buckets=buckets)
+    if max_batch_tokens is not None and max_batch_tokens < widest:
+        raise UserError(f"--max_batch_tokens {max_batch_tokens} cannot hold one {what} of {max_len} tokens "
+                        f"(padded to {widest}): raise it or lower --max_seq_len")
 
 
 def compile_buckets(max_len: int) -> list[int]:
@@ -763,10 +774,7 @@ class Run:
         check_room_for_text(self.spec.max_len, self.tokenizer, pair=any(d.pairs for d in self.splits.values()))
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         self.buckets = compile_buckets(self.spec.max_len) if args.compile else None
-        widest = padded_length(self.spec.max_len, buckets=self.buckets)
-        if args.max_batch_tokens is not None and args.max_batch_tokens < widest:
-            raise UserError(f"--max_batch_tokens {args.max_batch_tokens} cannot hold one example of "
-                            f"{self.spec.max_len} tokens (padded to {widest}): raise it or lower --max_seq_len")
+        check_batch_budget(args.max_batch_tokens, self.spec.max_len, self.buckets)
         self.packed = self.tokenize_all()
         # batches of a token budget vary in number from epoch to epoch: count every epoch's
         steps = [optimizer_steps_per_epoch(len(train_batches(self, epoch)), args.grad_accum_steps)

@@ -23,7 +23,7 @@ from typing import Any, Sequence, TextIO
 
 import torch
 
-from bertcls import padded_length, predict
+from bertcls import check_batch_budget, predict
 from common import (UserError, atomic_write_text, autocast_context, check_writable, first_line, log, parse_json_object,
                     pick_device, positive_int, read_json, resolve_dtype, run_cli, use_tf32)
 from data import TRUNCATIONS, InputSpec, check_room_for_text, example_text, pack, tokenize_rows
@@ -240,9 +240,7 @@ def classify(args: argparse.Namespace, rows: list[dict]) -> list[dict]:
     spec = input_settings(settings, args.max_seq_len, model, tokenizer)
     check_room_for_text(spec.max_len, tokenizer, pair=any(example_text(r)[1] is not None for r in rows))
     ctx = autocast_context(device, dtype)
-    if args.max_batch_tokens is not None and args.max_batch_tokens < padded_length(spec.max_len):
-        raise UserError(f"--max_batch_tokens {args.max_batch_tokens} cannot hold one text of {spec.max_len} tokens "
-                        f"(padded to {padded_length(spec.max_len)}): raise it or lower --max_seq_len")
+    check_batch_budget(args.max_batch_tokens, spec.max_len, what="text")
     packed = pack(tokenize_rows(tokenizer, rows, spec, log=log, progress="tokenizing"))
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     probs, _ = predict(model.to(device), packed, args.batch_size, device, ctx, pad_id,
