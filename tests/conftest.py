@@ -238,7 +238,6 @@ def stopping_env(marker: Path, epoch: int, batch: int) -> dict[str, str]:
 
 def kill_when_stopped(process, marker: Path, processes: int = 1, timeout: float = 180) -> None:
     """SIGKILL the `processes` bertcls.py processes of STOPPING_BERTCLS once all wait at their marker."""
-    import signal
     import time
     deadline = time.monotonic() + timeout
     markers = [marker.with_name(f"{marker.name}.{rank}") for rank in range(processes)]

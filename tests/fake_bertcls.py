@@ -45,8 +45,8 @@ def main() -> None:
         with open(os.environ["FAKE_BERTCLS_CALLS"], "a", encoding="utf-8") as f:
             f.write(json.dumps({"pid": os.getpid(), "argv": sys.argv[1:]}) + "\n")
     now = datetime.datetime.now()
-    run_dir = (Path(args["output_dir"]) / args["model_name"].strip("/").replace("/", "__") / now.strftime("%Y-%m-%d")
-               / now.strftime("%H-%M-%S.%f"))
+    model_dir = args["model_name"].strip("/").removeprefix("./").replace("/", "__")  # common.safe_name (no torch here)
+    run_dir = Path(args["output_dir"]) / model_dir / now.strftime("%Y-%m-%d") / now.strftime("%H-%M-%S.%f")
     run_dir.mkdir(parents=True)
     computed = json.loads(os.environ["FAKE_BERTCLS_COMPUTED"])
     write(run_dir / "config.json", {"args": args, **computed, "params": 1000})

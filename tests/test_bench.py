@@ -8,7 +8,6 @@ import json
 import random
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -19,7 +18,7 @@ import bench
 import bertcls
 import common
 import data
-from conftest import REPO, train_args, write_dataset
+from conftest import train_args, write_dataset
 
 REQUIRED_KEYS = {"examples_per_s", "tokens_per_s", "padding_fraction", "peak_mem_mb", "mfu", "peak_flops", "device"}
 
@@ -207,7 +206,6 @@ def test_predict_restores_the_original_order():
 
 
 def test_long_context_bench_compares_both_shapes_at_each_length(tmp_path, capsys):
-    sys.path.insert(0, str(REPO / "scripts"))
     import long_context_bench
     assert long_context_bench.main(["--lengths", "64", "--max_batch_tokens", "256", "--hidden", "32", "--layers", "3",
                                     "--heads", "2", "--local_attention", "16", "--steps", "1", "--warmup", "0",
@@ -234,7 +232,6 @@ def test_long_context_bench_compares_both_shapes_at_each_length(tmp_path, capsys
      "bench.py: out of memory: lower --max_batch_tokens"),  # the error line, not the last warning
     (1, "Traceback (most recent call last):\n  ...\n", "exit 1")])
 def test_long_context_bench_says_why_a_run_failed(monkeypatch, tmp_path, returncode, stderr, error):
-    sys.path.insert(0, str(REPO / "scripts"))
     import long_context_bench
     monkeypatch.setattr(long_context_bench.subprocess, "run",
                         lambda *a, **k: subprocess.CompletedProcess(a[0], returncode, stdout="", stderr=stderr))

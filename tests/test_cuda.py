@@ -24,10 +24,8 @@ import common
 import data
 import families
 import prepare
+import make_tiny
 from conftest import REPO, finished_runs, train_args
-
-sys.path.insert(0, str(REPO / "scripts"))
-import make_tiny  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 

@@ -9,11 +9,8 @@ from pathlib import Path
 import pytest
 
 import bench
-from conftest import REPO
-
-sys.path.insert(0, str(REPO / "scripts"))
-import gpu_check  # noqa: E402
-import make_tiny  # noqa: E402
+import gpu_check
+import make_tiny
 
 
 def test_every_gpu_setting_is_a_valid_bench_command_line():

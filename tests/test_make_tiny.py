@@ -3,12 +3,8 @@
 from __future__ import annotations
 
 import json
-import sys
 
-from conftest import REPO
-
-sys.path.insert(0, str(REPO / "scripts"))
-import make_tiny  # noqa: E402
+import make_tiny
 
 
 def test_tiny_model_and_corpus_load_offline(tmp_path):

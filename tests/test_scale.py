@@ -190,7 +190,6 @@ def test_bench_scale_runs_end_to_end_at_a_tiny_scale(tmp_path, capsys):
     import json
 
     from conftest import make_rows
-    sys.path.insert(0, str(REPO / "scripts"))
     import bench_scale
     corpus = tmp_path / "corpus.jsonl"
     corpus.write_text("".join(common.jsonl_line({k: r[k] for k in ("id", "category", "title", "body")})
