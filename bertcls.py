@@ -1,39 +1,17 @@
 """Fine-tune and evaluate one BERT-style model for text classification.
 
-One GPU (or the CPU):
-    python bertcls.py --model_name cl-tohoku/bert-base-japanese-v3 --lr 3e-5
-Several GPUs on one node (DistributedDataParallel under torchrun):
-    torchrun --standalone --nproc_per_node 4 bertcls.py --model_name cl-tohoku/bert-base-japanese-v3
-Two nodes (run on each, with its --node_rank):
-    torchrun --nnodes 2 --nproc_per_node 8 --rdzv_backend c10d --rdzv_endpoint HOST:29500 bertcls.py ...
-An interrupted run, from its last checkpoint (see --checkpoint_minutes), in its own directory:
-    python bertcls.py --resume outputs/<model>/<date>/<time>
+    python bertcls.py --model_name cl-tohoku/bert-base-japanese-v3 --lr 3e-5          # one GPU, or the CPU
+    torchrun --standalone --nproc_per_node 4 bertcls.py --model_name ...             # DDP on 4 GPUs
+    python bertcls.py --resume outputs/<model>/<date>/<time>                         # continue a killed run
 
-Reads datasets/livedoor/{train,val,test}.jsonl + label2id.json (see prepare.py), trains with AdamW and a
-linear warmup/decay schedule, picks the epoch with the best validation macro F1, evaluates val and test
-once with its weights and writes everything under outputs/<model>/<date>/<time>/. test-metrics.json is
-written last: a run directory without it is not a finished run. A long run also writes a checkpoint at the
-end of an epoch every --checkpoint_minutes, so that a killed run loses at most that much.
+Reads datasets/livedoor/{train,val,test}.jsonl and label2id.json (prepare.py), trains with AdamW and a linear
+warmup/decay schedule, keeps the weights of the epoch with the best validation macro-F1, evaluates val and test
+once with them and writes outputs/<model>/<date>/<time>/. test-metrics.json is written last: a run directory
+without it is not a finished run. Long runs write a checkpoint every --checkpoint_minutes, at the end of an epoch.
 
-Reading guide (this file is the training story, in the order it happens):
-    parse_args                    every setting, with its default
-    batching                      length-grouped batches (of --batch_size or a token budget), padding, collate
-    schedule + optimizer          AdamW without decay on biases/norms, linear warmup then decay (get_lr)
-    training loop                 train_epoch: one epoch of optimizer steps (AMP, accumulation, clipping)
-    evaluation                    predict / evaluate: every example once, also under DDP
-    metrics                       confusion matrix and macro precision / recall / F1 by hand
-    distributed                   the torchrun process group; wrap_model (DDP, torch.compile)
-    outputs                       log.csv, learning curve, predictions, --save_model, the result files
-    set-up + main                 Run (everything set up before the first step), the epoch loop with
-                                  best-epoch selection and early stopping, --resume, the command line
-The files it builds on (each imports only those above it; nothing imports prepare.py):
-    common.py                     errors, files, progress, flags, devices and collectives, run directories;
-                                  nothing about BERT
-    families.py                   how each model family is loaded and fed
-    data.py                       the dataset on disk -> labels and token ids: label2id.json and the JSONL
-                                  splits, the cut to length (head / head_tail), the tokenization cache and
-                                  its worker processes
-    checkpoints.py                epoch checkpoints written all or nothing, and continuing from one exactly
+Reading order: settings (parse_args), batches, schedule and optimizer, the training loop (train_epoch),
+evaluation and metrics, checkpoints, result files, set-up, and main: set-up, the epochs, the results.
+data.py turns the dataset into token ids; models.py loads each model family; common.py is the plumbing.
 """
 
 from __future__ import annotations
@@ -42,7 +20,7 @@ import argparse
 import contextlib
 import csv
 import datetime
-import inspect
+import hashlib
 import io
 import json
 import math
@@ -52,330 +30,162 @@ import shutil
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 import torch
 import torch.nn.functional as F
-from safetensors import SafetensorError
 
-from checkpoints import (TrainingState, check_resumable, checkpoint_due, cpu_state, failed_write, last_complete_epoch,
-                         load_resume_checkpoint, remove_checkpoints, restore, resumed_settings, run_identity,
-                         save_checkpoint, writing)
-from common import (DistEnv, Progress, UserError, atomic_write_text, autocast_context, barrier, broadcast_object,
-                    check_output_dir, check_writable, dist_env, dtype_name, finite_float, gather_objects, hold_run_dir,
-                    make_run_dir, non_negative_float, pick_device, positive_float, positive_int, read_json,
-                    resolve_dtype, run_cli, use_tf32, write_json)
-from data import (MAX_DEFAULT_WORKERS, SPLITS, TRUNCATIONS, InputSpec, check_room_for_text, default_tokenize_workers,
-                  example_lengths, file_digest, load_dataset, load_fold, load_or_tokenize, split_ids,
-                  tokenizer_fingerprint)
-from families import (attention_implementation, effective_max_len, freeze_unreachable, load_model, load_tokenizer,
-                      transformers_progress_bars, unknown_family_note, uses_token_type_ids)
+from common import (Progress, UserError, atomic_write, broadcast_object, dist_env, dtype_name, finite_float,
+                    gather_objects, load_tensors, locked, non_negative_float, pick_device, positive_float, positive_int,
+                    read_json, resolve_dtype, run_cli, save_tensors, seed_int, write_json)
+from data import (SPLITS, TRUNCATIONS, InputSpec, Inputs, compile_buckets, cut_batches, file_digest, lengths_of,
+                  load_dataset, padded_length, split_ids, tokenized, tokenizer_fingerprint)
+from models import attention_implementation, compile_layers, load_model, load_tokenizer, max_length, uses_token_type_ids
 
-NO_DECAY_SUFFIXES = ("bias", "layernorm.weight", "layer_norm.weight", "norm.weight", "ln.weight")
-OOM_ADVICE = ("lower --batch_size (with --grad_accum_steps to keep the effective batch), lower --max_seq_len, "
-              "or add --gradient_checkpointing")
+# The settings that change where and how a run works, not what it computes: --resume may give them new values, and
+# sweep.py matches runs without them. --device and --dtype count through what they resolve to (see experiment).
+RUN_ONLY = frozenset({"output_dir", "cache_dir", "tokenize_workers", "log_interval", "checkpoint_minutes", "debug",
+                      "resume", "device", "dtype", "compile"})
+NO_DECAY = ("bias", "layernorm.weight", "layer_norm.weight", "norm.weight")
+OOM_ADVICE = ("lower --batch_size (with --grad_accum_steps to keep the effective batch), lower --max_seq_len, or add "
+              "--gradient_checkpointing")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def parse_args(argv: Sequence[str] | None = None, unset: Any = None) -> argparse.Namespace:
+    """The settings; with `unset`, the flags not given are left at that value instead of their defaults."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model_name", default="cl-tohoku/bert-base-japanese-v3",
-                   help="hub name or local directory (default: %(default)s)")
-    p.add_argument("--dataset_dir", default="datasets/livedoor", help="output of prepare.py (default: %(default)s)")
-    p.add_argument("--batch_size", type=positive_int, default=16, help="per-device batch (default: %(default)s)")
-    p.add_argument("--eval_batch_size", type=positive_int, default=None,
-                   help="per-device evaluation batch (default: 2 x --batch_size)")
-    p.add_argument("--epochs", type=positive_int, default=20, help="(default: %(default)s)")
-    p.add_argument("--lr", type=positive_float, default=3e-5, help="peak learning rate (default: %(default)s)")
-    p.add_argument("--num_warmup_epochs", type=non_negative_float, default=2,
-                   help="linear warmup length in epochs, may be fractional (default: %(default)s)")
-    p.add_argument("--max_seq_len", type=positive_int, default=512,
-                   help="tokens per example, capped by the model's limit (default: %(default)s)")
-    p.add_argument("--truncation", choices=TRUNCATIONS, default="head",
-                   help="what an over-long example keeps: head = the title and the start of the body; head_tail = "
-                        "the title, then of the room left a quarter from the body's start and the rest from its end "
-                        "(Sun et al. 2019's 128 + 382 of 512, scaled) (default: %(default)s)")
-    p.add_argument("--max_batch_tokens", type=positive_int, default=None,
-                   help="token budget per batch instead of --batch_size examples: as many examples as fit in this "
-                        "many padded tokens (few long ones, many short ones); evaluation uses twice the budget "
-                        "(default: off)")
-    p.add_argument("--weight_decay", type=non_negative_float, default=0.01, help="(default: %(default)s)")
-    p.add_argument("--max_grad_norm", type=non_negative_float, default=1.0,
-                   help="gradient clipping norm, 0 disables (default: %(default)s)")
-    p.add_argument("--grad_accum_steps", type=positive_int, default=1,
-                   help="micro-batches per optimizer step (default: %(default)s)")
-    p.add_argument("--gradient_checkpointing", action="store_true", help="trade compute for memory (default: off)")
-    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N; under torchrun each process takes "
-                   "cuda:LOCAL_RANK (choose GPUs with CUDA_VISIBLE_DEVICES) (default: cuda if available, else cpu)")
-    p.add_argument("--dtype", choices=("auto", "bf16", "fp16", "fp32"), default="auto",
-                   help="autocast dtype; auto = bf16 on GPUs with bf16 units (Ampere and later), else fp16 with a "
-                        "GradScaler; on the CPU bf16 where it has bf16 matrix units (AVX512-BF16, AMX), else fp32. "
-                        "fp32 on CUDA multiplies matrices in TF32 (default: auto)")
-    p.add_argument("--compile", action="store_true", help="torch.compile the model (default: off)")
-    p.add_argument("--seed", type=int, default=42, help="(default: %(default)s)")
-    p.add_argument("--output_dir", default="outputs", help="(default: %(default)s)")
-    p.add_argument("--cache_dir", default=".cache/bertcls",
-                   help="tokenization cache; '' disables it (default: %(default)s)")
-    p.add_argument("--tokenize_workers", type=positive_int, default=None,
-                   help="processes that tokenize a split of 2000+ examples; 1 tokenizes in this process (default: "
-                        f"the CPU cores this process may use, at most {MAX_DEFAULT_WORKERS})")
-    p.add_argument("--save_model", action="store_true",
-                   help="also save the best weights + tokenizer to <run dir>/model/ (default: off)")
-    p.add_argument("--trust_remote_code", action="store_true",
-                   help="allow a hub model to run its own Python code (default: off)")
-    p.add_argument("--mecab_dic", choices=("auto", "ipadic", "unidic_lite", "unidic"), default="auto",
-                   help="MeCab dictionary for BertJapaneseTokenizer models; auto uses IPAdic for cl-tohoku v1 "
-                        "configs that name none (default: auto)")
-    p.add_argument("--log_interval", type=positive_int, default=20,
-                   help="optimizer steps between NaN checks and progress updates: on a terminal in the bar, "
-                        "elsewhere (nohup, CI, sweep logs) a line with the step, examples/s, the mean loss so far, "
-                        "the learning rate and the time left in the epoch (default: %(default)s)")
-    p.add_argument("--patience", type=positive_int, default=None,
-                   help="early stopping: stop when val F1 has not improved for this many epochs; the learning-rate "
-                        "schedule stays the one planned for --epochs (default: off)")
-    p.add_argument("--checkpoint_minutes", type=finite_float, default=10,
-                   help="at the end of an epoch, write a checkpoint to resume from when at least this many minutes "
-                        "have passed since the run started or since the last one; 0: after every epoch, negative: "
-                        "never. A finished run deletes its checkpoint (default: %(default)s)")
-    p.add_argument("--resume", metavar="RUN_DIR", default=None,
-                   help="continue an interrupted run from its last checkpoint, with the settings of its config.json, "
-                        "and finish it in RUN_DIR; other flags must agree with them (default: off)")
-    p.add_argument("--debug", action="store_true", help="show tracebacks for errors (default: off)")
-    return p
-
-
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    args = build_parser().parse_args(argv)
-    if args.eval_batch_size is None:
-        args.eval_batch_size = 2 * args.batch_size
-    if args.tokenize_workers is None:
-        args.tokenize_workers = default_tokenize_workers()
+    add = p.add_argument
+    add("--model_name", default="cl-tohoku/bert-base-japanese-v3", help="hub name or local directory (default: %(default)s)")
+    add("--dataset_dir", default="datasets/livedoor", help="written by prepare.py (default: %(default)s)")
+    add("--batch_size", type=positive_int, default=16, help="examples per device and step (default: %(default)s)")
+    add("--eval_batch_size", type=positive_int, default=None, help="(default: 2 x --batch_size)")
+    add("--epochs", type=positive_int, default=20, help="(default: %(default)s)")
+    add("--lr", type=positive_float, default=3e-5, help="peak learning rate (default: %(default)s)")
+    add("--num_warmup_epochs", type=non_negative_float, default=2, help="linear warmup, in epochs (default: %(default)s)")
+    add("--max_seq_len", type=positive_int, default=512, help="tokens per example, capped by the model (default: %(default)s)")
+    add("--truncation", choices=TRUNCATIONS, default="head", help="what a long example keeps: the title and the start "
+        "of the body (head), or the title, a quarter of the room from the body's start and the rest from its end "
+        "(head_tail, Sun et al. 2019) (default: %(default)s)")
+    add("--max_batch_tokens", type=positive_int, default=None, help="batches of at most this many padded tokens "
+        "instead of --batch_size examples; evaluation uses twice as many (default: off)")
+    add("--weight_decay", type=non_negative_float, default=0.01, help="not on biases and norms (default: %(default)s)")
+    add("--max_grad_norm", type=non_negative_float, default=1.0, help="clipping; 0: off (default: %(default)s)")
+    add("--grad_accum_steps", type=positive_int, default=1, help="micro-batches per optimizer step (default: %(default)s)")
+    add("--gradient_checkpointing", action="store_true", help="recompute activations to save memory (default: off)")
+    add("--patience", type=positive_int, default=None, help="stop after this many epochs without a better val F1; the "
+        "schedule stays that of --epochs (default: off)")
+    add("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available, else cpu)")
+    add("--dtype", choices=("auto", "bf16", "fp16", "fp32"), default="auto", help="autocast: auto = bf16 where the "
+        "hardware has it (GPUs from Ampere, CPUs with AVX512-BF16/AMX), fp16 with a GradScaler on older GPUs, else "
+        "fp32; fp32 on CUDA multiplies in TF32 (default: auto)")
+    add("--compile", action=argparse.BooleanOptionalAction, default=None, help="torch.compile each encoder layer "
+        "(default: on with CUDA, off on the CPU)")
+    add("--seed", type=seed_int, default=42, help="(default: %(default)s)")
+    add("--output_dir", default="outputs", help="(default: %(default)s)")
+    add("--cache_dir", default=".cache/bertcls", help="tokenization cache; '' for none (default: %(default)s)")
+    add("--tokenize_workers", type=positive_int, default=min(16, len(os.sched_getaffinity(0))
+        if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1), help="processes that tokenize a split of "
+        "2000+ examples (default: the CPU cores this process may use, at most 16)")
+    add("--save_model", action="store_true", help="save the best weights and the tokenizer to <run dir>/model/ "
+        "(default: off)")
+    add("--trust_remote_code", action="store_true", help="let a hub model run its own code (default: off)")
+    add("--mecab_dic", choices=("auto", "ipadic", "unidic_lite", "unidic"), default="auto", help="MeCab dictionary of "
+        "BertJapaneseTokenizer; auto: IPAdic for cl-tohoku v1 models, whose configs name none (default: auto)")
+    add("--log_interval", type=positive_int, default=20, help="optimizer steps between progress lines and NaN checks "
+        "(default: %(default)s)")
+    add("--checkpoint_minutes", type=finite_float, default=10, help="write a checkpoint at the end of an epoch when "
+        "this many minutes have passed since the last; 0: every epoch; negative: never (default: %(default)s)")
+    add("--resume", metavar="RUN_DIR", default=None, help="continue a killed run from its checkpoint, with its own "
+        "settings (default: off)")
+    add("--debug", action="store_true", help="show tracebacks (default: off)")
+    if unset is not None:
+        return p.parse_args(argv, argparse.Namespace(**{k: unset for k in vars(p.parse_args([]))}))
+    args = p.parse_args(argv)
+    args.eval_batch_size = args.eval_batch_size or 2 * args.batch_size
     return args
 
 
-# ------------------------------------------------------------------------------------------ batching
+# ---------------------------------------------------------------------------------------------------- batches
 
 
-def length_grouped_batches(lengths: Sequence[int], batch_size: int, rng: random.Random, group_batches: int = 64,
-                           max_tokens: int | None = None, buckets: Sequence[int] | None = None) -> list[list[int]]:
-    """Shuffle, sort by length within chunks of many batches, then shuffle the batches.
+def epoch_batches(lengths: Sequence[int], args: argparse.Namespace, epoch: int, world_size: int,
+                  buckets: Sequence[int] | None = None) -> list[list[int]]:
+    """Every rank's batches of an epoch, in one global order that each rank computes alike (re-seeded per epoch).
 
-    Randomness is kept (which examples meet in a batch and the batch order change every epoch) while
-    examples of similar length share a batch, so little compute is spent on padding. With max_tokens, a
-    batch holds as many examples as fit in that many padded tokens instead of batch_size, and a chunk is
-    group_batches budgets' worth of tokens.
+    Shuffled, then sorted by length within groups of 64 batches, then the batches shuffled: random, yet with
+    little padding. Rank r takes every world_size-th batch; a few are repeated so that every rank has as many.
     """
+    rng = random.Random(f"{args.seed}-{epoch}")
     order = list(range(len(lengths)))
     rng.shuffle(order)
-    if max_tokens is None:
-        chunks = [order[s:s + batch_size * group_batches] for s in range(0, len(order), batch_size * group_batches)]
-    else:
-        chunks = token_chunks(order, lengths, max_tokens * group_batches)
-    batches = []
-    for chunk in chunks:
-        group = sorted(chunk, key=lambda i: lengths[i], reverse=True)
-        batches += cut_batches(group, lengths, batch_size, max_tokens, buckets)
+    group = 64 * (args.max_batch_tokens // max(1, sum(lengths) // len(lengths)) if args.max_batch_tokens
+                  else args.batch_size)
+    batches = [b for s in range(0, len(order), group) for b in cut_batches(
+        sorted(order[s:s + group], key=lambda i: -lengths[i]), lengths, args.batch_size, args.max_batch_tokens, buckets)]
     rng.shuffle(batches)
-    return batches
+    return batches + batches[:(-len(batches)) % world_size]
 
 
-def sorted_batches(lengths: Sequence[int], batch_size: int, max_tokens: int | None = None,
-                   buckets: Sequence[int] | None = None) -> list[list[int]]:
-    """Evaluation batches of examples sorted by length (longest first, so an OOM shows up at once)."""
-    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
-    return cut_batches(order, lengths, batch_size, max_tokens, buckets)
+def step_sizes(batches: Sequence[Sequence[int]], accumulation: int, world_size: int) -> list[int]:
+    """Examples of each optimizer step over all ranks (a step takes accumulation x world_size consecutive batches)."""
+    per_step = accumulation * world_size
+    return [sum(map(len, batches[i:i + per_step])) for i in range(0, len(batches), per_step)]
 
 
-def cut_batches(order: Sequence[int], lengths: Sequence[int], batch_size: int, max_tokens: int | None,
-                buckets: Sequence[int] | None = None) -> list[list[int]]:
-    """Consecutive batches of `order` (longest first): batch_size examples each, or with max_tokens as many as
-    fit in max_tokens padded tokens (examples x the padded length of the first, longest one)."""
-    if max_tokens is None:
-        return [list(order[i:i + batch_size]) for i in range(0, len(order), batch_size)]
-    batches: list[list[int]] = []
-    width = 0  # the padded length of the current batch's first, longest example
-    for i in order:
-        if batches and (len(batches[-1]) + 1) * width <= max_tokens:
-            batches[-1].append(i)
-        else:  # a first example wider than the budget gets a batch of its own (Run refuses such budgets)
-            batches.append([i])
-            width = padded_length(lengths[i], buckets=buckets)
-    return batches
-
-
-def token_chunks(order: Sequence[int], lengths: Sequence[int], chunk_tokens: int) -> list[list[int]]:
-    """`order` split into consecutive chunks of about chunk_tokens tokens."""
-    chunks: list[list[int]] = [[]]
-    total = 0
-    for i in order:
-        if total >= chunk_tokens:
-            chunks.append([])
-            total = 0
-        chunks[-1].append(i)
-        total += lengths[i]
-    return chunks if chunks[0] else []
-
-
-def padded_length(longest: int, multiple: int = 8, buckets: Sequence[int] | None = None) -> int:
-    """Pad to a multiple of 8 for tensor cores; with torch.compile, up to the next bucket to bound recompiles."""
-    if buckets:
-        return next((b for b in buckets if b >= longest), buckets[-1])
-    return -(-longest // multiple) * multiple
-
-
-def check_batch_budget(max_batch_tokens: int | None, max_len: int, buckets: Sequence[int] | None = None,
-                       what: str = "example") -> None:
-    """--max_batch_tokens must hold one input of max_len tokens, padded as batches are."""
-    widest = padded_length(max_len, buckets=buckets)
-    if max_batch_tokens is not None and max_batch_tokens < widest:
-        raise UserError(f"--max_batch_tokens {max_batch_tokens} cannot hold one {what} of {max_len} tokens "
-                        f"(padded to {widest}): raise it or lower --max_seq_len")
-
-
-def compile_buckets(max_len: int) -> list[int]:
-    buckets = [64]
-    while buckets[-1] < max_len:
-        buckets.append(buckets[-1] * 2 if buckets[-1] < 256 else buckets[-1] + 128)
-    return buckets[:-1] + [max(max_len, buckets[-2] if len(buckets) > 1 else max_len)]
-
-
-def collate(packed: dict[str, torch.Tensor], indices: Sequence[int], labels: torch.Tensor | None,
-            pad_id: int, buckets: Sequence[int] | None = None) -> dict[str, torch.Tensor]:
-    """A padded batch built with a few tensor ops (one gather), not a Python loop over its rows."""
-    rows = torch.as_tensor(indices, dtype=torch.long)
-    starts = packed["offsets"][rows]
-    lengths = packed["offsets"][rows + 1] - starts
-    width = padded_length(int(lengths.max()), buckets=buckets)
-    positions = torch.arange(width)
-    attention_mask = (positions < lengths[:, None]).long()
-    # positions past a row's end point at other rows' tokens (clamped at the end): masked out below
-    flat = (starts[:, None] + positions).clamp_(max=max(len(packed["input_ids"]) - 1, 0))
-    batch = {"input_ids": torch.where(attention_mask.bool(), packed["input_ids"][flat].long(), pad_id)}
-    if int(lengths.min()) < width:
-        # only a padded batch carries a mask: without one SDPA can take its flash kernel, and transformers need
-        # not read the mask back to the host (padding_mask.all()) to find out it could have been dropped
-        batch["attention_mask"] = attention_mask
-    if "token_type_ids" in packed:
-        batch["token_type_ids"] = packed["token_type_ids"][flat].long() * attention_mask
-    if labels is not None:
-        batch["labels"] = labels[rows]
-    return batch
-
-
-def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
-    if device.type == "cuda":
-        return {k: v.pin_memory().to(device, non_blocking=True) for k, v in batch.items()}
-    return batch
-
-
-# ------------------------------------------------------------------------------ schedule + optimizer
-
-
-def decays(name: str, param: torch.nn.Parameter) -> bool:
-    """Weight decay for weight matrices only: not biases, normalisation weights or other vectors."""
-    return param.ndim >= 2 and not name.lower().endswith(NO_DECAY_SUFFIXES)
-
-
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    return [{"params": [p for n, p in named if decays(n, p)], "weight_decay": weight_decay},
-            {"params": [p for n, p in named if not decays(n, p)], "weight_decay": 0.0}]
-
-
-def build_optimizer(model: torch.nn.Module, args: argparse.Namespace, device: torch.device) -> torch.optim.Optimizer:
-    # the fused kernel exists for CUDA and (since torch 2.4) the CPU: one kernel instead of a loop over tensors
-    return torch.optim.AdamW(param_groups(model, args.weight_decay), lr=args.lr,
-                             fused=device.type in ("cuda", "cpu"))
+# ---------------------------------------------------------------------------------- schedule and optimizer
 
 
 def get_lr(step: int, total_steps: int, warmup_steps: int, max_lr: float) -> float:
-    """Learning rate for optimizer step `step` (0-based), in three phases:
+    """The learning rate of optimizer step `step` (from 0):
     1) warmup: linear from max_lr / warmup_steps up to max_lr at the last warmup step;
     2) decay: linear from max_lr down towards 0 at total_steps;
-    3) past total_steps (never reached by a run): 0.
-    """
+    3) past total_steps (a run never gets there): 0."""
     if step < warmup_steps:
         return max_lr * (step + 1) / warmup_steps
-    if step >= total_steps:
-        return 0.0
-    return max_lr * (total_steps - step) / max(1, total_steps - warmup_steps)
+    return max(0.0, max_lr * (total_steps - step) / max(1, total_steps - warmup_steps))
 
 
-def optimizer_steps_per_epoch(n_batches: int, grad_accum_steps: int) -> int:
-    return math.ceil(n_batches / grad_accum_steps)
+def build_optimizer(model: torch.nn.Module, args: argparse.Namespace, device: torch.device) -> torch.optim.Optimizer:
+    """AdamW; no weight decay on biases, norms or any other vector."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    decay = [p for n, p in named if p.ndim >= 2 and not n.lower().endswith(NO_DECAY)]
+    rest = [p for n, p in named if not (p.ndim >= 2 and not n.lower().endswith(NO_DECAY))]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
+                              {"params": rest, "weight_decay": 0.0}], lr=args.lr, fused=True)
 
 
-def examples_per_step(all_batches: Sequence[Sequence[int]], grad_accum_steps: int, world_size: int) -> list[int]:
-    """Examples of each optimizer step over all ranks, from every rank's batches of an epoch in global order
-    (rank r trains on every world_size-th batch, so a step takes grad_accum_steps x world_size consecutive ones)."""
-    per_step = grad_accum_steps * world_size
-    return [sum(map(len, all_batches[i:i + per_step])) for i in range(0, len(all_batches), per_step)]
-
-
-def schedule_warning(total_steps: int, warmup_steps: int, n_batches: int, args: argparse.Namespace) -> str | None:
-    """One line when the schedule cannot train as asked, with the peak learning rate it does reach: a warmup
-    longer than the run (the default 2 warmup epochs with --epochs 1), or more accumulation steps than the
-    n_batches batches of an epoch."""
-    peak = max(get_lr(step, total_steps, warmup_steps, args.lr) for step in range(total_steps))
-    problems = []
-    if args.grad_accum_steps > n_batches:
-        problems.append(f"--grad_accum_steps {args.grad_accum_steps} is more than the {n_batches} batches of an "
-                        f"epoch, so each optimizer step accumulates only {n_batches} (use at most {n_batches})")
-    if peak < args.lr * (1 - 1e-9):
-        problems.append(f"the warmup ({warmup_steps} optimizer steps, --num_warmup_epochs "
-                        f"{args.num_warmup_epochs:g}) is longer than the run ({total_steps} steps, --epochs "
-                        f"{args.epochs}), so the learning rate peaks at {peak:.3g}, {peak / args.lr:.0%} of --lr "
-                        f"{args.lr:g} (lower --num_warmup_epochs, e.g. to {args.epochs / 10:g})")
-    return f"warning: {'; '.join(problems)}" if problems else None
-
-
-# ------------------------------------------------------------------------------------- training loop
-
-
-class NonFiniteLoss(UserError):
-    pass
+# --------------------------------------------------------------------------------------------- training loop
 
 
 def train_epoch(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
-                run: Run, batches: list[list[int]], step: int, epoch: int, progress: Progress | None = None,
-                collate_fn: Any = None, step_examples: Sequence[int] | None = None) -> tuple[int, float]:
-    """One pass over `batches` (this rank's); returns the next optimizer step and the mean train loss.
+                data: Inputs, batches: list[list[int]], sizes: Sequence[int], args: argparse.Namespace,
+                schedule: tuple[int, int], step: int, ctx: Any, device: torch.device,
+                progress: Progress | None = None) -> tuple[int, float]:
+    """One pass over this rank's batches; returns the next optimizer step and the mean training loss.
 
-    `model` is what is called (DDP- or compile-wrapped), `run` holds the settings (run.args), the data and
-    the schedule. The loss of each micro-batch is weighted by its share of the examples of its optimizer
-    step, so K accumulated micro-batches give the gradient of one batch K times as large. Batches of a
-    token budget differ in size, also between ranks: `step_examples` (the examples of each optimizer step
-    over all ranks, see examples_per_step) makes each example count the same there too. `progress` counts the
-    examples of every step (of all ranks, with step_examples) and, every --log_interval steps, is given the step,
-    the mean loss of the epoch so far and the learning rate. `collate_fn` (default `collate`) lets bench.py time
-    another way of building batches through the same loop.
+    Each micro-batch's loss is weighted by its share of its optimizer step's examples over all ranks (`sizes`),
+    so accumulated micro-batches, batches of a token budget and ranks with fewer examples all give the gradient
+    of the step's mean loss. The host waits for the device only every --log_interval steps.
     """
-    args, device = run.args, run.device
-    packed, labels = run.packed["train"], run.labels["train"]
-    collate_fn = collate_fn or collate
+    world_size = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
     model.train()
-    loss_sum = torch.zeros((), device=device)  # accumulated on device: no host sync per step
-    first_bad_step = torch.full((), -1, device=device)
-    n_examples = 0
+    loss_sum, first_bad, seen = torch.zeros((), device=device), torch.full((), -1, device=device), 0
     groups = [batches[i:i + args.grad_accum_steps] for i in range(0, len(batches), args.grad_accum_steps)]
-    for group_index, group in enumerate(groups):
-        lr = get_lr(step, run.total_steps, run.warmup_steps, args.lr)
+    for group, size in zip(groups, sizes):
+        lr = get_lr(step, *schedule, args.lr)
         for param_group in optimizer.param_groups:
             param_group["lr"] = lr
-        group_examples = sum(len(b) for b in group)
-        # DDP averages the ranks' gradients: a rank's examples weigh len/(all examples of the step / world size)
-        weight_base = step_examples[group_index] / run.world_size if step_examples else group_examples
-        for micro, batch_indices in enumerate(group):
-            batch = to_device(collate_fn(packed, batch_indices, labels, run.pad_id, run.buckets), device)
-            if hasattr(model, "require_backward_grad_sync"):  # DDP: all-reduce only on the last micro-batch
+        for micro, indices in enumerate(group):
+            if hasattr(model, "require_backward_grad_sync"):  # DDP: all-reduce on the last micro-batch only
                 model.require_backward_grad_sync = micro == len(group) - 1
-            with run.ctx:
-                logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
-                loss = F.cross_entropy(logits.float(), batch["labels"])
-            scaler.scale(loss * (len(batch_indices) / weight_base)).backward()
-            loss_sum += loss.detach() * len(batch_indices)
-            first_bad_step = torch.where((first_bad_step < 0) & ~torch.isfinite(loss.detach()),
-                                         torch.full_like(first_bad_step, step), first_bad_step)
-        n_examples += group_examples
+            batch = data.batch(indices, device)
+            labels = batch.pop("labels")
+            with ctx:
+                loss = F.cross_entropy(model(**batch).logits.float(), labels)
+            scaler.scale(loss * (len(indices) * world_size / size)).backward()
+            loss_sum += loss.detach() * len(indices)
+            seen += len(indices)
+            first_bad = torch.where((first_bad < 0) & ~loss.detach().isfinite(), step, first_bad)
         if args.max_grad_norm > 0:
             scaler.unscale_(optimizer)
             torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
@@ -383,191 +193,95 @@ def train_epoch(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scaler
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
         step += 1
-        at_interval = step % args.log_interval == 0
-        if at_interval or group is groups[-1]:
-            check_finite(first_bad_step, epoch, run)  # the host waits for the GPU only here: once per interval
         if progress is not None:
-            progress.update(step_examples[group_index] if step_examples else group_examples)
-            if at_interval:  # off a terminal a line: step, examples/s, loss, time left
-                progress.report(step=f"{step}/{run.total_steps}", loss=f"{loss_sum.item() / n_examples:.4f}",
-                                lr=f"{lr:.2e}")
-    return step, loss_sum.item() / max(1, n_examples)
+            progress.update(size)
+        if step % args.log_interval == 0 or group is groups[-1]:
+            if (bad := int(first_bad)) >= 0:
+                raise UserError(f"the training loss became NaN/inf at optimizer step {bad + 1}: lower --lr, clip "
+                                "gradients (--max_grad_norm), try --dtype fp32, or check the data")
+            if progress is not None and step % args.log_interval == 0:
+                progress.report(step=f"{step}/{schedule[0]}", loss=f"{loss_sum.item() / seen:.4f}", lr=f"{lr:.2e}")
+    return step, loss_sum.item() / max(1, seen)
 
 
-def nonfinite_advice(dtype: torch.dtype, max_grad_norm: float) -> str:
-    """What to try after a NaN/inf loss: only settings that differ from the ones that produced it."""
-    remedies = ["lower --lr"]
-    if max_grad_norm == 0:
-        remedies.append("clip gradients (--max_grad_norm 1)")
-    if dtype == torch.float16:
-        remedies.append("use --dtype bf16 (where supported) or fp32")
-    elif dtype == torch.bfloat16:
-        remedies.append("use --dtype fp32")
-    return ", ".join(remedies) + ", or check the data"
-
-
-def check_finite(first_bad_step: torch.Tensor, epoch: int, run: Run) -> None:
-    bad = int(first_bad_step)
-    if bad >= 0:
-        raise NonFiniteLoss(f"the training loss became NaN/inf at epoch {epoch}, optimizer step {bad + 1}: "
-                            f"{nonfinite_advice(run.dtype, run.args.max_grad_norm)}")
-
-
-# ---------------------------------------------------------------------------------------- evaluation
+# ------------------------------------------------------------------------------------- evaluation and metrics
 
 
 @torch.no_grad()
-def predict(model: torch.nn.Module, packed: dict[str, torch.Tensor], batch_size: int, device: torch.device,
-            ctx: contextlib.AbstractContextManager, pad_id: int, labels: torch.Tensor | None = None,
-            rank: int = 0, world_size: int = 1, buckets: Sequence[int] | None = None,
-            max_batch_tokens: int | None = None, progress: str | None = None
-            ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Class probabilities (n, C) in the original example order, and per-example losses when labels are given.
+def predict(model: torch.nn.Module, data: Inputs, batch_size: int, max_tokens: int | None, ctx: Any,
+            device: torch.device, rank: int = 0, world_size: int = 1, desc: str | None = None
+            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Class probabilities (n, C) and per-example losses (0 without labels), in example order.
 
-    Examples are evaluated in length-sorted batches; under DDP each rank takes every world_size-th
-    batch and the results are gathered by example index, so each example counts exactly once and the
-    numbers equal a single-process evaluation. With max_batch_tokens a batch holds as many examples as fit
-    in that many padded tokens instead of batch_size. Progress of this process's examples is shown on stderr
-    under the description progress (None: silent).
+    Length-sorted batches, longest first (an out-of-memory error shows at once); under DDP each rank takes every
+    world_size-th batch and the results are gathered by example index: each example counts exactly once, and
+    the numbers equal a single process's.
     """
     model.eval()
-    batches = sorted_batches(example_lengths(packed), batch_size, max_batch_tokens, buckets)[rank::world_size]
+    lengths = lengths_of(data.packed)
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    batches = cut_batches(order, lengths, batch_size, max_tokens, data.buckets)[rank::world_size]
     indices, probs, losses = [], [], []
-    with Progress(sum(map(len, batches)), progress or "", enabled=progress is not None) as shown:
+    with Progress(sum(map(len, batches)), desc or "", enabled=desc is not None) as progress:
         for batch_indices in batches:
-            batch = to_device(collate(packed, batch_indices, None, pad_id, buckets), device)
+            batch = data.batch(batch_indices, device)
+            labels = batch.pop("labels")
             with ctx:
-                logits = model(**batch).logits
-            logits = logits.float()
+                logits = model(**batch).logits.float()
             indices += batch_indices
-            probs.append(logits.softmax(-1))  # kept on the device: one copy to the host at the end, not one per batch
-            if labels is not None:
-                gold = labels[batch_indices].to(device, non_blocking=True)
-                losses.append(F.cross_entropy(logits, gold, reduction="none"))
-            shown.update(len(batch_indices))
-    local = (indices, torch.cat(probs).cpu() if probs else None, torch.cat(losses).cpu() if losses else None)
-    n = len(example_lengths(packed))
-    all_probs, all_losses = None, torch.zeros(n, dtype=torch.float64)
-    for part_indices, part_probs, part_losses in gather_objects(local, world_size):
-        if part_probs is None:
-            continue
-        if all_probs is None:
-            all_probs = torch.zeros(n, part_probs.shape[1])
-        all_probs[part_indices] = part_probs
-        if part_losses is not None:
-            all_losses[part_indices] = part_losses.double()
-    return all_probs, (all_losses if labels is not None else None)
+            probs.append(logits.softmax(-1))  # on the device: one copy to the host at the end
+            losses.append(F.cross_entropy(logits, labels, reduction="none"))
+            progress.update(len(batch_indices))
+    all_probs, all_losses = torch.zeros(len(lengths), 0), torch.zeros(len(lengths), dtype=torch.float64)
+    for part in gather_objects((indices, torch.cat(probs).cpu() if probs else None,
+                                torch.cat(losses).cpu() if losses else None), world_size):
+        if part[1] is not None:
+            all_probs = all_probs if all_probs.shape[1] else torch.zeros(len(lengths), part[1].shape[1])
+            all_probs[part[0]], all_losses[part[0]] = part[1], part[2].double()
+    return all_probs, all_losses
+
+
+def scores(gold: Sequence[int], pred: Sequence[int], losses: torch.Tensor, names: Sequence[str]) -> dict[str, Any]:
+    """Loss (the true mean over examples), accuracy, and precision/recall/F1 per label and macro-averaged over the
+    labels present in gold or predictions (scikit-learn's default), from the confusion matrix."""
+    matrix = [[0] * len(names) for _ in names]
+    for g, p in zip(gold, pred, strict=True):
+        matrix[g][p] += 1
+    present = sorted(set(gold) | set(pred))
+    per_class = {}
+    for c in present:
+        tp, predicted, support = matrix[c][c], sum(row[c] for row in matrix), sum(matrix[c])
+        precision, recall = tp / predicted if predicted else 0.0, tp / support if support else 0.0
+        f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+        per_class[names[c]] = {"precision": precision, "recall": recall, "f1": f1, "support": support}
+    macro = {k: sum(c[k] for c in per_class.values()) / len(per_class) for k in ("precision", "recall", "f1")}
+    return {"loss": float(losses.mean()), "accuracy": sum(g == p for g, p in zip(gold, pred)) / len(gold), **macro,
+            "macro_over": [names[c] for c in present], "per_class": per_class,
+            "confusion_matrix": {"rows": "gold label", "columns": "predicted label", "labels": list(names),
+                                 "matrix": matrix}}
 
 
 def evaluate(model: torch.nn.Module, run: Run, split: str) -> tuple[dict[str, Any], torch.Tensor]:
-    """Metrics of one split (each example once, also under DDP) and its class probabilities."""
-    labels = run.labels[split]
-    max_tokens = 2 * run.args.max_batch_tokens if run.args.max_batch_tokens else None  # no activations kept
-    probs, losses = predict(model, run.packed[split], run.args.eval_batch_size, run.device, run.ctx, run.pad_id,
-                            labels=labels, rank=run.rank, world_size=run.world_size, buckets=run.buckets,
-                            max_batch_tokens=max_tokens, progress=f"evaluating {split}" if run.rank == 0 else None)
-    pred = probs.argmax(-1).tolist()
-    return classification_metrics(labels.tolist(), pred, float(losses.sum()), run.id2label), probs
+    """Scores of one split (each example once, also under DDP) and its class probabilities."""
+    args, data = run.args, run.data[split]
+    probs, losses = predict(model, data, args.eval_batch_size, args.max_batch_tokens and 2 * args.max_batch_tokens,
+                            run.ctx, run.device, run.rank, run.world_size, f"evaluating {split}" if run.rank == 0 else None)
+    return scores(data.labels.tolist(), probs.argmax(-1).tolist(), losses, run.names), probs
 
 
-# ------------------------------------------------------------------------------------------ metrics
+# ------------------------------------------------------------------------------------------------- checkpoints
 
 
-def confusion_matrix(gold: Sequence[int], pred: Sequence[int], n_labels: int) -> list[list[int]]:
-    """matrix[g][p]: examples of gold label g predicted as p."""
-    matrix = [[0] * n_labels for _ in range(n_labels)]
-    for g, p in zip(gold, pred, strict=True):
-        matrix[g][p] += 1
-    return matrix
+def cpu_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """A copy of the weights on the CPU (a copy also unties shared tensors, which safetensors refuses)."""
+    return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in model.state_dict().items()}
 
 
-def safe_div(a: float, b: float) -> float:
-    return a / b if b else 0.0
+# ------------------------------------------------------------------------------------------------ result files
 
-
-def per_class_prf(matrix: list[list[int]]) -> list[dict[str, float]]:
-    """Precision, recall, F1 and support of each class; 0 where undefined (no gold or no prediction)."""
-    n = len(matrix)
-    rows = []
-    for c in range(n):
-        tp = matrix[c][c]
-        predicted = sum(matrix[g][c] for g in range(n))
-        support = sum(matrix[c])
-        precision, recall = safe_div(tp, predicted), safe_div(tp, support)
-        rows.append({"precision": precision, "recall": recall,
-                     "f1": safe_div(2 * precision * recall, precision + recall), "support": support})
-    return rows
-
-
-def macro_prf(matrix: list[list[int]]) -> dict[str, float]:
-    """Macro precision/recall/F1 over every label (a class absent from gold and predictions counts 0)."""
-    classes = per_class_prf(matrix)
-    return {k: sum(c[k] for c in classes) / len(classes) for k in ("precision", "recall", "f1")}
-
-
-def classification_metrics(gold: Sequence[int], pred: Sequence[int], loss_sum: float,
-                           id2label: dict[int, str]) -> dict[str, Any]:
-    matrix = confusion_matrix(gold, pred, len(id2label))
-    names = [id2label[i] for i in range(len(id2label))]
-    return {
-        "loss": loss_sum / len(gold),
-        "accuracy": sum(g == p for g, p in zip(gold, pred)) / len(gold),
-        **macro_prf(matrix),
-        "per_class": dict(zip(names, per_class_prf(matrix))),
-        "confusion_matrix": {"labels": names, "matrix": matrix},
-    }
-
-
-# -------------------------------------------------------------------------------------- distributed
-
-
-def init_distributed(requested_device: str | None, env: DistEnv) -> torch.device:
-    """This process's device; under torchrun (even with one process) also the process group."""
-    device = pick_device(requested_device, env.local_rank if env.torchrun else None)
-    if env.torchrun:
-        import torch.distributed as dist
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo",
-                                device_id=device if device.type == "cuda" else None)
-    return device
-
-
-def destroy_distributed() -> None:
-    import torch.distributed as dist
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
-
-
-def wrap_model(run: Run) -> torch.nn.Module:
-    """run.raw_model on its device, with checkpointing, DDP and compile as asked: returns what to call."""
-    model = run.raw_model.to(run.device)
-    if run.args.gradient_checkpointing:
-        # renamed from gradient_checkpointing_enable in transformers 5.x; non-reentrant works under DDP and compile
-        enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
-        enable({"use_reentrant": False})
-    if torch.distributed.is_available() and torch.distributed.is_initialized():  # under torchrun
-        from torch.nn.parallel import DistributedDataParallel
-        # No buffer broadcast in forward: BERT-style models have only constant buffers, and evaluation gives
-        # ranks different numbers of batches, where a collective inside forward would deadlock. torch 2.13
-        # renamed the switch (the old name warns); its sync at start-up is harmless for constant buffers.
-        no_buffer_sync = ({"forward_sync_buffers": False}
-                          if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
-                          else {"broadcast_buffers": False})
-        model = DistributedDataParallel(model, device_ids=[run.device.index] if run.device.type == "cuda" else None,
-                                        **no_buffer_sync)
-    if run.args.compile:
-        torch._dynamo.config.recompile_limit = 64  # a few length buckets x (train, eval, last batch)
-        # static shapes, one graph per bucket: left dynamic, the second length seen would turn the
-        # graph into a slower dynamic-shape one and the buckets would buy nothing
-        model = torch.compile(model, dynamic=False)
-    return model
-
-
-# ------------------------------------------------------------------------------------------ outputs
-
-
-RESULT_FILES = ("val-metrics.json", "test-predictions.jsonl", "learning-curve.svg")  # test-metrics.json: last
 LOG_FIELDS = ["epoch", "train_loss", "val_loss", "val_accuracy", "val_precision", "val_recall", "val_f1",
-              "lr", "seconds", "examples_per_s", "stop_reason"]
+              "lr_at_epoch_end", "seconds", "examples_per_s", "stop_reason"]
+RESULT_FILES = ("val-metrics.json", "test-predictions.jsonl", "learning-curve.svg")  # and test-metrics.json, last
 
 
 def write_log_csv(path: Path, rows: list[dict]) -> None:
@@ -575,452 +289,392 @@ def write_log_csv(path: Path, rows: list[dict]) -> None:
     writer = csv.DictWriter(buffer, fieldnames=LOG_FIELDS, lineterminator="\n")
     writer.writeheader()
     writer.writerows(rows)
-    atomic_write_text(path, buffer.getvalue())
-
-
-def nice_ticks(high: float, count: int = 5) -> list[float]:
-    """About `count` evenly spaced round values from 0 up to at least `high` (steps of 1, 2, 2.5 or 5 x 10^k)."""
-    raw = max(high, 1e-9) / count
-    magnitude = 10 ** math.floor(math.log10(raw))
-    step = next(m * magnitude for m in (1, 2, 2.5, 5, 10) if m * magnitude >= raw * (1 - 1e-9))
-    return [round(i * step, 12) for i in range(math.ceil(max(high, 1e-9) / step - 1e-9) + 1)]
+    atomic_write(path, buffer.getvalue())
 
 
 def learning_curve_svg(rows: list[dict], width: int = 640, height: int = 400) -> str:
-    """Validation F1 (left axis) and train/val loss (right axis) per epoch as a standalone SVG, drawn by hand.
-
-    Every epoch is a marker on its line, so one epoch still shows; the legend sits above the plot area, clear
-    of the data; both axes have ticks and grid lines.
-    """
-    left, right, top, bottom = 64, width - 64, 44, height - 52  # the plot area
-    epochs = [r["epoch"] for r in rows]
-    loss_ticks = nice_ticks(max([r["train_loss"] for r in rows] + [r["val_loss"] for r in rows]))
-    x_step = next(s for s in (1, 2, 5, 10, 20, 50, 100, 200, 500, 10**9) if len(epochs) / s <= 10)
-
-    def x_of(epoch: int) -> float:
-        if len(epochs) == 1:
-            return (left + right) / 2
-        return left + 12 + (epoch - epochs[0]) / (epochs[-1] - epochs[0]) * (right - left - 24)
-
-    def y_of(fraction: float) -> float:
-        return bottom - fraction * (bottom - top)
-
-    series = [("val F1", "#1f77b4", "left", [r["val_f1"] for r in rows], 1.0),
-              ("train loss", "#ff7f0e", "right", [r["train_loss"] for r in rows], loss_ticks[-1]),
-              ("val loss", "#2ca02c", "right", [r["val_loss"] for r in rows], loss_ticks[-1])]
-    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif" '
-             f'font-size="12">', '<rect width="100%" height="100%" fill="white"/>', '<g class="legend">']
-    for i, (name, color, axis, _, _) in enumerate(series):
-        x = left + 180 * i
-        parts += [f'<line x1="{x}" y1="16" x2="{x + 24}" y2="16" stroke="{color}" stroke-width="2"/>',
-                  f'<circle cx="{x + 12}" cy="16" r="3.5" fill="{color}"/>',
-                  f'<text x="{x + 30}" y="20">{name} ({axis} axis)</text>']
-    parts += ["</g>", '<g class="ticks-left">']
-    for tick in nice_ticks(1.0):
-        y = y_of(tick)
-        parts += [f'<line x1="{left}" y1="{y:.1f}" x2="{right}" y2="{y:.1f}" stroke="#e0e0e0"/>',
-                  f'<text x="{left - 6}" y="{y + 4:.1f}" text-anchor="end">{tick:g}</text>']
-    parts += ["</g>", '<g class="ticks-right">']
-    for tick in loss_ticks:
-        parts.append(f'<text x="{right + 6}" y="{y_of(tick / loss_ticks[-1]) + 4:.1f}">{tick:g}</text>')
-    parts += ["</g>", '<g class="ticks-x">']
-    for epoch in epochs[::x_step]:
-        x = x_of(epoch)
-        parts += [f'<line x1="{x:.1f}" y1="{bottom}" x2="{x:.1f}" y2="{bottom + 5}" stroke="#444"/>',
-                  f'<text x="{x:.1f}" y="{bottom + 18}" text-anchor="middle">{epoch}</text>']
-    parts += ["</g>",
-              f'<rect class="plot-area" x="{left}" y="{top}" width="{right - left}" height="{bottom - top}" '
-              f'fill="none" stroke="#444"/>',
-              f'<text x="{(left + right) / 2}" y="{height - 12}" text-anchor="middle">epoch</text>',
-              f'<text transform="translate(18 {(top + bottom) / 2}) rotate(-90)" text-anchor="middle">val F1</text>',
-              f'<text transform="translate({width - 14} {(top + bottom) / 2}) rotate(90)" '
-              f'text-anchor="middle">loss</text>']
-    for name, color, _, values, scale in series:
-        points = [(x_of(e), y_of(v / scale)) for e, v in zip(epochs, values)]
-        parts.append(f'<g class="series" data-name="{name}">')
-        parts.append(f'<polyline fill="none" stroke="{color}" stroke-width="2" '
-                     f'points="{" ".join(f"{x:.1f},{y:.1f}" for x, y in points)}"/>')
-        parts += [f'<circle cx="{x:.1f}" cy="{y:.1f}" r="3.5" fill="{color}"><title>epoch {e}: {name} {v:.4f}'
-                  f'</title></circle>' for (x, y), e, v in zip(points, epochs, values)]
-        parts.append("</g>")
-    parts.append("</svg>\n")
-    return "\n".join(parts)
-
-
-def write_predictions(path: Path, ids: Sequence, labels: torch.Tensor, probs: torch.Tensor,
-                      id2label: dict[int, str]) -> None:
-    lines = []
-    for row_id, gold, p in zip(ids, labels.tolist(), probs.tolist()):
-        predicted = max(range(len(p)), key=p.__getitem__)
-        lines.append(json.dumps({"id": row_id, "gold": id2label[gold], "predicted": id2label[predicted],
-                                 "probabilities": {id2label[i]: round(x, 6) for i, x in enumerate(p)}},
-                                ensure_ascii=False))
-    atomic_write_text(path, "\n".join(lines) + "\n")
-
-
-def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
-    """(all parameters, parameters outside the embedding tables)."""
-    total = sum(p.numel() for p in model.parameters())
-    embedding = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Embedding))
-    return total, total - embedding
+    """Validation F1 (left axis, 0-1) and train/val loss (right axis) per epoch, each epoch a marker."""
+    left, right, top, bottom = 60, width - 60, 40, height - 50
+    top_loss = max([r["train_loss"] for r in rows] + [r["val_loss"] for r in rows] + [1e-9]) * 1.05
+    x = (lambda e: (left + right) / 2) if len(rows) == 1 else (
+        lambda e: left + 10 + (e - 1) / (len(rows) - 1) * (right - left - 20))
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif" '
+           'font-size="12"><rect width="100%" height="100%" fill="white"/>',
+           f'<rect x="{left}" y="{top}" width="{right - left}" height="{bottom - top}" fill="none" stroke="#444"/>',
+           f'<text x="{(left + right) / 2}" y="{height - 15}" text-anchor="middle">epoch</text>']
+    for i in range(6):
+        y = bottom - i / 5 * (bottom - top)
+        out += [f'<line x1="{left}" y1="{y:.1f}" x2="{right}" y2="{y:.1f}" stroke="#e0e0e0"/>',
+                f'<text x="{left - 5}" y="{y + 4:.1f}" text-anchor="end">{i / 5:.1f}</text>',
+                f'<text x="{right + 5}" y="{y + 4:.1f}">{top_loss * i / 5:.3g}</text>']
+    for r in rows[::max(1, len(rows) // 10)]:
+        out.append(f'<text x="{x(r["epoch"]):.1f}" y="{bottom + 16}" text-anchor="middle">{r["epoch"]}</text>')
+    for i, (key, name, color, scale) in enumerate([("val_f1", "val F1 (left axis)", "#1f77b4", 1.0),
+                                                   ("train_loss", "train loss (right axis)", "#ff7f0e", top_loss),
+                                                   ("val_loss", "val loss (right axis)", "#2ca02c", top_loss)]):
+        points = [(x(r["epoch"]), bottom - r[key] / scale * (bottom - top)) for r in rows]
+        out += [f'<g class="series" data-name="{name}"><polyline fill="none" stroke="{color}" stroke-width="2" '
+                f'points="{" ".join(f"{a:.1f},{b:.1f}" for a, b in points)}"/>',
+                *(f'<circle cx="{a:.1f}" cy="{b:.1f}" r="3.5" fill="{color}"><title>epoch {r["epoch"]}: {name} '
+                  f'{r[key]:.4f}</title></circle>' for (a, b), r in zip(points, rows)),
+                f'<line x1="{left + 190 * i}" y1="16" x2="{left + 190 * i + 20}" y2="16" stroke="{color}" '
+                f'stroke-width="2"/><text x="{left + 190 * i + 26}" y="20">{name}</text></g>']
+    return "\n".join(out + ["</svg>\n"])
 
 
 def save_model(run: Run, model_dir: Path) -> None:
-    """Best weights (safetensors), tokenizer and label names, loadable by transformers alone.
-
-    The saved tokenizer's model_max_length is the length used in training, and it returns token_type_ids when
-    the model was trained with them. transformers truncates only when asked (an init setting cannot change
-    that), so pipeline("text-classification") must be called with truncation="only_second" (title + body) or
-    truncation=True (one text): it then feeds the model what training did with --truncation head (the pipeline
-    cannot keep a body's tail; the README's snippet, tested). bertcls.json records the length, token types and
-    truncation for predict.py, which reproduces test-predictions.jsonl exactly.
-    """
+    """The best weights (safetensors), the tokenizer and label names, loadable by transformers alone; bertcls.json
+    records the length, segment ids and truncation, for predict.py."""
     tmp = model_dir.with_name(".model.tmp")
-    if tmp.exists():  # left by an interrupted save: save_pretrained would mix old and new files
-        shutil.rmtree(tmp)
-    try:
-        with transformers_progress_bars(show=False):  # a "Writing model shards" bar of one shard says nothing
-            run.raw_model.save_pretrained(tmp, safe_serialization=True)
-        run.tokenizer.save_pretrained(tmp)
-        config_path = tmp / "tokenizer_config.json"
-        tokenizer_config = json.loads(config_path.read_text(encoding="utf-8")) if config_path.is_file() else {}
-        tokenizer_config["model_max_length"] = run.spec.max_len
-        input_names = list(tokenizer_config.get("model_input_names") or run.tokenizer.model_input_names)
-        if run.spec.token_type_ids and "token_type_ids" not in input_names:
-            input_names.insert(1, "token_type_ids")  # transformers 5 tokenizers leave them out by default
-            tokenizer_config["model_input_names"] = input_names
-        write_json(config_path, tokenizer_config)
-        write_json(tmp / "bertcls.json", {"format": 1, "base_model": run.args.model_name,
-                                          "max_seq_len": run.spec.max_len, "token_type_ids": run.spec.token_type_ids,
-                                          "truncation": run.spec.truncation})
-        os.replace(tmp, model_dir)
-    except BaseException:  # a full disk, Ctrl-C: no partial model directory is left behind
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def update_config(run_dir: Path, **fields: Any) -> None:
-    """Add fields to config.json (when the run was resumed, how its training ended), keeping the rest."""
-    write_json(run_dir / "config.json", {**read_json(run_dir / "config.json"), **fields})
+    shutil.rmtree(tmp, ignore_errors=True)
+    run.model.save_pretrained(tmp)
+    run.tokenizer.save_pretrained(tmp)
+    config = read_json(tmp / "tokenizer_config.json") if (tmp / "tokenizer_config.json").exists() else {}
+    config["model_max_length"] = run.spec.max_len  # transformers truncates to it when asked to truncate
+    names = list(config.get("model_input_names") or run.tokenizer.model_input_names)
+    if run.spec.token_type_ids and "token_type_ids" not in names:  # transformers 5 leaves them out by default
+        config["model_input_names"] = [names[0], "token_type_ids", *names[1:]]
+    write_json(tmp / "tokenizer_config.json", config)
+    write_json(tmp / "bertcls.json", {"format": 1, "base_model": run.args.model_name, "max_seq_len": run.spec.max_len,
+                                      "token_type_ids": run.spec.token_type_ids, "truncation": run.spec.truncation})
+    umask = os.umask(0)
+    os.umask(umask)
+    for f in tmp.iterdir():  # colleagues on a shared cluster can read it (some writers make files 0600)
+        f.chmod(0o666 & ~umask)
+    os.replace(tmp, model_dir)
 
 
 def write_results(run: Run, run_dir: Path, result: dict) -> None:
-    """Metric files, test-metrics.json last: its presence is what marks a finished run.
-
-    When a write fails (a full disk) or the run is stopped meanwhile, the result files written so far go again:
-    the run directory is that of an unfinished run, which can be resumed; the error line gives the test scores."""
+    """The result files, test-metrics.json last: it marks a finished run. A failed write (a full disk) removes
+    those written so far, leaving an unfinished run to resume; the error line then gives the test scores."""
+    test = result["test"]
     try:
         update_config(run_dir, training_end=result["training_end"])
         write_json(run_dir / "val-metrics.json", {"best_epoch": result["best_epoch"],
                                                   "train_seconds": round(result["train_seconds"], 3), **result["val"]})
-        write_predictions(run_dir / "test-predictions.jsonl", split_ids(run.splits["test"]), run.labels["test"],
-                          result["test_probs"], run.id2label)
-        atomic_write_text(run_dir / "learning-curve.svg", learning_curve_svg(result["history"]))
+        atomic_write(run_dir / "test-predictions.jsonl", "".join(
+            json.dumps({"id": i, "gold": run.names[g], "predicted": run.names[max(range(len(p)), key=p.__getitem__)],
+                        "probabilities": {n: round(x, 6) for n, x in zip(run.names, p)}}, ensure_ascii=False) + "\n"
+            for i, g, p in zip(split_ids(run.splits["test"]), run.data["test"].labels.tolist(),
+                               result["test_probs"].tolist())))
+        atomic_write(run_dir / "learning-curve.svg", learning_curve_svg(result["history"]))
         if run.args.save_model:
             save_model(run, run_dir / "model")
-        write_json(run_dir / "test-metrics.json", result["test"])
+        write_json(run_dir / "test-metrics.json", test)
     except BaseException as e:
-        if (run_dir / "test-metrics.json").exists():  # a Ctrl-C just after it was written: the run is finished
-            raise
         for name in RESULT_FILES:
             (run_dir / name).unlink(missing_ok=True)
-        shutil.rmtree(run_dir / "model", ignore_errors=True)
-        if not isinstance(e, (OSError, SafetensorError)):
-            raise
-        test = result["test"]
-        raise UserError(f"{failed_write(f'the results in {run_dir}', run_dir, e)}; the test scores, which no file "
-                        f"holds: accuracy {test['accuracy']:.4f}, f1 {test['f1']:.4f} (best epoch "
-                        f"{result['best_epoch']})") from e
-    remove_checkpoints(run_dir)  # only now: a kill before test-metrics.json can still resume
+        for name in (".model.tmp", "model"):
+            shutil.rmtree(run_dir / name, ignore_errors=True)
+        if isinstance(e, OSError):
+            raise UserError(f"could not write the results in {run_dir} ({e.strerror}); the test scores, which no file "
+                            f"holds: accuracy {test['accuracy']:.4f}, f1 {test['f1']:.4f}; free space, then continue "
+                            f"with `python bertcls.py --resume {run_dir}` if it has a checkpoint") from None
+        raise
+    for path in run_dir.glob("checkpoint-epoch*"):  # only now: a kill before test-metrics.json can still resume
+        shutil.rmtree(path, ignore_errors=True)
 
 
-# ------------------------------------------------------------------------------------- set-up + main
+def update_config(run_dir: Path, **fields: Any) -> None:
+    write_json(run_dir / "config.json", {**read_json(run_dir / "config.json"), **fields})
 
 
-class Run:
-    """Everything a run sets up before its first step: settings, data, tokenizer, model, dtype, schedule.
-
-    `raw_model` is the module that is trained and saved; wrap_model(run) gives the one that is called.
-    The data are `splits` (labels and where each example is in its file; no texts) and `packed` (the tokens,
-    memory-mapped from the cache). bench.py builds the same object to time the same code path.
-    """
-
-    def __init__(self, args: argparse.Namespace, log=print, rank: int = 0, world_size: int = 1,
-                 device: torch.device | None = None):
-        self.args, self.log, self.rank, self.world_size = args, log, rank, world_size
-        self.device = device or pick_device(args.device)
-        self.dtype = resolve_dtype(args.dtype, self.device)
-        use_tf32(self.device, self.dtype)
-        self.ctx = autocast_context(self.device, self.dtype)
-        dataset_dir = Path(args.dataset_dir)
-        self.label2id, self.splits = load_dataset(dataset_dir, log)
-        self.id2label = {i: name for name, i in self.label2id.items()}
-        self.labels = {split: self.splits[split].labels for split in SPLITS}
-        self.dataset_digest = file_digest([dataset_dir / "label2id.json"] +
-                                          [dataset_dir / f"{s}.jsonl" for s in SPLITS])
-        self.fold = load_fold(dataset_dir)
-        # Each rank its own dropout masks (rank 0 keeps the seed, so one process runs as before); the data order
-        # has its own generator (train_batches), and DDP copies rank 0's new classifier head to every rank.
-        torch.manual_seed(args.seed + rank)
-        self.tokenizer = load_tokenizer(args.model_name, args.mecab_dic, args.trust_remote_code, log)
-        self.raw_model = load_model(args.model_name, self.label2id, args.trust_remote_code, log,
-                                    attention_implementation(self.device, self.dtype))
-        if note := unknown_family_note(args.model_name, self.raw_model.config):
-            log(note)
-        freeze_unreachable(self.raw_model, log)
-        self.params, self.params_non_embedding = count_parameters(self.raw_model)
-        self.spec = InputSpec(effective_max_len(args.max_seq_len, self.tokenizer, self.raw_model.config, log),
-                              uses_token_type_ids(self.raw_model.config), args.truncation)
-        check_room_for_text(self.spec.max_len, self.tokenizer, pair=any(d.pairs for d in self.splits.values()))
-        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        self.buckets = compile_buckets(self.spec.max_len) if args.compile else None
-        check_batch_budget(args.max_batch_tokens, self.spec.max_len, self.buckets)
-        self.packed = self.tokenize_all()
-        # batches of a token budget vary in number from epoch to epoch: count every epoch's
-        steps = [optimizer_steps_per_epoch(len(train_batches(self, epoch)), args.grad_accum_steps)
-                 for epoch in range(1, args.epochs + 1)]
-        self.total_steps = sum(steps)
-        self.warmup_steps = round(steps[0] * args.num_warmup_epochs)
-        self.effective_batch_size = (args.batch_size * args.grad_accum_steps * world_size if not args.max_batch_tokens
-                                     else round(sum(map(len, all_train_batches(self, 1))) / steps[0], 1))  # a mean
-        warning = schedule_warning(self.total_steps, self.warmup_steps, len(train_batches(self, 1)), args)
-        if warning is not None:
-            log(warning)
-
-    def tokenize_all(self) -> dict[str, dict[str, torch.Tensor]]:
-        fingerprint = tokenizer_fingerprint(self.tokenizer) if self.args.cache_dir else ""
-        packed = {}
-        for rank_turn in ([0, 1] if self.world_size > 1 else [self.rank]):
-            # rank 0 tokenizes (with its worker processes) and fills the cache first; the other ranks then map it
-            if (rank_turn == 0) == (self.rank == 0):
-                for split in SPLITS:
-                    packed[split] = load_or_tokenize(self, split, fingerprint)
-            if self.world_size > 1 and rank_turn == 0:
-                barrier(self.world_size)
-        return packed
-
-    def config_record(self) -> dict:
-        import transformers
-        return {"args": vars(self.args), "device": str(self.device), "dtype": dtype_name(self.dtype),
-                "world_size": self.world_size,
-                "effective_batch_size": self.effective_batch_size,
-                "total_optimizer_steps": self.total_steps, "warmup_steps": self.warmup_steps,
-                "max_seq_len_used": self.spec.max_len, "params": self.params,
-                "params_non_embedding": self.params_non_embedding, "dataset_digest": self.dataset_digest,
-                "fold": self.fold, "examples": {s: len(self.labels[s]) for s in SPLITS},
-                "versions": {"python": sys.version.split()[0], "torch": torch.__version__,
-                             "transformers": transformers.__version__},
-                "started_at": datetime.datetime.now().isoformat(timespec="seconds")}
+def experiment(config: dict) -> dict[str, Any]:
+    """What a run computes, from its config.json: every setting but RUN_ONLY, and the device type, dtype and number
+    of processes (the effective batch) it ran with. --resume and sweep.py's matching both use this one definition."""
+    kept = {k: v for k, v in config["args"].items() if k not in RUN_ONLY}
+    return {**kept, "device": str(config.get("device", "")).split(":")[0], "dtype": config.get("dtype"),
+            "world_size": config.get("world_size", 1)}
 
 
-def train_batches(run: Run, epoch: int) -> list[list[int]]:
-    """This rank's batches for an epoch: the same global order on every rank, re-seeded each epoch."""
-    return all_train_batches(run, epoch)[run.rank::run.world_size]
+# ------------------------------------------------------------------------------------------------------ set-up
 
 
-def all_train_batches(run: Run, epoch: int) -> list[list[int]]:
-    """Every rank's batches of an epoch, in global order."""
-    rng = random.Random(f"{run.args.seed}-{epoch}")
-    batches = length_grouped_batches(example_lengths(run.packed["train"]), run.args.batch_size, rng,
-                                     max_tokens=run.args.max_batch_tokens, buckets=run.buckets)
-    if run.world_size > 1:  # every rank needs the same number of steps: repeat a few batches to even out
-        batches += batches[: (-len(batches)) % run.world_size]
-    return batches
+class Run(NamedTuple):
+    """What a run sets up once: settings, data, tokenizer, model and where it computes."""
+    args: argparse.Namespace
+    rank: int
+    world_size: int
+    device: torch.device
+    ctx: Any  # the one autocast context, around forward + loss only
+    splits: dict
+    names: list[str]  # label names by id
+    tokenizer: Any
+    model: torch.nn.Module  # trained and saved; wrap_model gives what is called
+    spec: InputSpec
+    data: dict[str, Inputs]
+    config: dict  # what config.json records
+
+
+def set_up(args: argparse.Namespace, rank: int, world_size: int, torchrun: bool, log: Callable[[str], None]) -> Run:
+    device = pick_device(args.device, int(os.environ["LOCAL_RANK"]) if torchrun else None)
+    if torchrun:
+        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                             device_id=device if device.type == "cuda" else None)
+    dtype = resolve_dtype(args.dtype, device)
+    if device.type == "cuda" and dtype == torch.float32:
+        torch.set_float32_matmul_precision("high")  # TF32
+    label2id, splits = load_dataset(Path(args.dataset_dir), log)
+    random.seed(args.seed)
+    torch.manual_seed(args.seed + rank)  # each rank its own dropout masks; rank 0 as one process
+    tokenizer = load_tokenizer(args.model_name, args.mecab_dic, args.trust_remote_code, log)
+    model = load_model(args.model_name, label2id, args.trust_remote_code, log, attention_implementation(device, dtype))
+    spec = InputSpec(max_length(args.max_seq_len, tokenizer, model.config, log), uses_token_type_ids(model.config),
+                     args.truncation)
+    if spec.max_len <= (special := tokenizer.num_special_tokens_to_add(pair=splits["train"].pairs)):
+        raise UserError(f"a length of {spec.max_len} tokens leaves no room for text after the {special} special "
+                        "tokens: raise --max_seq_len")
+    args.compile = device.type == "cuda" if args.compile is None else args.compile
+    buckets = compile_buckets(spec.max_len) if args.compile else None
+    if args.max_batch_tokens and args.max_batch_tokens < padded_length(spec.max_len, buckets):
+        raise UserError(f"--max_batch_tokens {args.max_batch_tokens} cannot hold one example of {spec.max_len} tokens "
+                        "(padded): raise it or lower --max_seq_len")
+    fingerprint = tokenizer_fingerprint(tokenizer) if args.cache_dir else ""
+    if rank != 0:  # rank 0 fills the cache first, then the others map it
+        torch.distributed.barrier()
+    data = {s: Inputs(tokenized(s, splits[s], tokenizer, spec, args.cache_dir, args.tokenize_workers, log, rank == 0,
+                                fingerprint), splits[s].labels, tokenizer.pad_token_id or 0, buckets) for s in SPLITS}
+    if rank == 0 and world_size > 1:
+        torch.distributed.barrier()
+    names = [n for n, _ in sorted(label2id.items(), key=lambda item: item[1])]
+    import transformers
+    fold, digests = Path(args.dataset_dir) / "fold.json", [file_digest(Path(args.dataset_dir) / "label2id.json")]
+    config = {"args": vars(args), "device": str(device), "dtype": dtype_name(dtype), "world_size": world_size,
+              "max_seq_len_used": spec.max_len, "params": sum(p.numel() for p in model.parameters()),
+              "dataset_digest": hashlib.sha256("".join(digests + [s.digest for s in splits.values()]).encode()).hexdigest(),
+              "fold": read_json(fold) if fold.exists() else None, "examples": {s: len(splits[s].labels) for s in SPLITS},
+              "versions": {"python": sys.version.split()[0], "torch": torch.__version__,
+                           "transformers": transformers.__version__}}
+    ctx = torch.autocast(device.type, dtype) if dtype != torch.float32 else contextlib.nullcontext()
+    return Run(args, rank, world_size, device, ctx, splits, names, tokenizer, model, spec, data, config)
+
+
+def wrap_model(run: Run) -> torch.nn.Module:
+    """run.model on its device with checkpointing, compiled layers and DDP as asked: what training calls."""
+    model = run.model.to(run.device)
+    if run.args.gradient_checkpointing:  # non-reentrant: works under DDP and compile
+        model.gradient_checkpointing_enable({"use_reentrant": False})
+    if run.args.compile:
+        compile_layers(model)
+    if torch.distributed.is_initialized():
+        from torch.nn.parallel import DistributedDataParallel
+        # no buffer broadcast in forward: BERT's buffers are constants, and evaluation gives ranks different
+        # numbers of batches, where a collective inside forward would hang
+        return DistributedDataParallel(model, device_ids=[run.device.index] if run.device.type == "cuda" else None,
+                                       broadcast_buffers=False)
+    return model
+
+
+def plan(run: Run) -> tuple[list[list[list[int]]], tuple[int, int]]:
+    """Every epoch's batches (with a token budget their number varies) and the schedule: (total, warmup) steps.
+    config.json gets the effective batch as used: the mean examples of an optimizer step (not the batch asked for)."""
+    lengths, args = lengths_of(run.data["train"].packed), run.args
+    epochs = [epoch_batches(lengths, args, e, run.world_size, run.data["train"].buckets) for e in range(1, args.epochs + 1)]
+    steps = [math.ceil(len(b) / run.world_size / args.grad_accum_steps) for b in epochs]
+    total, warmup = sum(steps), round(steps[0] * args.num_warmup_epochs)
+    run.config.update(effective_batch_size=sum(map(len, epochs[0])) / steps[0], total_optimizer_steps=total,
+                      warmup_steps=warmup, started_at=datetime.datetime.now().isoformat(timespec="seconds"))
+    if (peak := max(get_lr(s, total, warmup, args.lr) for s in range(total))) < args.lr * (1 - 1e-9):
+        run.config["warning"] = (f"warning: the warmup ({warmup} steps, --num_warmup_epochs {args.num_warmup_epochs:g}) "
+                                 f"is longer than the run ({total} steps): the learning rate peaks at {peak:.3g}")
+    return epochs, (total, warmup)
 
 
 def run_epoch(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, run: Run,
-              training: TrainingState) -> dict:
-    """Train the next epoch and validate it; record its log.csv row, and its weights if its val F1 is the best."""
-    epoch = training.epoch + 1
-    all_batches = all_train_batches(run, epoch)
-    batches = all_batches[run.rank::run.world_size]
+              batches: list[list[int]], schedule: tuple[int, int], training: dict, epoch: int) -> dict:
+    """Train one epoch and validate it: its log.csv row; its weights are kept when its val F1 is the best yet."""
+    args, sizes = run.args, step_sizes(batches, run.args.grad_accum_steps, run.world_size)
     start = time.perf_counter()
-    with Progress(sum(map(len, all_batches)), f"epoch {epoch}/{run.args.epochs}", enabled=run.rank == 0,
-                  timed=False) as progress:
-        training.step, train_loss = train_epoch(model, optimizer, scaler, run, batches, step=training.step,
-                                                epoch=epoch, progress=progress, step_examples=examples_per_step(
-                                                    all_batches, run.args.grad_accum_steps, run.world_size))
+    with Progress(sum(sizes), f"epoch {epoch}/{args.epochs}", enabled=run.rank == 0, every=None) as progress:
+        training["step"], loss = train_epoch(model, optimizer, scaler, run.data["train"], batches[run.rank::run.world_size],
+                                             sizes, args, schedule, training["step"], run.ctx, run.device, progress)
     seconds = time.perf_counter() - start
-    training.train_seconds += seconds
-    train_loss = sum(gather_objects(train_loss, run.world_size)) / run.world_size
+    training["train_seconds"] += seconds
     val, _ = evaluate(model, run, "val")
-    row = {"epoch": epoch, "train_loss": train_loss, "val_loss": val["loss"], "val_accuracy": val["accuracy"],
-           "val_precision": val["precision"], "val_recall": val["recall"], "val_f1": val["f1"],
-           "lr": optimizer.param_groups[0]["lr"], "seconds": round(seconds, 3),
-           "examples_per_s": round(sum(map(len, batches)) * run.world_size / seconds, 2)}
-    training.history.append(row)
-    training.epoch = epoch
-    if training.best is None or val["f1"] > training.best["val"]["f1"]:  # the first epoch always counts
-        training.best = {"epoch": epoch, "val": val, "state": cpu_state(run.raw_model)}
-    return row
+    if training["best"] is None or val["f1"] > training["best"]["val"]["f1"]:  # the first epoch counts too
+        training["best"] = {"epoch": epoch, "val": val, "weights": cpu_weights(run.model)}
+    waited = epoch - training["best"]["epoch"]
+    stop = args.patience is not None and waited >= args.patience and epoch < args.epochs
+    training["history"].append({
+        "epoch": epoch, "train_loss": sum(gather_objects(loss, run.world_size)) / run.world_size,
+        **{f"val_{k}": val[k] for k in ("loss", "accuracy", "precision", "recall", "f1")},
+        "lr_at_epoch_end": optimizer.param_groups[0]["lr"], "seconds": round(seconds, 3),
+        "examples_per_s": round(sum(sizes) / seconds, 2), "stop_reason": stop and f"early stop: no better val F1 in "
+        f"the {waited} epochs after epoch {training['best']['epoch']} (--patience {args.patience})" or None})
+    training["epoch"] = epoch
+    return training["history"][-1]
 
 
-def early_stop_reason(training: TrainingState, args: argparse.Namespace) -> str | None:
-    """Why training stops before --epochs (--patience epochs without a better val F1), or None."""
-    waited = training.epoch - training.best["epoch"]
-    if args.patience is None or waited < args.patience or training.epoch == args.epochs:
-        return None
-    return (f"early stop: no better val F1 in the {waited} epoch(s) after epoch {training.best['epoch']} "
-            f"(--patience {args.patience})")
+def checkpoint(run: Run, run_dir: Path, training: dict, optimizer: torch.optim.Optimizer,
+               scaler: torch.amp.GradScaler, log: Callable[[str], None]) -> None:
+    """Rank 0 writes <run dir>/checkpoint-epoch<N>/ whole or not at all (common.save_tensors), with every rank's
+    random states, then removes the older one."""
+    rng = {"python": random.getstate(), "torch": torch.get_rng_state(),
+           "cuda": torch.cuda.get_rng_state(run.device) if run.device.type == "cuda" else None}
+    rngs = gather_objects(rng, run.world_size)
+    if run.rank == 0:
+        start, best, epoch = time.perf_counter(), training["best"], training["epoch"]
+        state = {**{k: training[k] for k in ("epoch", "step", "train_seconds", "history")}, "best_epoch": best["epoch"],
+                 "best_val": best["val"], "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "rng": rngs}
+        current = best["epoch"] == epoch  # the weights in hand are the best ones: stored once
+        path = save_tensors(run_dir / f"checkpoint-epoch{epoch}", {
+            "model": best["weights"] if current else cpu_weights(run.model), "best": None if current else best["weights"]},
+            state)
+        for old in run_dir.glob("checkpoint-epoch*"):
+            if old != path:
+                shutil.rmtree(old, ignore_errors=True)
+        log(f"checkpoint of epoch {epoch} written in {time.perf_counter() - start:.1f}s -> {path}")
 
 
-def record_resume(run: Run, run_dir: Path, epoch: int) -> None:
-    """config.json keeps its settings; each resume is added, with the settings it changed (RESUME_MAY_CHANGE)."""
-    config = read_json(run_dir / "config.json")
-    changed = {k: v for k, v in vars(run.args).items() if k != "resume" and config["args"].get(k, v) != v}
-    entry = {"at": datetime.datetime.now().isoformat(timespec="seconds"), "from_epoch": epoch, "changed": changed}
-    update_config(run_dir, resumed=[*config.get("resumed", []), entry])
+def resume(run: Run, run_dir: Path, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler) -> dict:
+    """Model, optimizer, GradScaler and random states as they were at the newest checkpoint, once the run is found
+    to compute what it started computing (settings, data, model, device type, dtype, processes)."""
+    old = read_json(run_dir / "config.json")
+    then = {**experiment(old), "dataset": old.get("dataset_digest"), "parameters": old.get("params")}
+    now = {**experiment(run.config), "dataset": run.config["dataset_digest"], "parameters": run.config["params"]}
+    if changed := next((k for k in then if then[k] != now.get(k)), None):
+        raise UserError(f"--resume {run_dir}: the run started with {changed} {then[changed]}, here it would be "
+                        f"{now.get(changed)}: resume with the same data, model, device type, dtype and processes")
+    newest = max(run_dir.glob("checkpoint-epoch*"), key=lambda p: int(p.name.removeprefix("checkpoint-epoch")))
+    weights, state = load_tensors(newest)
+    run.model.load_state_dict(weights["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    scaler.load_state_dict(state["scaler"])
+    rng = state["rng"][run.rank]
+    random.setstate(rng["python"])
+    torch.set_rng_state(rng["torch"])
+    if run.device.type == "cuda":
+        torch.cuda.set_rng_state(rng["cuda"], run.device)
+    if run.rank == 0:
+        given = {k: v for k, v in vars(run.args).items() if k != "resume" and v != old["args"].get(k, v)}
+        update_config(run_dir, resumed=[*old.get("resumed", []), {"at": run.config["started_at"],
+                                                                  "from_epoch": state["epoch"], "changed": given}])
+    return {**{k: state[k] for k in ("epoch", "step", "train_seconds", "history")},
+            "best": {"epoch": state["best_epoch"], "val": state["best_val"], "weights": weights.get("best", weights["model"])}}
 
 
-def start_record(run: Run, run_dir: Path, resumed_from: int | None) -> str:
-    """config.json for a new run, or a note of the resume in the run's own; returns the run's identity."""
-    with writing(f"{run_dir / 'config.json'}", run_dir):
-        if resumed_from is None:
-            write_json(run_dir / "config.json", run.config_record())
-        else:
-            record_resume(run, run_dir, resumed_from)
-    return run_identity(read_json(run_dir / "config.json"))
-
-
-def train_and_evaluate(run: Run, run_dir: Path | None, checkpoint: dict | None = None) -> dict:
-    """Train epoch after epoch (after the checkpoint's epoch when resuming), keep the weights of the best
-    val F1, stop early with --patience, then evaluate val and test once with the best weights.
-
-    `run_dir` is None on ranks other than 0, which write nothing."""
-    args, log = run.args, run.log
-    model = wrap_model(run)
-    optimizer = build_optimizer(run.raw_model, args, run.device)
-    scaler = torch.amp.GradScaler(run.device.type, enabled=run.dtype == torch.float16)
-    training = TrainingState() if checkpoint is None else restore(checkpoint, run, optimizer, scaler)
-    resumed_from = None if checkpoint is None else training.epoch
-    run_id = start_record(run, run_dir, resumed_from) if run_dir is not None else ""
-    log(f"examples: train {len(run.labels['train'])}, val {len(run.labels['val'])}, test {len(run.labels['test'])} | "
-        f"epochs {args.epochs} | per-device batch "
-        f"{args.batch_size if not args.max_batch_tokens else f'of <= {args.max_batch_tokens} tokens'} x world size "
-        f"{run.world_size} x accumulation {args.grad_accum_steps} = effective batch "
-        f"{run.effective_batch_size}{' (mean examples)' if args.max_batch_tokens else ''} | "
-        f"optimizer steps {run.total_steps} (warmup {run.warmup_steps}) | device {run.device} {run.dtype} | "
-        f"params {run.params / 1e6:.2f}M | max_seq_len {run.spec.max_len}")
-    if checkpoint is not None:
-        log(f"resuming {args.resume} after epoch {training.epoch} (optimizer step {training.step}) "
-            f"from {checkpoint['path']}")
-    from tqdm.auto import tqdm
-    quiet = run.rank != 0 or not sys.stderr.isatty()
-    stop_reason, last_checkpoint = None, time.monotonic()
-    # ------------------------------------------------------------------------------- the epoch loop
-    for epoch in tqdm(range(training.epoch + 1, args.epochs + 1), desc="epochs", initial=training.epoch,
-                      total=args.epochs, disable=quiet, dynamic_ncols=True):
-        row = run_epoch(model, optimizer, scaler, run, training)
-        stop_reason = row["stop_reason"] = early_stop_reason(training, args)
-        log(f"epoch {epoch}/{args.epochs}: train loss {row['train_loss']:.4f} | val loss {row['val_loss']:.4f} "
-            f"acc {row['val_accuracy']:.4f} f1 {row['val_f1']:.4f} | {row['examples_per_s']:.1f} ex/s"
-            + (f" | {stop_reason}" if stop_reason else ""))
-        if run_dir is not None:
-            with writing(f"{run_dir / 'log.csv'}", run_dir):
-                write_log_csv(run_dir / "log.csv", training.history)
-        if stop_reason:
-            break
-        # none after the last epoch: evaluating val and test is all that is left
-        if epoch < args.epochs and checkpoint_due(args.checkpoint_minutes, last_checkpoint, run.world_size):
-            save_checkpoint(run, run_dir, run_id, training, optimizer, scaler)
-            last_checkpoint = time.monotonic()
-    best = training.best
-    if best["epoch"] == training.epoch:  # the weights in hand are the best ones: their val metrics are known
-        val = best["val"]
-    else:
-        run.raw_model.load_state_dict(best["state"])
-        val, _ = evaluate(model, run, "val")
-    test, test_probs = evaluate(model, run, "test")
-    training_end = {"epochs_trained": training.epoch, "reason": stop_reason or f"--epochs {args.epochs} done"}
-    return {"best_epoch": best["epoch"], "val": val, "test": test, "test_probs": test_probs,
-            "history": training.history, "train_seconds": training.train_seconds, "training_end": training_end}
-
-
-def fine_tune(args: argparse.Namespace, env: DistEnv, log: Callable[[str], None], outcome: dict) -> int:
-    """The whole run: set up, train, evaluate, write the results (rank 0); outcome['run_dir'] once made.
-
-    With args.resume (settings from resume_settings), the run continues in its own directory from its
-    newest usable checkpoint."""
-    resuming = args.resume is not None
-    with contextlib.ExitStack() as held:
-        if resuming:
-            outcome["run_dir"] = run_dir = Path(args.resume)
-            if env.rank == 0:  # before reading it: from now on no other process may write it
-                held.enter_context(hold_run_dir(run_dir))
-        else:
-            check_output_dir(Path(args.output_dir))
-            if env.rank == 0:  # the one that writes, before the model is loaded and the data tokenized
-                check_writable(Path(args.output_dir))
-        device = init_distributed(args.device, env)
-        random.seed(args.seed)
-        run = Run(args, log, env.rank, env.world_size, device)
-        checkpoint = None
-        if resuming:
-            config = read_json(run_dir / "config.json")
-            check_resumable(run, config)
-            checkpoint = load_resume_checkpoint(run, run_dir, run_identity(config))
-        else:
-            run_dir = make_run_dir(Path(args.output_dir), args.model_name) if env.rank == 0 else None
-            outcome["run_dir"] = run_dir = broadcast_object(run_dir, env.world_size)
-            if env.rank == 0:
-                held.enter_context(hold_run_dir(run_dir))
-        result = train_and_evaluate(run, run_dir if env.rank == 0 else None, checkpoint)
-        if env.rank == 0:
-            write_results(run, run_dir, result)
-            log(f"test: accuracy {result['test']['accuracy']:.4f} f1 {result['test']['f1']:.4f} "
-                f"(best epoch {result['best_epoch']}) -> {run_dir}")
-        barrier(env.world_size)
-    return 0
-
-
-def command_line_settings(argv: Sequence[str] | None) -> dict[str, Any]:
-    """The settings given on the command line, without the defaults of the others."""
-    parser, unset = build_parser(), object()
-    blank = argparse.Namespace(**{name: unset for name in vars(parser.parse_args([]))})
-    return {k: v for k, v in vars(parser.parse_args(argv, blank)).items() if v is not unset}
-
-
-def resume_settings(args: argparse.Namespace, argv: Sequence[str] | None) -> argparse.Namespace:
-    """--resume RUN_DIR: the settings of the run's config.json; a flag that contradicts one is refused."""
+def resumed_args(args: argparse.Namespace, argv: Sequence[str] | None) -> argparse.Namespace:
+    """--resume RUN_DIR: the run's own settings; a flag given now must agree with them, unless it is RUN_ONLY."""
     run_dir = Path(args.resume)
     if not (run_dir / "config.json").is_file():
-        raise UserError(f"--resume {run_dir}: not a run directory (no config.json); pass one such as "
-                        "outputs/<model>/<date>/<time>")
+        raise UserError(f"--resume {run_dir}: not a run directory (no config.json); pass outputs/<model>/<date>/<time>")
     if (run_dir / "test-metrics.json").exists():
         raise UserError(f"--resume {run_dir}: this run is already finished (it has test-metrics.json)")
-    return resumed_settings(run_dir, read_json(run_dir / "config.json"), vars(parse_args([])),
-                            command_line_settings(argv))
+    if not any(run_dir.glob("checkpoint-epoch*")):
+        raise UserError(f"{run_dir} has no checkpoint to resume from (it stopped before writing one, see "
+                        "--checkpoint_minutes): start the run again")
+    saved, defaults = read_json(run_dir / "config.json").get("args", {}), vars(parse_args([]))
+    if unknown := sorted(saved.keys() - defaults.keys()):
+        raise UserError(f"--resume {run_dir}: the run has settings this bertcls.py does not know ({', '.join(unknown)}):"
+                        " resume it with the version that started it")
+    unset = object()
+    given = {k: v for k, v in vars(parse_args(argv, unset)).items() if v is not unset}
+    for name, value in given.items():
+        if name not in RUN_ONLY and value != saved.get(name, defaults[name]):
+            raise UserError(f"--{name} {value} contradicts the run's --{name} {saved.get(name, defaults[name])} (in "
+                            f"{run_dir / 'config.json'}): leave it out to resume, or start a new run")
+    return argparse.Namespace(**{**defaults, **saved, **{k: v for k, v in given.items() if k in RUN_ONLY}})
+
+
+def new_run_dir(args: argparse.Namespace) -> Path:
+    now, name = datetime.datetime.now(), args.model_name.strip("/").removeprefix("./").replace("/", "__")
+    run_dir = Path(args.output_dir) / name / now.strftime("%Y-%m-%d") / now.strftime("%H-%M-%S.%f")
+    run_dir.mkdir(parents=True)
+    return run_dir
+
+
+def banner(run: Run, run_dir: Path, training: dict, log: Callable[[str], None]) -> None:
+    args, c = run.args, run.config
+    per_device = f"<= {args.max_batch_tokens} tokens" if args.max_batch_tokens else args.batch_size
+    log(f"***** bertcls *****\n  model            {args.model_name}: {c['params'] / 1e6:.2f}M parameters, max_seq_len "
+        f"{run.spec.max_len}, truncation {run.spec.truncation}\n  examples         "
+        f"{', '.join(f'{s} {n}' for s, n in c['examples'].items())}\n  epochs           {args.epochs}, peak lr "
+        f"{args.lr:g}, {c['total_optimizer_steps']} optimizer steps (warmup {c['warmup_steps']})\n  batch            "
+        f"{c['effective_batch_size']:g} examples per optimizer step (mean, as used) = {per_device} per device x "
+        f"{run.world_size} process(es) x {args.grad_accum_steps} accumulation\n  device           {run.device}, "
+        f"{c['dtype']}{', compiled layers' if args.compile else ''}\n  run directory    {run_dir}"
+        + (f" (resumed after epoch {training['epoch']})" if args.resume else "") + f"\n{c.get('warning', '')}".rstrip())
+
+
+# ---------------------------------------------------------------------------------------------------------- main
+
+
+def fine_tune(args: argparse.Namespace, log: Callable[[str], None], outcome: dict) -> int:
+    """The whole run: set up, train epoch after epoch, then evaluate the best epoch and write the results."""
+    rank, _, world_size, torchrun = dist_env()
+    with contextlib.ExitStack() as held:
+        # ------------------------------------------------------------------------------------------ set-up
+        if rank == 0:  # the run directory first: one that cannot be written fails before any work
+            run_dir = outcome["run_dir"] = Path(args.resume) if args.resume else new_run_dir(args)
+            held.callback(lambda: (run_dir / "config.json").exists() or shutil.rmtree(run_dir, ignore_errors=True))
+            held.enter_context(locked(run_dir / ".lock", str(run_dir)))
+        run = set_up(args, rank, world_size, torchrun, log)
+        run_dir = broadcast_object(outcome.get("run_dir"), world_size)
+        epochs, schedule = plan(run)
+        model, optimizer = wrap_model(run), build_optimizer(run.model, args, run.device)
+        scaler = torch.amp.GradScaler(run.device.type, enabled=run.config["dtype"] == "float16")
+        training = {"epoch": 0, "step": 0, "train_seconds": 0.0, "history": [], "best": None}
+        if args.resume:
+            training = resume(run, run_dir, optimizer, scaler)
+        elif rank == 0:
+            write_json(run_dir / "config.json", run.config)
+        banner(run, run_dir, training, log)
+        # ------------------------------------------------------------------------------------------ epochs
+        last_checkpoint = time.monotonic()
+        for epoch in range(training["epoch"] + 1, args.epochs + 1):
+            row = run_epoch(model, optimizer, scaler, run, epochs[epoch - 1], schedule, training, epoch)
+            log(f"epoch {epoch}/{args.epochs}: train loss {row['train_loss']:.4f} | val loss {row['val_loss']:.4f} acc "
+                f"{row['val_accuracy']:.4f} f1 {row['val_f1']:.4f} | {row['examples_per_s']:.1f} ex/s"
+                + (f" | {row['stop_reason']}" if row["stop_reason"] else ""))
+            if rank == 0:
+                write_log_csv(run_dir / "log.csv", training["history"])
+            if row["stop_reason"]:
+                break
+            due = args.checkpoint_minutes >= 0 and time.monotonic() - last_checkpoint >= 60 * args.checkpoint_minutes
+            if epoch < args.epochs and broadcast_object(due, world_size):  # rank 0's clock decides for all
+                checkpoint(run, run_dir, training, optimizer, scaler, log)
+                last_checkpoint = time.monotonic()
+        # ------------------------------------------------------------------------------------------ results
+        best = training["best"]
+        if best["epoch"] != training["epoch"]:
+            run.model.load_state_dict(best["weights"])
+        val = best["val"] if best["epoch"] == training["epoch"] else evaluate(model, run, "val")[0]
+        test, test_probs = evaluate(model, run, "test")
+        if rank == 0:
+            end = {"epochs_trained": training["epoch"], "reason": row["stop_reason"] or f"--epochs {args.epochs} done"}
+            write_results(run, run_dir, {"best_epoch": best["epoch"], "val": val, "test": test, "test_probs": test_probs,
+                                         "history": training["history"], "train_seconds": training["train_seconds"],
+                                         "training_end": end})
+            log(f"test: accuracy {test['accuracy']:.4f} f1 {test['f1']:.4f} (best epoch {best['epoch']}) -> {run_dir}")
+        if world_size > 1:
+            torch.distributed.barrier()
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    env = dist_env()  # RANK / LOCAL_RANK / WORLD_SIZE, read once
+    rank, _, _, torchrun = dist_env()
+    outcome: dict[str, Path] = {}
 
     def log(message: str) -> None:
-        if env.rank == 0:
+        if rank == 0:
             print(message, file=sys.stderr, flush=True)
-
-    outcome: dict[str, Path | None] = {}
-
-    def work() -> int:
-        return fine_tune(resume_settings(args, argv) if args.resume else args, env, log, outcome)
 
     def stopped() -> str:
         run_dir = outcome.get("run_dir")
-        if not run_dir:
-            return "no run directory was made"
-        kept = [name for name in ("config.json", "log.csv") if (run_dir / name).is_file()]
-        epoch = last_complete_epoch(run_dir)
-        if epoch is None:
-            return f"{run_dir} keeps {' and '.join(kept) or 'nothing'}, no metrics"
-        return (f"{run_dir} keeps {', '.join(kept)} and the checkpoint of epoch {epoch}, no metrics: continue "
-                f"with `python bertcls.py --resume {run_dir}`")
+        if run_dir is None or not (run_dir / "config.json").exists():
+            return "no run was started"
+        kept = [p.name for p in sorted(run_dir.iterdir()) if p.name in ("config.json", "log.csv")
+                or p.name.startswith("checkpoint-epoch")]
+        more = f": continue with `python bertcls.py --resume {run_dir}`" if any(run_dir.glob("checkpoint-epoch*")) else ""
+        return f"{run_dir} keeps {', '.join(kept)}, no metrics{more}"
 
     try:
-        return run_cli("bertcls.py", work, args.debug, stopped, OOM_ADVICE,
-                       who=f" [rank {env.rank}]" if env.torchrun else "")
+        return run_cli("bertcls.py", lambda: fine_tune(resumed_args(args, argv) if args.resume else args, log, outcome),
+                       args.debug, stopped, OOM_ADVICE, who=f" [rank {rank}]" if torchrun else "")
     finally:
-        destroy_distributed()
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -1,84 +1,62 @@
 """The dataset on disk -> labels and token ids: what a run reads, checks and tokenizes before it trains.
 
-What this module is not about: models, batches, training or result files (bertcls.py), nor making datasets
-(prepare.py writes them; nothing imports prepare.py). It imports common and torch; bertcls.py, predict.py,
-bench.py and sweep.py import it.
-
-- the dataset on disk: label2id.json and the {train,val,test}.jsonl splits, checked; a run keeps a split as its
-  labels and where each example's line is in the file (`SplitData`), never its texts
-- texts -> token ids: `InputSpec` (length, token types, truncation) and `encode_one`, which lays an example out
-  exactly as the tokenizer does and cuts only text: the body's end (head) or its middle (head_tail)
-- tokenization cache: each split tokenized once per (tokenizer, input spec, data) into flat tensors + offsets
-  (`pack`), written whole or not at all, and memory-mapped by every run that follows
-- tokenization worker processes: a large split is tokenized in chunks by several processes, token for token as
-  one process would
+    load_dataset(dir)       label2id.json and {train,val,test}.jsonl, checked; a split is kept as its labels and
+                            where each example's line is in its file, never its texts (a run's memory does not grow
+                            with them)
+    encode(tokenizer, ...)  one example laid out exactly as tokenizer(title, body) lays it out, cut to length
+                            (head: the body's end goes; head_tail: its middle)
+    tokenized(...)          a split's token ids: tokenized once per (tokenizer, length, truncation, data) by a process
+                            pool over chunks of its file, cached as flat binary files and memory-mapped
+    Inputs.batch(...)       padded batches of those ids, built with a few tensor ops
 """
 
 from __future__ import annotations
 
-import argparse
 import array
-import collections
-import contextlib
+import concurrent.futures
 import hashlib
 import json
-import math
 import multiprocessing
-import multiprocessing.connection
 import os
 import pickle
-import signal
+import shutil
 import tempfile
 import time
-import traceback
 from collections import Counter
 from pathlib import Path
-from typing import Any, Callable, NamedTuple, Protocol, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 import torch
 
-from common import Progress, UserError, first_line, iter_jsonl, read_json, read_jsonl
+from common import Progress, UserError, iter_jsonl, read_json
 
 SPLITS = ("train", "val", "test")
-CACHE_FORMAT = 2  # bump when the layout or the key of the tokenization cache changes
-MAX_DEFAULT_WORKERS = 16  # each tokenization worker holds its own tokenizer (a MeCab dictionary and a vocabulary)
-PARALLEL_MIN_EXAMPLES = 2000  # fewer: starting worker processes would cost more than they save
-TOKENIZE_CHUNK = 1000  # examples per task of a tokenization worker: the grain of load balancing and progress
+TRUNCATIONS = ("head", "head_tail")
+HEAD_SHARE = 128 / 510  # Sun et al. 2019 kept BERT's first 128 and last 382 of 510 text tokens: head_tail's shares
+CHARS_PER_TOKEN = 10  # a text is cut to max_len x this many characters before tokenizing: far more than max_len tokens
+CACHE_FORMAT = 3  # bump when the cache's layout or key changes
+CHUNK = 1000  # examples per task of a tokenization worker
+POOL_MIN_EXAMPLES = 2000  # fewer: starting worker processes costs more than it saves
 
 
-# ------------------------------------------------------------------------------- the dataset on disk
+class Split(NamedTuple):
+    """A split as a run keeps it: labels and the byte offset of each example's line (then the file's end)."""
+    path: Path
+    labels: torch.Tensor
+    starts: array.array
+    digest: str  # sha256 of the file: part of the tokenization cache key
+    pairs: bool  # some example is a (title, body) pair
 
 
-def load_label2id(dataset_dir: Path) -> dict[str, int]:
-    path = dataset_dir / "label2id.json"
-    label2id = read_json(path, hint="re-run prepare.py")
-    if not isinstance(label2id, dict) or not label2id:
-        raise UserError(f"{path}: expected a non-empty object mapping label names to ids; re-run prepare.py")
-    for name, label in label2id.items():
-        if isinstance(label, bool) or not isinstance(label, int):
-            raise UserError(f"{path}: the id of {name!r} is {json.dumps(label, ensure_ascii=False)}, not an integer; "
-                            f"ids must be 0..{len(label2id) - 1}, each once; re-run prepare.py")
-    if sorted(label2id.values()) != list(range(len(label2id))):
-        raise UserError(f"{path}: ids must be 0..{len(label2id) - 1}, each once; re-run prepare.py")
-    return label2id
-
-
-def load_fold(dataset_dir: Path) -> dict | None:
-    """Which fold of which cross-validation set the dataset is (prepare.py --folds writes fold.json); None
-    for a plain split. config.json records it, so that sweep.py puts the runs over all folds in one row."""
-    path = dataset_dir / "fold.json"
-    if not path.is_file():
-        return None
-    fold = read_json(path, hint="re-run prepare.py --folds")
-    if not (isinstance(fold, dict) and isinstance(fold.get("set"), str)
-            and all(isinstance(fold.get(k), int) and not isinstance(fold.get(k), bool) for k in ("fold", "folds"))):
-        raise UserError(f"{path}: expected an object with integers 'fold', 'folds' and a string 'set'; "
-                        f"re-run prepare.py --folds")
-    return {k: fold[k] for k in ("fold", "folds", "set")}
+class InputSpec(NamedTuple):
+    """How texts become model inputs; the cache key, config.json and a saved model record it."""
+    max_len: int
+    token_type_ids: bool
+    truncation: str = "head"
 
 
 def example_text(row: dict) -> tuple[str, str | None]:
-    """The model input of one example: the (title, body) pair when both exist, else `text`."""
+    """(title, body) when both are strings, else (text, None)."""
     if isinstance(row.get("title"), str) and isinstance(row.get("body"), str):
         return row["title"], row["body"]
     if isinstance(row.get("text"), str):
@@ -86,257 +64,137 @@ def example_text(row: dict) -> tuple[str, str | None]:
     raise ValueError("needs a string 'text', or string 'title' and 'body'")
 
 
-def split_path(dataset_dir: Path, split: str) -> Path:
-    path = dataset_dir / f"{split}.jsonl"
-    if not path.is_file():
-        raise UserError(f"{path} not found: create the dataset with `python prepare.py --output_dir {dataset_dir}`")
-    return path
-
-
-def example_label(row: dict, label2id: dict[str, int], where: str, label2id_path: Path) -> int:
-    """A row's label as an id (label names are mapped through label2id), once the row is checked."""
-    label = row.get("label")
-    if isinstance(label, str) and label in label2id:
-        label = label2id[label]
-    elif isinstance(label, bool) or not isinstance(label, int) or not 0 <= label < len(label2id):
-        raise UserError(f"{where}: label {label!r} is not in {label2id_path} (ids 0..{len(label2id) - 1}); "
-                        "the dataset and label2id.json disagree: re-run prepare.py")
-    try:
-        example_text(row)
-    except ValueError as e:
-        raise UserError(f"{where}: {e}") from None
-    return label
-
-
-def load_split(dataset_dir: Path, split: str, label2id: dict[str, int]) -> list[dict]:
-    """Rows of one split, each with an int `label` in range and a text; bad rows are UserErrors."""
-    path = split_path(dataset_dir, split)
-    rows = read_jsonl(path)
-    if not rows:
-        raise UserError(f"{path} is empty: every split needs examples (re-run prepare.py with more data)")
-    for number, row in enumerate(rows, 1):
-        row["label"] = example_label(row, label2id, f"{path}: example {number}", dataset_dir / "label2id.json")
-    return rows
-
-
-class SplitData(NamedTuple):
-    """A split as a run keeps it: the labels, and where each example's line is; the texts stay in the file."""
-    path: Path
-    labels: torch.Tensor
-    starts: array.array  # byte offset of each example's line in the file, then the end of the last one
-    digest: str  # sha256 of the file's bytes: the tokenization cache key
-    signature: tuple  # size and modification time, to notice the file changing under a run
-    pairs: bool  # some example is a (title, body) pair (else every one is a single text)
-
-
-def read_split(dataset_dir: Path, split: str, label2id: dict[str, int]) -> SplitData:
-    """Check every example of a split as load_split does, keeping only labels and offsets: a run's memory does
-    not grow with the texts of a large dataset (tokenization reads them again, chunk by chunk)."""
-    path = split_path(dataset_dir, split)
-    signature = file_signature(path)
-    labels, starts, digest, end, pairs = [], array.array("q"), hashlib.sha256(), 0, False
-    for line, row in iter_jsonl(path, digest):
-        labels.append(example_label(row, label2id, f"{path}: example {len(labels) + 1}", dataset_dir / "label2id.json"))
-        starts.append(line.start)
-        end = line.end
-        pairs = pairs or example_text(row)[1] is not None
-    if not labels:
-        raise UserError(f"{path} is empty: every split needs examples (re-run prepare.py with more data)")
-    starts.append(end)
-    return SplitData(path, torch.tensor(labels), starts, digest.hexdigest(), signature, pairs)
-
-
-def file_signature(path: Path) -> tuple:
-    stat = path.stat()
-    return stat.st_size, stat.st_mtime_ns
-
-
-def read_rows(path: Path, start: int, end: int) -> list[dict]:
-    """The rows whose lines fill bytes [start, end) of a JSONL file that read_split has checked."""
-    with open(path, "rb") as f:
-        f.seek(start)
-        text = f.read(end - start).decode("utf-8-sig" if start == 0 else "utf-8")
-    return [json.loads(line) for line in text.split("\n") if line.strip()]
-
-
-def split_ids(data: SplitData) -> list:
-    """The `id` of each example of a split (None where it has none), read from its file."""
-    ids = [row.get("id") for _, row in iter_jsonl(data.path)]
-    if len(ids) != len(data.labels) or file_signature(data.path) != data.signature:
-        raise UserError(f"{data.path} changed while bertcls.py was running; run again")
-    return ids
-
-
-def check_labels(labels: dict[str, torch.Tensor], id2label: dict[int, str], dataset_dir: Path) -> str | None:
-    """Refuse a train split with fewer than 2 labels: there is nothing to classify, yet every score would come
-    out perfect. Return a warning naming the val/test labels that train never shows (never learned)."""
-    seen = Counter(labels["train"].tolist())
-    if len(seen) < 2:
-        raise UserError(f"{dataset_dir / 'train.jsonl'}: every example has the label "
-                        f"{id2label[next(iter(seen))]!r}: a classifier needs examples of at least 2 labels in train")
-    unseen: dict[str, Counter] = {}
-    for split in ("val", "test"):
-        for label in labels[split].tolist():
-            if label not in seen:
-                unseen.setdefault(id2label[label], Counter())[split] += 1
-    if not unseen:
-        return None
-    listed = "; ".join(f"{name!r} ({', '.join(f'{n} in {split}' for split, n in counts.items())})"
-                       for name, counts in sorted(unseen.items()))
-    return f"warning: labels that train never shows, so the model cannot learn them: {listed}"
-
-
-def load_dataset(dataset_dir: Path, log: Callable[[str], None]) -> tuple[dict[str, int], dict[str, SplitData]]:
-    """label2id and every split (labels and line offsets), checked: a classification run can be made of them."""
-    if not dataset_dir.is_dir():
-        raise UserError(f"dataset directory {dataset_dir} not found: run `python prepare.py` first "
-                        "(or pass --dataset_dir)")
-    if not (dataset_dir / "label2id.json").is_file():
-        raise UserError(f"{dataset_dir / 'label2id.json'} not found: run `python prepare.py` first")
-    label2id = load_label2id(dataset_dir)
-    splits = {split: read_split(dataset_dir, split, label2id) for split in SPLITS}
-    warning = check_labels({s: d.labels for s, d in splits.items()}, {i: name for name, i in label2id.items()},
-                           dataset_dir)
-    if warning is not None:
-        log(warning)
-    return label2id, splits
-
-
-def file_digest(paths: Sequence[Path]) -> str:
+def file_digest(*paths: Path) -> str:
     h = hashlib.sha256()
     for path in paths:
         h.update(path.name.encode() + b"\0")
         with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
+            while block := f.read(1 << 20):
                 h.update(block)
     return h.hexdigest()
 
 
-# -------------------------------------------------------------------------------- texts -> token ids
+def read_label2id(path: Path) -> dict[str, int]:
+    label2id = read_json(path)
+    if not (isinstance(label2id, dict) and label2id and all(type(i) is int for i in label2id.values())
+            and sorted(label2id.values()) == list(range(len(label2id)))):
+        raise UserError(f"{path}: expected an object mapping label names to the ids 0..N-1, each once; re-run "
+                        "prepare.py")
+    return label2id
 
 
-TRUNCATIONS = ("head", "head_tail")
-# Sun et al. 2019 ("How to Fine-Tune BERT for Text Classification?") kept the first 128 and the last 382 of BERT's 510
-# text tokens; head_tail keeps the same shares of whatever room the title leaves for the body.
-HEAD_SHARE = 128 / 510
+def read_split(path: Path, label2id: dict[str, int], texts: dict[int, set]) -> Split:
+    """Check every example (a label of label2id, by id or name, and a text) keeping its label and offset; the hash
+    of each text goes to texts[label] for the overlap check."""
+    labels, starts, pairs, end = [], array.array("q"), False, 0
+    for number, start, end, row in iter_jsonl(path):
+        label = row.get("label")
+        label = label2id.get(label, label) if isinstance(label, str) else label  # an id, or a name
+        if type(label) is not int or not 0 <= label < len(label2id):
+            raise UserError(f"{path}:{number}: label {row.get('label')!r} is not in label2id.json (ids 0.."
+                            f"{len(label2id) - 1}); the dataset and label2id.json disagree: re-run prepare.py")
+        try:
+            first, second = example_text(row)
+        except ValueError as e:
+            raise UserError(f"{path}:{number}: {e}") from None
+        texts.setdefault(label, set()).add(hash((first, second)))
+        labels.append(label)
+        starts.append(start)
+        pairs = pairs or second is not None
+    if not labels:
+        raise UserError(f"{path} is empty: every split needs examples (re-run prepare.py with more data)")
+    starts.append(end)
+    return Split(path, torch.tensor(labels), starts, file_digest(path), pairs)
 
 
-class InputSpec(NamedTuple):
-    """How texts become model inputs: what the cache key, config.json and a saved model record."""
-    max_len: int  # tokens per example, special tokens included
-    token_type_ids: bool  # feed the body as segment B (BERT-style pre-training)
-    truncation: str = "head"  # which part of an over-long body is kept: "head", or "head_tail" (its start and end)
+def load_dataset(dataset_dir: Path, log: Callable[[str], None]) -> tuple[dict[str, int], dict[str, Split]]:
+    """label2id and the three splits, checked; warns about what would make the scores silently wrong."""
+    if not (dataset_dir / "label2id.json").is_file():
+        raise UserError(f"no dataset in {dataset_dir} (no label2id.json): run `python prepare.py` first, or pass "
+                        "--dataset_dir")
+    label2id = read_label2id(dataset_dir / "label2id.json")
+    names = {i: name for name, i in label2id.items()}
+    texts: dict[str, dict[int, set]] = {s: {} for s in SPLITS}
+    splits = {}
+    for s in SPLITS:
+        if not (dataset_dir / f"{s}.jsonl").is_file():
+            raise UserError(f"{dataset_dir / f'{s}.jsonl'} not found: write the dataset with prepare.py")
+        splits[s] = read_split(dataset_dir / f"{s}.jsonl", label2id, texts[s])
+    seen = Counter(splits["train"].labels.tolist())
+    if len(seen) < 2:
+        raise UserError(f"{splits['train'].path}: every example has the label {names[next(iter(seen))]!r}: a "
+                        "classifier needs examples of at least 2 labels in train")
+    if unseen := sorted({names[i] for s in ("val", "test") for i in texts[s]} - {names[i] for i in seen}):
+        log(f"warning: labels in val/test that train never shows, so the model cannot learn them: {unseen}")
+    if absent := sorted(set(label2id) - {names[i] for s in SPLITS for i in texts[s]}):
+        log(f"warning: labels of label2id.json that no split holds: {absent}; macro scores are averaged over the "
+            "labels in each split's gold labels and predictions only (test-metrics.json: macro_over)")
+    all_texts = {s: set().union(*texts[s].values()) for s in SPLITS}
+    shared = [f"{a} and {b} share {n}" for a, b in (("train", "val"), ("train", "test"), ("val", "test"))
+              if (n := len(all_texts[a] & all_texts[b]))]
+    if shared:
+        log(f"warning: splits share texts (identical content): {'; '.join(shared)}; their scores are not measured "
+            "on unseen texts (prepare.py --dedupe removes duplicates)")
+    return label2id, splits
 
 
-def check_room_for_text(max_len: int, tokenizer: Any, pair: bool) -> None:
-    """Refuse a length that the special tokens fill: every example would become [CLS][SEP], with no text."""
-    special = tokenizer.num_special_tokens_to_add(pair=pair)
-    if max_len <= special:
-        raise UserError(f"a length of {max_len} tokens leaves no room for text: the tokenizer adds {special} special "
-                        f"tokens to each {'(title, body) pair' if pair else 'text'}; raise --max_seq_len")
+def split_ids(split: Split) -> list:
+    """The `id` of each example (None where it has none), read again from its file."""
+    ids = [row.get("id") for *_, row in iter_jsonl(split.path)]
+    if len(ids) != len(split.labels):
+        raise UserError(f"{split.path} changed while bertcls.py was running; run again")
+    return ids
 
 
-def tokenize_rows(tokenizer: Any, rows: Sequence[dict], spec: InputSpec, log: Callable[[str], None] = print,
-                  progress: str | None = None) -> dict[str, list[list[int]]]:
-    """Token ids of every row (see encode_one), with progress on stderr under that description (None: silent);
-    one line says how many titles had to be cut."""
-    out: dict[str, Any] = {"input_ids": [], "token_type_ids": [], "titles_cut": 0}
-    with Progress(len(rows), progress or "", enabled=progress is not None) as shown:
-        for start in range(0, len(rows), TOKENIZE_CHUNK):
-            part = encode_rows(tokenizer, rows[start:start + TOKENIZE_CHUNK], spec)
-            out["input_ids"] += part["input_ids"]
-            out["token_type_ids"] += part["token_type_ids"]
-            out["titles_cut"] += part["titles_cut"]
-            shown.update(len(part["input_ids"]))
-    if out["titles_cut"]:
-        log(titles_cut_note(out["titles_cut"], len(rows), spec))
-    return out
+# ------------------------------------------------------------------------------------------ texts -> token ids
 
 
-def encode_rows(tokenizer: Any, rows: Sequence[dict], spec: InputSpec) -> dict[str, Any]:
-    """input_ids and token_type_ids of each row, and how many titles were cut (titles_cut)."""
-    out: dict[str, Any] = {"input_ids": [], "token_type_ids": [], "titles_cut": 0}
-    for row in rows:
-        enc = encode_one(tokenizer, *example_text(row), spec)
-        out["input_ids"].append(enc["input_ids"])
-        out["token_type_ids"].append(enc.get("token_type_ids") or [])
-        out["titles_cut"] += enc["title_cut"]
-    return out
-
-
-def titles_cut_note(titles_cut: int, n_rows: int, spec: InputSpec) -> str:
-    return (f"note: {titles_cut} of {n_rows} titles were cut to fit: each alone is longer than {spec.max_len} "
-            "tokens with the special tokens, so its example keeps the start of the title and none of its body")
-
-
-def encode_one(tokenizer: Any, first: str, second: str | None, spec: InputSpec) -> dict:
-    """One example of at most spec.max_len tokens, laid out exactly as tokenizer(first, second) lays it out.
-
-    The family's own special tokens and segment ids are kept; only text is cut: the body's end (head) or its
-    middle (head_tail); the title only when it alone leaves no room for the body ("title_cut"). A single text is
-    cut like a body. The tokenizer itself is never asked to truncate: fast tokenizers refuse a pair whose first text
-    alone is too long ("Sequence to truncate too short"), and slow ones warn once per example.
-    """
-    ids, types, sources = pair_layout(tokenizer, first, second)
-    keep, title_cut = kept_positions(sources, second is not None, spec.max_len, spec.truncation)
-    enc = {"input_ids": [ids[i] for i in keep], "title_cut": title_cut}
-    if spec.token_type_ids:
-        enc["token_type_ids"] = [types[i] for i in keep]
-    return enc
-
-
-def pair_layout(tokenizer: Any, first: str, second: str | None) -> tuple[list[int], list[int], list[int | None]]:
-    """input_ids, token_type_ids and each token's source (0: first text, 1: second, None: special) of
-    tokenizer(first, second), uncut."""
-    texts = [first] if second is None else [first, second]
-    quiet = dict(truncation=False, verbose=False)  # no truncation baked into a saved tokenizer, no length warning
-    if getattr(tokenizer, "is_fast", False):  # tokenizers library: its post-processor marks where tokens came from
+def layout(tokenizer: Any, texts: list[str]) -> tuple[list[int], list[int], list[int | None]]:
+    """input_ids, token_type_ids and each token's source (0: first text, 1: second, None: special token) of
+    tokenizer(*texts), uncut."""
+    quiet = dict(truncation=False, verbose=False)
+    if getattr(tokenizer, "is_fast", False):  # the tokenizers library marks where each token came from
         enc = tokenizer(*texts, return_token_type_ids=True, return_attention_mask=False, **quiet)
         return enc["input_ids"], enc["token_type_ids"], enc.sequence_ids()
-    # Python tokenizers (BertJapaneseTokenizer): tokenizer(first, second) tokenizes each text, then adds these
     parts = [tokenizer(text, add_special_tokens=False, **quiet)["input_ids"] for text in texts]
-    special = tokenizer.get_special_tokens_mask(*parts)
-    text_sources = iter([k for k, part in enumerate(parts) for _ in part])
-    sources = [None if is_special else next(text_sources) for is_special in special]
+    sources = iter([k for k, part in enumerate(parts) for _ in part])
     return (tokenizer.build_inputs_with_special_tokens(*parts), tokenizer.create_token_type_ids_from_sequences(*parts),
-            sources)
+            [None if special else next(sources) for special in tokenizer.get_special_tokens_mask(*parts)])
 
 
-def kept_positions(sources: Sequence[int | None], pair: bool, max_len: int, truncation: str) -> tuple[list[int], bool]:
-    """Positions kept of an uncut layout, and whether the title was cut: every special token, the title (its start,
-    when it alone leaves no room), and of the body (or the only text) as much as the room left allows: its first
-    tokens (head), or its first HEAD_SHARE and its last tokens (head_tail)."""
+def encode(tokenizer: Any, first: str, second: str | None, spec: InputSpec) -> tuple[list[int], list[int], Counter]:
+    """One example of at most spec.max_len tokens, laid out exactly as tokenizer(first, second) lays it out.
+
+    Only text is cut, never special tokens: the body's end (head) or its middle (head_tail); the title only when
+    it alone leaves no room. The tokenizer is not asked to truncate: fast ones refuse a pair whose title alone is
+    too long, slow ones warn per example. Texts are first cut to CHARS_PER_TOKEN x max_len characters (start, or
+    start and end): that holds more tokens than are kept, and MeCab crashes on texts of about a million.
+    Returns input_ids, token_type_ids ([] when the model takes none) and counts of what was cut.
+    """
+    bound, counts = CHARS_PER_TOKEN * spec.max_len, Counter()
+    texts = [first] if second is None else [first, second]
+    for k, text in enumerate(texts):
+        if len(text) > 2 * bound:
+            counts["chars_cut"] += 1
+            keep_tail = spec.truncation == "head_tail" and k == len(texts) - 1
+            texts[k] = text[:bound] + "\n" + text[-bound:] if keep_tail else text[:bound]
+    ids, types, sources = layout(tokenizer, texts)
+    title = [i for i, s in enumerate(sources) if second is not None and s == 0]
+    body = [i for i, s in enumerate(sources) if s == len(texts) - 1]
     specials = [i for i, s in enumerate(sources) if s is None]
-    title = [i for i, s in enumerate(sources) if pair and s == 0]
-    body = [i for i, s in enumerate(sources) if s == (1 if pair else 0)]
-    room = max(0, max_len - len(specials))
-    kept_title = title[:room]
-    room -= len(kept_title)
-    if len(body) <= room:
-        kept_body = body
-    elif truncation == "head_tail":
-        head = round(room * HEAD_SHARE)
-        kept_body = body[:head] + body[len(body) - (room - head):]
-    else:
-        kept_body = body[:room]
-    return sorted(specials + kept_title + kept_body), len(kept_title) < len(title)
-
-
-# ------------------------------------------------------------------------------- tokenization cache
-
-
-class TokenizingRun(Protocol):
-    """What tokenizing a run's splits needs of it: bertcls.Run has all of it."""
-    args: argparse.Namespace  # cache_dir, tokenize_workers
-    log: Callable[[str], None]
-    rank: int  # only rank 0 shows progress
-    splits: dict[str, SplitData]
-    spec: InputSpec
-    tokenizer: Any
+    room = max(0, spec.max_len - len(specials))
+    counts["title_cut"] += len(title) > room
+    counts["empty"] += not body and not title
+    room -= len(title[:room])
+    if len(body) > room:
+        head = round(room * HEAD_SHARE) if spec.truncation == "head_tail" else room
+        body = body[:head] + body[len(body) - (room - head):]
+    keep = sorted(specials + title[:spec.max_len - len(specials)] + body)
+    return [ids[i] for i in keep], [types[i] for i in keep] if spec.token_type_ids else [], counts
 
 
 def tokenizer_fingerprint(tokenizer: Any) -> str:
-    """Digest of everything that defines the tokenizer's output: its class and its saved files."""
+    """Digest of what defines the tokenizer's output: its class and the files it saves."""
     h = hashlib.sha256(f"{type(tokenizer).__module__}.{type(tokenizer).__name__}".encode())
     with tempfile.TemporaryDirectory() as tmp:
         tokenizer.save_pretrained(tmp)
@@ -346,326 +204,197 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
     return h.hexdigest()
 
 
-def pack(encoded: dict[str, list[list[int]]]) -> dict[str, torch.Tensor]:
-    """Ragged token lists as flat tensors + offsets: small on disk, loadable with weights_only."""
-    lengths = torch.tensor([len(x) for x in encoded["input_ids"]], dtype=torch.int64)
-    offsets = torch.zeros(len(lengths) + 1, dtype=torch.int64)
-    offsets[1:] = torch.cumsum(lengths, 0)
-    packed = {"offsets": offsets,
-              "input_ids": torch.tensor([t for x in encoded["input_ids"] for t in x], dtype=torch.int32)}
-    if any(encoded["token_type_ids"]):
-        packed["token_type_ids"] = torch.tensor([t for x in encoded["token_type_ids"] for t in x], dtype=torch.int8)
-    return packed
+WORKER: dict[str, Any] = {}  # a pool worker's tokenizer and spec, set once by start_worker
 
 
-def load_or_tokenize(run: TokenizingRun, split: str, fingerprint: str) -> dict[str, torch.Tensor]:
-    """A split's packed tokens, tokenized once per (tokenizer, input spec, data) and memory-mapped from the cache.
+def start_worker(tokenizer_pickle: bytes, spec: InputSpec) -> None:
+    import signal
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group: the parent stops the pool
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one core per worker
+    WORKER.update(tokenizer=pickle.loads(tokenizer_pickle), spec=spec)  # the parent's tokenizer: the same tokens
 
-    Mapped, not read: the ranks of one node share the file's pages, and a run holds in memory only the batches
-    it reads, however large the dataset. A sweep over learning rates and seeds tokenizes nothing after its first run.
-    """
-    data, log = run.splits[split], run.log
-    if not run.args.cache_dir:
-        with tempfile.TemporaryDirectory(ignore_cleanup_errors=True) as tmp:  # the mapping outlives the file
-            return tokenize_and_load(run, split, Path(tmp) / f"{split}.pt")
-    key = hashlib.sha256(json.dumps([CACHE_FORMAT, fingerprint, *run.spec, data.digest]).encode()).hexdigest()[:32]
-    path = Path(run.args.cache_dir) / f"{key}.pt"
-    if path.is_file():
+
+def encode_chunk(path: Path, start: int, end: int) -> tuple[bytes, bytes, bytes, Counter]:
+    """The examples whose lines fill bytes [start, end) of a checked split, as flat machine integers."""
+    with open(path, "rb") as f:
+        f.seek(start)
+        lines = f.read(end - start).decode("utf-8-sig" if start == 0 else "utf-8").split("\n")
+    lengths, ids, types, counts = array.array("q"), array.array("i"), array.array("b"), Counter()
+    for line in filter(str.strip, lines):
+        example_ids, example_types, cut = encode(WORKER["tokenizer"], *example_text(json.loads(line)), WORKER["spec"])
+        lengths.append(len(example_ids))
+        ids.extend(example_ids)
+        types.extend(example_types)
+        counts += cut
+    return lengths.tobytes(), ids.tobytes(), types.tobytes(), counts
+
+
+def tokenize_split(split: Split, tokenizer: Any, spec: InputSpec, workers: int, directory: Path,
+                   progress: Progress) -> Counter:
+    """Write a split's tokens into directory as offsets.bin (int64), input_ids.bin (int32) and, for models with
+    segment ids, token_type_ids.bin (int8); chunk results are appended in order as they come, so that the tokens
+    of a large dataset are never all in memory. Any number of workers gives the same tokens."""
+    n = len(split.labels)
+    chunks = [(split.path, split.starts[i], split.starts[min(i + CHUNK, n)]) for i in range(0, n, CHUNK)]
+    lengths, counts, pool = array.array("q", [0]), Counter(), None
+    with open(directory / "input_ids.bin", "wb") as ids, open(directory / "token_type_ids.bin", "wb") as types:
+        if workers == 1 or n < POOL_MIN_EXAMPLES:
+            WORKER.update(tokenizer=tokenizer, spec=spec)
+            results = (encode_chunk(*chunk) for chunk in chunks)
+        else:  # no fork of a process holding torch's threads: the fork server imports torch once, then forks
+            methods = multiprocessing.get_all_start_methods()
+            context = multiprocessing.get_context("forkserver" if "forkserver" in methods else "spawn")
+            pool = concurrent.futures.ProcessPoolExecutor(min(workers, len(chunks)), context, start_worker,
+                                                          (pickle.dumps(tokenizer), spec))
+            results = pool.map(encode_chunk, *zip(*chunks))
         try:
-            return load_packed(path, len(data.labels))
-        except ValueError as e:  # our own words: torch's advice for such files is to unpickle them unchecked
-            log(f"warning: ignoring unreadable tokenization cache {path} ({e}); tokenizing again")
-    with contextlib.suppress(OSError):
-        path.parent.mkdir(parents=True, exist_ok=True)
-    if not os.access(path.parent, os.W_OK):  # a cache is an optimisation: never fail a run over it
-        log(f"warning: cannot write the tokenization cache in {path.parent}; tokenizing without it")
-        with tempfile.TemporaryDirectory(ignore_cleanup_errors=True) as tmp:
-            return tokenize_and_load(run, split, Path(tmp) / f"{split}.pt")
-    return tokenize_and_load(run, split, path)
+            for chunk_lengths, chunk_ids, chunk_types, chunk_counts in results:
+                for length in array.array("q", chunk_lengths):
+                    lengths.append(lengths[-1] + length)
+                ids.write(chunk_ids)
+                types.write(chunk_types)
+                counts += chunk_counts
+                progress.update(len(chunk_lengths) // 8)
+        except concurrent.futures.process.BrokenProcessPool:
+            raise UserError(f"a tokenization worker died while tokenizing {split.path} (out of memory?): nothing was "
+                            "cached; lower --tokenize_workers") from None
+        finally:
+            if pool is not None:
+                pool.shutdown(wait=True, cancel_futures=True)
+    (directory / "offsets.bin").write_bytes(lengths.tobytes())
+    if not (directory / "token_type_ids.bin").stat().st_size:
+        (directory / "token_type_ids.bin").unlink()
+    return counts
 
 
-def tokenize_and_load(run: TokenizingRun, split: str, path: Path) -> dict[str, torch.Tensor]:
-    data = run.splits[split]
-    started = time.perf_counter()
+def load_tokens(directory: Path, n_examples: int) -> dict[str, torch.Tensor]:
+    """A split's tokens, memory-mapped: the ranks of a node share the pages, and a run holds only what it reads.
+    ValueError when the files are not a whole cache entry for n_examples examples."""
     try:
-        with Progress(len(data.labels), f"tokenizing {split}", enabled=run.rank == 0) as progress:
-            workers, titles_cut = tokenize_split(run.tokenizer, data, run.spec, run.args.tokenize_workers, path,
-                                                 progress, run.log)
-    except OSError as e:
-        raise UserError(f"cannot tokenize {data.path} into {path.parent}: {e.strerror or e} (full disk? pass "
-                        "--cache_dir elsewhere)") from None
-    run.log(f"tokenized {split}: {len(data.labels)} examples in {time.perf_counter() - started:.1f}s "
-            f"({workers} process{'es' if workers > 1 else ''})")
-    if titles_cut:
-        run.log(titles_cut_note(titles_cut, len(data.labels), run.spec))
-    return load_packed(path, len(data.labels))
-
-
-def load_packed(path: Path, n_examples: int) -> dict[str, torch.Tensor]:
-    """The packed tensors of a cache file, memory-mapped; ValueError says, in our words, why it cannot be used."""
-    try:
-        packed = torch.load(path, mmap=True, weights_only=True)
-    except pickle.UnpicklingError:
-        raise ValueError("it holds objects other than tensors") from None
-    except (RuntimeError, EOFError, OSError, KeyError, ValueError):
-        raise ValueError("truncated, or not a file bertcls.py wrote") from None
-    if not is_packed(packed, n_examples):
-        raise ValueError("its contents do not match the dataset")
+        offsets = torch.from_file(str(directory / "offsets.bin"), size=n_examples + 1, dtype=torch.int64)
+        n_tokens = int(offsets[-1])
+        if not (offsets[0] == 0 and bool((offsets[1:] >= offsets[:-1]).all())
+                and (directory / "input_ids.bin").stat().st_size == 4 * n_tokens):
+            raise ValueError("its files do not agree")
+        packed = {"offsets": offsets, "input_ids": torch.from_file(str(directory / "input_ids.bin"), size=n_tokens,
+                                                                   dtype=torch.int32)}
+        if (directory / "token_type_ids.bin").exists():
+            packed["token_type_ids"] = torch.from_file(str(directory / "token_type_ids.bin"), size=n_tokens,
+                                                       dtype=torch.int8)
+    except (OSError, RuntimeError) as e:
+        raise ValueError(f"unreadable ({e})") from None
     return packed
 
 
-def is_packed(obj: Any, n_examples: int) -> bool:
-    """Whether obj has the layout pack() writes, for n_examples examples."""
-    if not (isinstance(obj, dict) and isinstance(obj.get("offsets"), torch.Tensor)
-            and isinstance(obj.get("input_ids"), torch.Tensor)):
-        return False
-    offsets, n_tokens = obj["offsets"], len(obj["input_ids"])
-    types = obj.get("token_type_ids", torch.zeros(n_tokens, dtype=torch.int8))
-    return (offsets.dtype == torch.int64 and obj["input_ids"].dtype == torch.int32 and len(offsets) == n_examples + 1
-            and int(offsets[0]) == 0 and int(offsets[-1]) == n_tokens and bool((offsets[1:] >= offsets[:-1]).all())
-            and isinstance(types, torch.Tensor) and types.dtype == torch.int8 and len(types) == n_tokens)
+def tokenized(split_name: str, split: Split, tokenizer: Any, spec: InputSpec, cache_dir: str, workers: int,
+              log: Callable[[str], None], show: bool = True, fingerprint: str = "") -> dict[str, torch.Tensor]:
+    """A split's tokens from the cache, else tokenized into it (whole or not at all: a temporary directory renamed).
+
+    A cache that cannot be written (a file in its place, a full disk) is a warning, and the run tokenizes into a
+    temporary directory instead; the mapping outlives the directory.
+    """
+    key = hashlib.sha256(json.dumps([CACHE_FORMAT, fingerprint, *spec, split.digest]).encode()).hexdigest()[:32]
+    entry = Path(cache_dir) / key if cache_dir else None
+    if entry is not None and entry.is_dir():
+        try:
+            return load_tokens(entry, len(split.labels))
+        except ValueError as e:
+            log(f"warning: ignoring the tokenization cache {entry}: {e}; tokenizing again")
+    started = time.perf_counter()
+    with Progress(len(split.labels), f"tokenizing {split_name}", enabled=show) as progress:
+        packed = None
+        if entry is not None:
+            tmp = None
+            try:
+                entry.parent.mkdir(parents=True, exist_ok=True)
+                tmp = Path(tempfile.mkdtemp(dir=entry.parent, prefix=f".{key}."))
+                counts = tokenize_split(split, tokenizer, spec, workers, tmp, progress)
+                shutil.rmtree(entry, ignore_errors=True)  # an unusable entry of the same key
+                os.rename(tmp, entry)
+                packed = load_tokens(entry, len(split.labels))
+            except OSError as e:
+                log(f"warning: cannot use the tokenization cache in {cache_dir} ({e.strerror}); tokenizing without it")
+                progress.done = 0
+            finally:
+                if tmp is not None:
+                    shutil.rmtree(tmp, ignore_errors=True)
+        if packed is None:
+            with tempfile.TemporaryDirectory() as tmp:
+                counts = tokenize_split(split, tokenizer, spec, workers, Path(tmp), progress)
+                packed = load_tokens(Path(tmp), len(split.labels))
+    log(f"tokenized {split_name}: {len(split.labels)} examples in {time.perf_counter() - started:.1f}s"
+        + "".join(f"; {note}" for note in cut_notes(counts, len(split.labels), spec)))
+    return packed
 
 
-def write_cache(path: Path, packed: dict[str, torch.Tensor]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        torch.save(packed, tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+def cut_notes(counts: Counter, n: int, spec: InputSpec) -> list[str]:
+    notes = {"chars_cut": f"{counts['chars_cut']} of {n} texts were longer than {2 * CHARS_PER_TOKEN * spec.max_len} "
+                          f"characters and only their first (head_tail: first and last) {CHARS_PER_TOKEN * spec.max_len} "
+                          "were tokenized, far more than the tokens kept",
+             "title_cut": f"{counts['title_cut']} of {n} titles alone are longer than {spec.max_len} tokens: those "
+                          "examples keep the start of the title and none of the body",
+             "empty": f"warning: {counts['empty']} of {n} examples have no text"}
+    return [note for key, note in notes.items() if counts[key]]
 
 
-def example_lengths(packed: dict[str, torch.Tensor]) -> list[int]:
+def lengths_of(packed: dict[str, torch.Tensor]) -> list[int]:
     return (packed["offsets"][1:] - packed["offsets"][:-1]).tolist()
 
 
-# --------------------------------------------------------------------- tokenization worker processes
+# -------------------------------------------------------------------------------------------- token ids -> batches
 
 
-def default_tokenize_workers() -> int:
-    """The CPU cores this process may run on (its affinity: taskset, a batch scheduler), at most MAX_DEFAULT_WORKERS."""
-    if hasattr(os, "process_cpu_count"):  # Python 3.13+
-        cores = os.process_cpu_count()
-    elif hasattr(os, "sched_getaffinity"):
-        cores = len(os.sched_getaffinity(0))
-    else:
-        cores = os.cpu_count()
-    return max(1, min(cores or 1, MAX_DEFAULT_WORKERS))
+def padded_length(longest: int, buckets: Sequence[int] | None = None) -> int:
+    """A multiple of 8 (tensor cores); compiled, the next bucket up (a compiled graph per length)."""
+    return next((b for b in buckets if b >= longest), buckets[-1]) if buckets else -(-longest // 8) * 8
 
 
-class Chunk(NamedTuple):
-    """A task of a tokenization worker: examples [first, last) of a split, bytes [start, end) of its file."""
-    first: int
-    last: int
-    start: int
-    end: int
+def compile_buckets(max_len: int) -> list[int]:
+    """64, 128, 256, then steps of 128 up to max_len: few shapes to compile, little padding."""
+    buckets = [64]
+    while buckets[-1] < max_len:
+        buckets.append(buckets[-1] * 2 if buckets[-1] < 256 else buckets[-1] + 128)
+    return [b for b in buckets if b < max_len] + [max_len]
 
 
-def chunks_of(data: SplitData, workers: int) -> list[Chunk]:
-    """At most TOKENIZE_CHUNK examples each, and several per worker, so that none idles long at the end."""
-    n = len(data.labels)
-    size = max(1, min(TOKENIZE_CHUNK, math.ceil(n / (4 * workers))))
-    return [Chunk(i, min(i + size, n), data.starts[i], data.starts[min(i + size, n)]) for i in range(0, n, size)]
+def cut_batches(order: Sequence[int], lengths: Sequence[int], size: int, max_tokens: int | None,
+                buckets: Sequence[int] | None) -> list[list[int]]:
+    """Consecutive batches of `order` (longest first within a group): `size` examples each, or as many as fit in
+    max_tokens padded tokens (the first example's padded length decides the width)."""
+    if max_tokens is None:
+        return [list(order[i:i + size]) for i in range(0, len(order), size)]
+    batches: list[list[int]] = []
+    for i in order:
+        if batches and (len(batches[-1]) + 1) * width <= max_tokens:
+            batches[-1].append(i)
+        else:
+            batches.append([i])
+            width = padded_length(lengths[i], buckets)
+    return batches
 
 
-class Encoded(NamedTuple):
-    """A chunk's tokens as flat machine integers: cheap to send between processes and to append to a file."""
-    lengths: bytes  # int64 per example
-    input_ids: bytes  # int32 per token
-    token_type_ids: bytes  # int8 per token; empty when the model takes none
-    titles_cut: int  # examples whose title alone did not fit (see encode_one)
+class Inputs(NamedTuple):
+    """A split ready to batch: its token ids (memory-mapped), labels, pad id and compile buckets."""
+    packed: dict[str, torch.Tensor]
+    labels: torch.Tensor
+    pad_id: int
+    buckets: list[int] | None = None
 
-
-def encode_chunk(tokenizer: Any, path: Path, chunk: Chunk, spec: InputSpec) -> Encoded:
-    encoded = encode_rows(tokenizer, read_rows(path, chunk.start, chunk.end), spec)
-    return Encoded(array.array("q", map(len, encoded["input_ids"])).tobytes(),
-                   array.array("i", (t for ids in encoded["input_ids"] for t in ids)).tobytes(),
-                   array.array("b", (t for types in encoded["token_type_ids"] for t in types)).tobytes(),
-                   encoded["titles_cut"])
-
-
-def tokenize_split(tokenizer: Any, data: SplitData, spec: InputSpec, workers: int, path: Path,
-                   progress: Progress, log=print) -> tuple[int, int]:
-    """Tokenize a split into the packed file `path` (written whole or not at all); returns the processes used and
-    the number of titles cut.
-
-    The chunks' tokens go to flat files beside `path` as they arrive, in order, and are saved from there: the
-    tokens of a large dataset are never all in memory. The result is the same, token for token, whatever the
-    number of workers.
-    """
-    chunks = chunks_of(data, workers)
-    workers = min(workers, len(chunks)) if len(data.labels) >= PARALLEL_MIN_EXAMPLES else 1
-    tokenizer_pickle = b""
-    if workers > 1:
-        try:
-            tokenizer_pickle = pickle.dumps(tokenizer)
-        except (pickle.PicklingError, TypeError, AttributeError) as e:
-            log(f"note: this tokenizer cannot be sent to worker processes ({first_line(e)}); tokenizing in one")
-            workers = 1
-    with tempfile.TemporaryDirectory(dir=path.parent, prefix=f".{path.name}.") as tmp:
-        lengths, titles_cut = array.array("q"), 0
-        ids_path, types_path = Path(tmp) / "input_ids.bin", Path(tmp) / "token_type_ids.bin"
-        with open(ids_path, "wb") as ids_file, open(types_path, "wb") as types_file:
-            def append(encoded: Encoded) -> None:
-                nonlocal titles_cut
-                titles_cut += encoded.titles_cut
-                lengths.frombytes(encoded.lengths)
-                ids_file.write(encoded.input_ids)
-                types_file.write(encoded.token_type_ids)
-                progress.update(len(encoded.lengths) // 8)
-
-            if workers == 1:
-                for chunk in chunks:
-                    append(encode_chunk(tokenizer, data.path, chunk, spec))
-            else:
-                tokenize_in_workers(tokenizer_pickle, type(tokenizer).__module__, spec, data.path, chunks, workers,
-                                    append)
-        if file_signature(data.path) != data.signature:
-            raise UserError(f"{data.path} changed while bertcls.py was tokenizing it; run again")
-        offsets = torch.zeros(len(lengths) + 1, dtype=torch.int64)
-        offsets[1:] = torch.cumsum(torch.frombuffer(lengths, dtype=torch.int64), 0)
-        n_tokens = int(offsets[-1])
-        packed = {"offsets": offsets,  # the token files mapped, not read: torch.save copies them page by page
-                  "input_ids": torch.from_file(str(ids_path), shared=False, size=n_tokens, dtype=torch.int32)}
-        if types_path.stat().st_size:
-            packed["token_type_ids"] = torch.from_file(str(types_path), shared=False, size=n_tokens, dtype=torch.int8)
-        write_cache(path, packed)
-    return workers, titles_cut
-
-
-def tokenize_worker(conn: Any, tokenizer_pickle: bytes, spec: InputSpec) -> None:
-    """A worker process: unpickles the parent's tokenizer once (the same object, so the same tokens), then
-    encodes each chunk it is sent until the parent closes the connection."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group; the parent stops us
-    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one core each: no Rust thread pool on top of the workers
-    stage = "loading the tokenizer"
-    try:
-        tokenizer = pickle.loads(tokenizer_pickle)
-        stage = "chunk"
-        while True:
-            path, chunk = conn.recv()
-            conn.send(("done", encode_chunk(tokenizer, path, chunk, spec)))
-    except (EOFError, BrokenPipeError):  # the parent closed the connection: finished or stopping
-        return
-    except Exception as e:  # reported to the parent, which names the chunk
-        with contextlib.suppress(OSError):
-            conn.send(("error", stage, f"{type(e).__name__}: {first_line(e)}", traceback.format_exc()))
-
-
-def worker_context(tokenizer_module: str) -> Any:
-    """The fork server where there is one: a fork of this process would copy torch's and the process group's
-    threads in whatever state they are in, while spawning imports torch and transformers again in every worker.
-    The fork server imports them once, in a process of its own; each worker then starts in a fraction of a second."""
-    if "forkserver" not in multiprocessing.get_all_start_methods():
-        return multiprocessing.get_context("spawn")
-    context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(["torch", tokenizer_module])  # no effect once the server runs: it is imported
-    return context
-
-
-def tokenize_in_workers(tokenizer_pickle: bytes, tokenizer_module: str, spec: InputSpec, path: Path,
-                        chunks: Sequence[Chunk], workers: int, append: Callable[[Encoded], None]) -> None:
-    """Encode chunks in worker processes, passing each result to `append` in chunk order.
-
-    Each worker has two chunks in hand, so it never waits for the parent. A worker that dies (killed, out of
-    memory) or fails ends the run with the chunk it was on; any exit, Ctrl-C included, stops every worker.
-    """
-    processes, conns, finished = [], [], False
-    try:
-        start_workers(worker_context(tokenizer_module), workers, tokenizer_pickle, spec, processes, conns)
-        todo, held = collections.deque(range(len(chunks))), [collections.deque() for _ in range(workers)]
-        results: dict[int, Encoded] = {}
-        connected = set(range(workers))
-
-        def hand_out(worker: int) -> None:
-            if todo:
-                held[worker].append(todo.popleft())
-                try:
-                    conns[worker].send((path.resolve(), chunks[held[worker][-1]]))
-                except OSError:  # it died
-                    raise worker_died(processes[worker], path, chunks, held[worker][0]) from None
-
-        for worker in list(range(workers)) * 2:
-            hand_out(worker)
-        written = 0
-        while written < len(chunks):
-            if not connected:
-                raise RuntimeError("every tokenization worker left before the last chunk")
-            ready = multiprocessing.connection.wait([conns[w] for w in connected] +
-                                                    [processes[w].sentinel for w in connected])
-            for worker in [w for w in connected if conns[w] in ready or processes[w].sentinel in ready]:
-                try:
-                    message = conns[worker].recv()
-                except (EOFError, OSError):  # it died, or it left with nothing in hand
-                    if held[worker]:
-                        raise worker_died(processes[worker], path, chunks, held[worker][0]) from None
-                    connected.discard(worker)
-                    continue
-                if message[0] == "error":
-                    raise worker_failed(message, path, chunks, held[worker][0])
-                results[held[worker].popleft()] = message[1]
-                hand_out(worker)
-            while written in results:
-                append(results.pop(written))
-                written += 1
-        finished = True
-    finally:
-        stop_workers(processes, conns, finished)
-
-
-def start_workers(context: Any, workers: int, tokenizer_pickle: bytes, spec: InputSpec, processes: list,
-                  conns: list) -> None:
-    """Start worker processes, appending each (and the parent's end of its connection) as it starts."""
-    for i in range(workers):
-        conn, child_conn = context.Pipe()
-        process = context.Process(target=tokenize_worker, args=(child_conn, tokenizer_pickle, spec),
-                                  name=f"bertcls-tokenize-{i}", daemon=True)
-        try:
-            process.start()
-        except OSError as e:  # it died at once, e.g. re-importing a main script that has no __main__ guard
-            raise UserError(f"cannot start tokenization worker processes ({e}); a script that runs bertcls must "
-                            "keep its top level under `if __name__ == \"__main__\":`, or pass --tokenize_workers 1"
-                            ) from None
-        child_conn.close()
-        processes.append(process)
-        conns.append(conn)
-
-
-def stop_workers(processes: list, conns: list, finished: bool) -> None:
-    """Finished: each worker sees its connection end and exits; otherwise (an error, Ctrl-C) they are stopped."""
-    for conn in conns:
-        conn.close()
-    for process in processes:
-        if not finished:
-            process.terminate()
-        process.join(timeout=10)
-        if process.is_alive():
-            process.kill()
-            process.join()
-
-
-def chunk_description(path: Path, chunks: Sequence[Chunk], index: int) -> str:
-    chunk = chunks[index]
-    return f"examples {chunk.first + 1}-{chunk.last} of {path} (chunk {index + 1} of {len(chunks)})"
-
-
-def worker_died(process: Any, path: Path, chunks: Sequence[Chunk], index: int) -> UserError:
-    process.join(timeout=10)
-    code = process.exitcode
-    if code is not None and code < 0:
-        how = f"killed by {signal.Signals(-code).name}"
-        if -code == signal.SIGKILL:
-            how += ", as the out-of-memory killer does"
-    else:
-        how = f"exit code {code}"
-    return UserError(f"a tokenization worker died ({how}) while tokenizing {chunk_description(path, chunks, index)}; "
-                     "no cache was written (short of memory? lower --tokenize_workers)")
-
-
-def worker_failed(message: tuple, path: Path, chunks: Sequence[Chunk], index: int) -> UserError:
-    _, stage, error, worker_traceback = message
-    where = chunk_description(path, chunks, index) if stage == "chunk" else stage
-    e = UserError(f"a tokenization worker failed on {where}: {error} (--tokenize_workers 1 --debug shows where)")
-    e.add_note(f"in the worker:\n{worker_traceback}")
-    return e
+    def batch(self, indices: Sequence[int], device: torch.device) -> dict[str, torch.Tensor]:
+        """A padded batch with its labels, on the device, built with a few tensor ops. An unpadded batch has no
+        attention mask: SDPA can then take its flash kernels, and transformers need not read a mask back."""
+        rows = torch.as_tensor(indices)
+        starts = self.packed["offsets"][rows]
+        lengths = self.packed["offsets"][rows + 1] - starts
+        positions = torch.arange(padded_length(int(lengths.max()), self.buckets))
+        mask = positions < lengths[:, None]
+        flat = (starts[:, None] + positions).clamp_(max=max(len(self.packed["input_ids"]) - 1, 0))
+        batch = {"input_ids": torch.where(mask, self.packed["input_ids"][flat].long(), self.pad_id)}
+        if "token_type_ids" in self.packed:
+            batch["token_type_ids"] = self.packed["token_type_ids"][flat].long() * mask
+        if not mask.all():
+            batch["attention_mask"] = mask.long()
+        batch["labels"] = self.labels[rows]
+        if device.type == "cuda":
+            return {k: v.pin_memory().to(device, non_blocking=True) for k, v in batch.items()}
+        return batch

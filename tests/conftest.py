@@ -1,20 +1,20 @@
-"""Shared fixtures: a tiny learnable Japanese corpus and a tiny random BERT that loads offline.
+"""Shared fixtures: a tiny learnable Japanese corpus, and tiny random models of each family that load offline.
 
-No hub is reachable from the test machines, so the model is built here: a random BertConfig of two
-layers, a WordPiece vocab.txt made from the MeCab (unidic-lite) segmentation of the corpus, and a
-BertJapaneseTokenizer config, so the real Japanese tokenization path runs. tiny_modernbert is the same
-for the long-context family (build_tiny_modernbert); tests/test_families.py builds the other families.
+No hub is reachable from the test machines, so models are built here: random configs of each model type with
+tokenizers of the right class, made from the test corpus and laid out like the hub checkpoints.
 """
 
 from __future__ import annotations
 
 import contextlib
+import csv
 import json
 import os
 import random
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -23,14 +23,11 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "scripts")]
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-# A shell without job control starts a background command (`cmd &`) with SIGINT ignored, and the processes
-# the tests start would inherit that: the tests that press Ctrl-C on a run need it delivered. A handler here
-# becomes the default action in a child once it runs a new program.
+# A shell without job control starts a background command with SIGINT ignored, and the processes the tests start
+# would inherit that: the tests that press Ctrl-C on a run need it delivered.
 if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
     signal.signal(signal.SIGINT, signal.default_int_handler)
 
-# The words of scripts/make_tiny.py's corpus: each category has its own, so a classifier can learn it from
-# scratch in a few epochs. The test corpus below is smaller (one shared word per sentence, short ids).
 from make_tiny import CATEGORY_WORDS, COMMON_WORDS, SPECIAL_TOKENS  # noqa: E402
 
 
@@ -48,9 +45,9 @@ def make_rows(n_per_label: int, seed: int = 0) -> list[dict]:
     return rows
 
 
-def write_dataset(directory: Path, splits: dict[str, list[dict]]) -> Path:
+def write_dataset(directory: Path, splits: dict[str, list[dict]], label2id: dict | None = None) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
-    label2id = {c: i for i, c in enumerate(sorted(CATEGORY_WORDS))}
+    label2id = label2id or {c: i for i, c in enumerate(sorted(CATEGORY_WORDS))}
     (directory / "label2id.json").write_text(json.dumps(label2id), encoding="utf-8")
     for split, rows in splits.items():
         (directory / f"{split}.jsonl").write_text(
@@ -66,9 +63,9 @@ def mecab_words(texts: list[str]) -> list[str]:
 
 
 def build_tiny_bert(directory: Path, texts: list[str], layers: int = 2, hidden: int = 64) -> Path:
+    """A cl-tohoku-v3-style model: BertJapaneseTokenizer (MeCab + unidic-lite + WordPiece) and a random BERT."""
     import torch
     from transformers import BertConfig, BertModel
-
     directory.mkdir(parents=True, exist_ok=True)
     words = mecab_words(texts)
     chars = sorted({c for t in texts for c in t if not c.isspace()} - set(words))
@@ -92,21 +89,24 @@ def tiny_rows() -> dict[str, list[dict]]:
 
 
 @pytest.fixture(scope="session")
+def corpus_texts(tiny_rows) -> list[str]:
+    return [r[f] for rows in tiny_rows.values() for r in rows for f in ("title", "body")]
+
+
+@pytest.fixture(scope="session")
 def tiny_dataset(tmp_path_factory, tiny_rows) -> Path:
     return write_dataset(tmp_path_factory.mktemp("data") / "tiny", tiny_rows)
 
 
 @pytest.fixture(scope="session")
-def tiny_bert(tmp_path_factory, tiny_rows) -> Path:
-    texts = [r[f] for rows in tiny_rows.values() for r in rows for f in ("title", "body")]
-    return build_tiny_bert(tmp_path_factory.mktemp("models") / "tiny-bert", texts)
+def tiny_bert(tmp_path_factory, corpus_texts) -> Path:
+    return build_tiny_bert(tmp_path_factory.mktemp("models") / "tiny-bert", corpus_texts)
 
 
 @pytest.fixture(scope="session")
-def tiny_modernbert(tmp_path_factory, tiny_rows) -> Path:
+def tiny_modernbert(tmp_path_factory, corpus_texts) -> Path:
     """An sbintuitions/modernbert-ja-style model (see build_tiny_modernbert)."""
-    texts = [r[f] for rows in tiny_rows.values() for r in rows for f in ("title", "body")]
-    return build_tiny_modernbert(tmp_path_factory.mktemp("models") / "tiny-modernbert", texts)
+    return build_tiny_modernbert(tmp_path_factory.mktemp("models") / "tiny-modernbert", corpus_texts)
 
 
 def train_args(model: Path, dataset: Path, output_dir: Path, *extra: str) -> list[str]:
@@ -120,59 +120,34 @@ def finished_runs(output_dir: Path) -> list[Path]:
     return sorted(p.parent for p in output_dir.rglob("test-metrics.json"))
 
 
-# ------------------------------------------------------------ hand-made run directories, for sweep.py and compare.py
-
-
-def metrics(loss: float, accuracy: float, precision: float, recall: float, f1: float) -> dict:
-    return {"loss": loss, "accuracy": accuracy, "precision": precision, "recall": recall, "f1": f1}
-
-
-def write_predictions(run_dir: Path, gold: list[str], predicted: list[str], labels=("x", "y"),
-                      ids: list[str] | None = None) -> None:
-    ids = ids or [f"e{i}" for i in range(len(gold))]
-    lines = [{"id": i, "gold": g, "predicted": p, "probabilities": {label: float(label == p) for label in labels}}
-             for i, g, p in zip(ids, gold, predicted)]
-    (run_dir / "test-predictions.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
-
-
-def right_then_wrong(n_right: int, n: int = 50) -> tuple[list[str], list[str]]:
-    """Gold labels x, y, x, y, ... and predictions right on the first n_right examples only."""
-    gold = ["x", "y"] * (n // 2)
-    return gold, [g if i < n_right else {"x": "y", "y": "x"}[g] for i, g in enumerate(gold)]
-
-
-def write_run(out: Path, model: str, lr: float, seed: int, time_of_day: str, val_f1: float, test: dict,
-              params: int, train_seconds: float = 100.0, args: dict | None = None, digest: str | None = "data-1",
-              fold: dict | None = None, predictions: tuple[list[str], list[str]] | None = None) -> Path:
-    """A finished run as bertcls.py leaves it; its test predictions are right on test["accuracy"] of 50 examples
-    unless given."""
-    run_dir = out / model.replace("/", "__") / "2024-05-01" / time_of_day
-    run_dir.mkdir(parents=True)
-    args = {"model_name": model, "lr": lr, "seed": seed, "epochs": 3, "output_dir": str(out), **(args or {})}
-    (run_dir / "config.json").write_text(json.dumps({"args": args, "params": params, "dataset_digest": digest,
-                                                     "fold": fold}))
-    (run_dir / "val-metrics.json").write_text(json.dumps({"best_epoch": 2, "train_seconds": train_seconds,
-                                                          "f1": val_f1}))
-    write_predictions(run_dir, *(predictions or right_then_wrong(round(test["accuracy"] * 50))))
-    (run_dir / "test-metrics.json").write_text(json.dumps(test))
-    return run_dir
-
-
 def only_run(output_dir: Path) -> Path:
     """The one run directory (finished or not) under output_dir."""
-    (run_dir,) = {p.parent for p in output_dir.rglob("config.json")}
+    (run_dir,) = {p.parent for p in output_dir.rglob("config.json") if "model" not in p.parent.name}
     return run_dir
 
 
 def results(run_dir: Path) -> dict:
     """What a resumed run must reproduce exactly: its result files, without the timings."""
-    import csv
     val = json.loads((run_dir / "val-metrics.json").read_text(encoding="utf-8"))
     assert val.pop("train_seconds") > 0
     log = [{k: v for k, v in row.items() if k not in ("seconds", "examples_per_s")}
            for row in csv.DictReader((run_dir / "log.csv").open(encoding="utf-8"))]
     return {"val": val, "log": log, "test": (run_dir / "test-metrics.json").read_bytes(),
             "predictions": (run_dir / "test-predictions.jsonl").read_bytes()}
+
+
+def run_script(script: str, *args: str, env: dict | None = None, timeout: float = 300,
+               **kwargs) -> subprocess.CompletedProcess:
+    """A script of the repository as a user runs it: its own process, output captured."""
+    return subprocess.run([sys.executable, str(REPO / script), *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}, **kwargs)
+
+
+def torchrun(n: int, *args: str, env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+    """bertcls.py under torchrun with n CPU processes (gloo)."""
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(n),
+                           str(REPO / "bertcls.py"), *map(str, args)], capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
 
 
 def read_only_mount_prefix(directory: Path) -> list[str] | None:
@@ -188,34 +163,24 @@ def read_only_mount_prefix(directory: Path) -> list[str] | None:
     return None
 
 
-def run_on_read_only(directory: Path, command: list[str]) -> subprocess.CompletedProcess:
-    """command, run with directory (made if need be) on a read-only mount; skips the test where none can be made."""
-    directory.mkdir(parents=True, exist_ok=True)
-    prefix = read_only_mount_prefix(directory)
-    if prefix is None:
-        pytest.skip("cannot mount a read-only file system here (needs unshare --mount: root or user namespaces)")
-    return subprocess.run([*prefix, *command], capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
-
-
-# bertcls.py, except that at the STOP_BATCH-th training batch of epoch STOP_EPOCH each process writes its
-# pid to <STOP_MARKER>.<rank> and waits: the test then kills it there, in the middle of an epoch.
+# bertcls.py, except that at training batch STOP_BATCH of epoch STOP_EPOCH each process writes its pid to
+# <STOP_MARKER>.<rank> and waits: the test then kills it there, in the middle of an epoch.
 STOPPING_BERTCLS = """\
 import os, sys, time
-import bertcls
+import bertcls, data
 
 stop_epoch, stop_batch, marker = int(os.environ["STOP_EPOCH"]), int(os.environ["STOP_BATCH"]), os.environ["STOP_MARKER"]
 where = {"epoch": 0, "batches": 0}
-original_train_epoch, original_collate = bertcls.train_epoch, bertcls.collate
+original_train_epoch, original_batch = bertcls.train_epoch, data.Inputs.batch
 
 def train_epoch(*args, **kwargs):
-    where.update(epoch=kwargs["epoch"], batches=0)
+    where.update(epoch=int(args[-1].desc.split()[1].split("/")[0]), batches=0)
     try:
         return original_train_epoch(*args, **kwargs)
     finally:
         where["epoch"] = 0
 
-def collate(*args, **kwargs):
+def batch(self, *args, **kwargs):
     if where["epoch"] == stop_epoch:
         where["batches"] += 1
         if where["batches"] == stop_batch:
@@ -224,21 +189,27 @@ def collate(*args, **kwargs):
                 f.write(str(os.getpid()))
             os.replace(path + ".tmp", path)  # whole: the test reads the pid as soon as the file exists
             time.sleep(600)
-    return original_collate(*args, **kwargs)
+    return original_batch(self, *args, **kwargs)
 
-bertcls.train_epoch, bertcls.collate = train_epoch, collate
+bertcls.train_epoch, data.Inputs.batch = train_epoch, batch
 sys.exit(bertcls.main())
 """
 
 
-def stopping_env(marker: Path, epoch: int, batch: int) -> dict[str, str]:
-    return {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO),
-            "STOP_MARKER": str(marker), "STOP_EPOCH": str(epoch), "STOP_BATCH": str(batch)}
-
-
-def kill_when_stopped(process, marker: Path, processes: int = 1, timeout: float = 180) -> None:
-    """SIGKILL the `processes` bertcls.py processes of STOPPING_BERTCLS once all wait at their marker."""
-    import time
+def stopping_run(tmp_path: Path, args: list[str], epoch: int, batch: int, processes: int = 1,
+                 timeout: float = 180) -> None:
+    """Run bertcls.py (under torchrun when processes > 1) and SIGKILL every process at training batch `batch` of
+    epoch `epoch`."""
+    script, marker = tmp_path / "stopping_bertcls.py", tmp_path / "stop-marker"
+    script.write_text(STOPPING_BERTCLS)
+    # as many threads as the test process (whose runs it is compared with) or as torchrun's processes: the number of
+    # threads changes the order of floating-point sums
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO), "STOP_MARKER": str(marker),
+           "STOP_EPOCH": str(epoch), "STOP_BATCH": str(batch), **({"OMP_NUM_THREADS": "1"} if processes > 1 else {})}
+    launcher = [sys.executable] if processes == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                                       "--nproc_per_node", str(processes)]
+    process = subprocess.Popen([*launcher, str(script), *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               text=True, env=env)
     deadline = time.monotonic() + timeout
     markers = [marker.with_name(f"{marker.name}.{rank}") for rank in range(processes)]
     while not all(m.exists() for m in markers):

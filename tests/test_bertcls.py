@@ -1,693 +1,321 @@
-"""bertcls.py: pure functions against hand-computed values, end-to-end runs on a tiny model, bad input."""
+"""bertcls.py end to end on a tiny corpus: it learns, writes its files, resumes exactly, and every way a user can
+get it wrong ends in one line."""
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import errno
 import json
 import math
-import os
-import re
+import random
 import shutil
-import signal
-import subprocess
-import sys
-import time
-import xml.etree.ElementTree as ET
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
 
 import bertcls
-import checkpoints
 import common
 import data
-import families
-from conftest import REPO, finished_runs, run_on_read_only, train_args
+from conftest import (finished_runs, make_rows, only_run, results, stopping_run, torchrun, train_args,
+                      write_dataset)
 
-# ------------------------------------------------------------------------------------ pure functions
-
-
-def test_macro_prf_counts_absent_classes_as_zero():
-    # gold 0 0 1 1, predicted 0 1 1 1; class 2 appears in neither
-    matrix = bertcls.confusion_matrix([0, 0, 1, 1], [0, 1, 1, 1], 3)
-    assert matrix == [[1, 1, 0], [0, 2, 0], [0, 0, 0]]
-    per_class = bertcls.per_class_prf(matrix)
-    assert per_class[0] == pytest.approx({"precision": 1.0, "recall": 0.5, "f1": 2 / 3, "support": 2})
-    assert per_class[1] == pytest.approx({"precision": 2 / 3, "recall": 1.0, "f1": 0.8, "support": 2})
-    assert per_class[2] == {"precision": 0.0, "recall": 0.0, "f1": 0.0, "support": 0}
-    macro = bertcls.macro_prf(matrix)
-    assert macro["precision"] == pytest.approx((1 + 2 / 3) / 3)
-    assert macro["recall"] == pytest.approx(1.5 / 3)
-    assert macro["f1"] == pytest.approx((2 / 3 + 0.8) / 3)
+RESULT_FILES = {"config.json", "log.csv", "val-metrics.json", "test-metrics.json", "test-predictions.jsonl",
+                "learning-curve.svg", ".lock"}
 
 
-def test_classification_metrics_true_mean_loss_and_names():
-    metrics = bertcls.classification_metrics([0, 1, 1], [0, 1, 0], loss_sum=3.0, id2label={0: "a", 1: "b"})
-    assert metrics["loss"] == 1.0
-    assert metrics["accuracy"] == pytest.approx(2 / 3)
-    assert metrics["confusion_matrix"] == {"labels": ["a", "b"], "matrix": [[1, 0], [1, 1]]}
-    assert metrics["per_class"]["b"]["support"] == 2
-
-
-def test_get_lr_warmup_and_decay_boundaries():
-    lrs = [bertcls.get_lr(s, total_steps=10, warmup_steps=4, max_lr=1.0) for s in range(11)]
-    assert lrs[:4] == pytest.approx([0.25, 0.5, 0.75, 1.0])  # reaches the peak on the last warmup step
-    assert lrs[4:] == pytest.approx([1.0, 5 / 6, 4 / 6, 3 / 6, 2 / 6, 1 / 6, 0.0])
-    assert bertcls.get_lr(0, total_steps=10, warmup_steps=0, max_lr=2.0) == 2.0
-    # warmup longer than training (e.g. --num_warmup_epochs 2 --epochs 1): still rising, never negative
-    assert bertcls.get_lr(9, total_steps=10, warmup_steps=20, max_lr=1.0) == pytest.approx(0.5)
-
-
-def test_weight_decay_groups_on_real_bert_parameter_names():
-    from transformers import BertConfig, BertForSequenceClassification
-    config = BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-                        intermediate_size=32, num_labels=3)
-    model = BertForSequenceClassification(config)
-    decay, no_decay = bertcls.param_groups(model, 0.01)
-    names = {id(p): n for n, p in model.named_parameters()}
-    decayed = {names[id(p)] for p in decay["params"]}
-    not_decayed = {names[id(p)] for p in no_decay["params"]}
-    assert decay["weight_decay"] == 0.01 and no_decay["weight_decay"] == 0.0
-    assert "bert.embeddings.LayerNorm.weight" in not_decayed
-    assert "bert.encoder.layer.0.attention.output.LayerNorm.weight" in not_decayed
-    assert "bert.encoder.layer.0.attention.self.query.bias" in not_decayed
-    assert "classifier.bias" in not_decayed
-    assert "bert.encoder.layer.0.attention.self.query.weight" in decayed
-    assert "bert.embeddings.word_embeddings.weight" in decayed
-    assert "classifier.weight" in decayed
-    assert all(n.endswith("bias") or "LayerNorm" in n for n in not_decayed)
-    assert len(decayed) + len(not_decayed) == len(names)
-
-
-def test_pair_truncation_keeps_the_title(tiny_bert):
-    tokenizer = families.load_tokenizer(str(tiny_bert))
-    title, body = "野球の試合", "選手、監督、サッカー、得点が発表された。" * 20
-    title_ids = tokenizer(title, add_special_tokens=False)["input_ids"]
-    enc = data.encode_one(tokenizer, title, body, data.InputSpec(max_len=24, token_type_ids=True))
-    assert len(enc["input_ids"]) == 24
-    assert enc["input_ids"][1:1 + len(title_ids)] == title_ids  # [CLS] title [SEP] body... [SEP]
-    assert enc["token_type_ids"][:len(title_ids) + 2] == [0] * (len(title_ids) + 2)
-    assert enc["token_type_ids"][-1] == 1
-    # a title longer than the budget alone still fits, by truncating both
-    long = data.encode_one(tokenizer, title * 20, body, data.InputSpec(max_len=24, token_type_ids=False))
-    assert len(long["input_ids"]) == 24
-
-
-def test_label_names_are_mapped_and_text_field_used(tmp_path):
-    rows = [{"text": "映画の公開", "label": "movie"}, {"title": "野球", "body": "試合", "label": 2}]
-    (tmp_path / "train.jsonl").write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in rows) + "\n",
-                                          encoding="utf-8")
-    loaded = data.load_split(tmp_path, "train", {"movie": 0, "sports": 1, "tech": 2})
-    assert [r["label"] for r in loaded] == [0, 2]
-    assert data.example_text(loaded[0]) == ("映画の公開", None)
-    assert data.example_text(loaded[1]) == ("野球", "試合")
-
-
-def test_fold_record_is_read_from_fold_json(tmp_path):
-    assert data.load_fold(tmp_path) is None  # a plain split
-    (tmp_path / "fold.json").write_text(json.dumps({"fold": 2, "folds": 5, "seed": 42, "set": "abc"}))
-    assert data.load_fold(tmp_path) == {"fold": 2, "folds": 5, "set": "abc"}
-    (tmp_path / "fold.json").write_text(json.dumps({"fold": "2", "folds": 5, "set": "abc"}))
-    with pytest.raises(common.UserError, match="fold.json: expected an object with integers 'fold', 'folds'"):
-        data.load_fold(tmp_path)
-
-
-def test_collate_pads_to_multiple_of_eight_and_masks():
-    packed = data.pack({"input_ids": [[5, 6, 7], [5] * 10], "token_type_ids": [[0, 0, 1], [0] * 10]})
-    batch = bertcls.collate(packed, [1, 0], torch.tensor([4, 2]), pad_id=0)
-    assert batch["input_ids"].shape == (2, 16)
-    assert batch["attention_mask"].sum(1).tolist() == [10, 3]
-    assert batch["input_ids"][1, :4].tolist() == [5, 6, 7, 0]
-    assert batch["token_type_ids"][1, :3].tolist() == [0, 0, 1]
-    assert batch["labels"].tolist() == [2, 4]
-
-
-def test_schedule_warning_gives_the_peak_lr_reached():
-    args = bertcls.parse_args(["--epochs", "1", "--lr", "3e-5"])  # the default 2 warmup epochs
-    # 3 batches an epoch: 3 optimizer steps, warmup round(3 x 2) = 6, so the lr stops at 3/6 of --lr
-    warning = bertcls.schedule_warning(3, 6, 3, args)
-    assert warning == ("warning: the warmup (6 optimizer steps, --num_warmup_epochs 2) is longer than the run "
-                       "(3 steps, --epochs 1), so the learning rate peaks at 1.5e-05, 50% of --lr 3e-05 (lower "
-                       "--num_warmup_epochs, e.g. to 0.1)")
-    assert bertcls.schedule_warning(9, 3, 3, bertcls.parse_args(["--epochs", "3", "--num_warmup_epochs", "1"])) is None
-    assert bertcls.schedule_warning(3, 3, 3, args) is None  # the peak is reached, on the last step
-    # 8 micro-batches asked, 3 there: one step of 3 per epoch; with 0.5 warmup epochs the peak is still reached
-    accumulating = bertcls.parse_args(["--grad_accum_steps", "8", "--epochs", "4", "--num_warmup_epochs", "0.5"])
-    assert bertcls.schedule_warning(4, 0, 3, accumulating) == (
-        "warning: --grad_accum_steps 8 is more than the 3 batches of an epoch, so each optimizer step accumulates "
-        "only 3 (use at most 3)")
-    # both at once: 1 step per epoch x 1 epoch, warmup 1 x 2 = 2 steps
-    both = bertcls.schedule_warning(1, 2, 3, bertcls.parse_args(["--grad_accum_steps", "8", "--epochs", "1"]))
-    assert "--grad_accum_steps 8" in both and "peaks at 1.5e-05, 50% of --lr" in both
-
-
-def test_check_labels_refuses_one_label_and_names_labels_train_never_shows():
-    id2label = {0: "movie", 1: "sports", 2: "tech"}
-    labels = {"train": [0, 0], "val": [1], "test": [0]}
-
-    def check() -> str | None:
-        return data.check_labels({s: torch.tensor(v) for s, v in labels.items()}, id2label, Path("d"))
-
-    with pytest.raises(common.UserError, match=r"train.jsonl: every example has the label 'movie': a classifier "
-                                               r"needs examples of at least 2 labels"):
-        check()
-    labels["train"].append(1)
-    assert check() is None
-    labels["val"] += [2, 2]
-    labels["test"].append(2)
-    assert check() == \
-        "warning: labels that train never shows, so the model cannot learn them: 'tech' (2 in val, 1 in test)"
-
-
-@pytest.mark.parametrize("pair, special", [(False, 2), (True, 3)])
-def test_check_room_for_text_counts_the_special_tokens(tiny_bert, pair, special):
-    tokenizer = families.load_tokenizer(str(tiny_bert))
-    with pytest.raises(common.UserError, match=f"a length of {special} tokens leaves no room for text: the tokenizer "
-                                               f"adds {special} special tokens"):
-        data.check_room_for_text(special, tokenizer, pair)
-    data.check_room_for_text(special + 1, tokenizer, pair)
-
-
-def test_nonfinite_advice_suggests_only_other_settings():
-    assert bertcls.nonfinite_advice(torch.float32, 1.0) == "lower --lr, or check the data"
-    assert bertcls.nonfinite_advice(torch.float32, 0.0) == \
-        "lower --lr, clip gradients (--max_grad_norm 1), or check the data"
-    assert "--dtype fp32" in bertcls.nonfinite_advice(torch.bfloat16, 1.0)
-    assert "--dtype bf16 (where supported) or fp32" in bertcls.nonfinite_advice(torch.float16, 1.0)
-
-
-@pytest.mark.parametrize("content, message", [
-    ('{"movie": "0", "sports": 1}', "the id of 'movie' is \"0\", not an integer"),
-    ('{"movie": 0, "sports": null}', "the id of 'sports' is null, not an integer"),
-    ('{"movie": 0, "sports": true}', "the id of 'sports' is true, not an integer"),
-    (b'{"movie": 0, "sp\xffrts": 1}', "label2id.json:1: not UTF-8 (byte 0xff)"),
-])
-def test_label2id_with_bad_ids_or_bytes_is_one_line(tmp_path, content, message):
-    path = tmp_path / "label2id.json"
-    path.write_bytes(content if isinstance(content, bytes) else content.encode("utf-8"))
-    with pytest.raises(common.UserError, match=re.escape(message)):
-        data.load_label2id(tmp_path)
-
-
-def test_label2id_with_a_bom_is_read_like_the_jsonl_files(tmp_path):
-    (tmp_path / "label2id.json").write_bytes(b"\xef\xbb\xbf" + json.dumps({"a": 0, "b": 1}).encode())
-    assert data.load_label2id(tmp_path) == {"a": 0, "b": 1}
-
-
-def svg_series(root: ET.Element) -> dict[str, list[tuple[float, float]]]:
-    ns = "{http://www.w3.org/2000/svg}"
-    return {g.get("data-name"): [(float(c.get("cx")), float(c.get("cy"))) for c in g.iter(f"{ns}circle")]
-            for g in root.iter(f"{ns}g") if g.get("class") == "series"}
-
-
-@pytest.mark.parametrize("n_epochs", [1, 2, 20])
-def test_learning_curve_draws_every_epoch_with_ticks_and_a_legend_clear_of_the_data(n_epochs):
-    rows = [{"epoch": e, "train_loss": 1.2 / e, "val_loss": 1.0 / e + 0.1, "val_f1": 1 - 0.5 / e}
-            for e in range(1, n_epochs + 1)]
-    root = ET.fromstring(bertcls.learning_curve_svg(rows))
-    ns = "{http://www.w3.org/2000/svg}"
-    groups = {g.get("class"): g for g in root.iter(f"{ns}g") if g.get("class") != "series"}
-    [box] = [r for r in root.iter(f"{ns}rect") if r.get("class") == "plot-area"]
-    left, top = float(box.get("x")), float(box.get("y"))
-    right, bottom = left + float(box.get("width")), top + float(box.get("height"))
-    series = svg_series(root)
-    assert set(series) == {"val F1", "train loss", "val loss"}
-    for name, points in series.items():  # a marker per epoch, so one epoch is still drawn; all inside the box
-        assert len(points) == n_epochs, name
-        assert all(left <= x <= right and top <= y <= bottom for x, y in points), name
-    assert [x for x, _ in series["val F1"]] == sorted({x for x, _ in series["val F1"]})  # one x per epoch
-    # the highest loss (train loss of epoch 1, 1.2) sits below the top of the loss axis, at 1.2 / 1.25 of it
-    assert series["train loss"][0][1] == pytest.approx(bottom - 1.2 / 1.25 * (bottom - top), abs=0.1)
-    assert [t.text for t in groups["ticks-left"].iter(f"{ns}text")] == ["0", "0.2", "0.4", "0.6", "0.8", "1"]
-    assert [t.text for t in groups["ticks-right"].iter(f"{ns}text")] == ["0", "0.25", "0.5", "0.75", "1", "1.25"]
-    x_ticks = [int(t.text) for t in groups["ticks-x"].iter(f"{ns}text")]
-    assert x_ticks[0] == 1 and 1 <= len(x_ticks) <= 10
-    legend_ys = [float(e.get(k)) for e in groups["legend"] for k in ("y", "cy", "y1") if e.get(k) is not None]
-    assert len(legend_ys) == 9 and max(legend_ys) < top  # above the plot area: no line runs through it
-
-
-def test_an_unpadded_batch_has_no_attention_mask():
-    packed = data.pack({"input_ids": [[5, 6, 7, 8, 9, 10, 11, 12], [5] * 8, [5] * 3],
-                           "token_type_ids": [[0, 0, 0, 1, 1, 1, 1, 1], [0] * 8, [0] * 3]})
-    batch = bertcls.collate(packed, [1, 0], None, pad_id=0)
-    assert "attention_mask" not in batch  # SDPA may then take its flash kernel
-    assert batch["input_ids"].tolist() == [[5] * 8, [5, 6, 7, 8, 9, 10, 11, 12]]
-    assert batch["token_type_ids"].tolist() == [[0] * 8, [0, 0, 0, 1, 1, 1, 1, 1]]
-    assert "attention_mask" in bertcls.collate(packed, [0, 2], None, pad_id=0)
-    assert "attention_mask" not in bertcls.collate(packed, [2], None, pad_id=0, buckets=[3, 8])  # exactly a bucket
-
-
-# -------------------------------------------------------------------------------------- end to end
-
-
-def read_run(run_dir: Path) -> dict:
-    return {
-        "config": json.loads((run_dir / "config.json").read_text(encoding="utf-8")),
-        "val": json.loads((run_dir / "val-metrics.json").read_text(encoding="utf-8")),
-        "test": json.loads((run_dir / "test-metrics.json").read_text(encoding="utf-8")),
-        "log": list(csv.DictReader((run_dir / "log.csv").open(encoding="utf-8"))),
-        "predictions": [json.loads(line) for line in (run_dir / "test-predictions.jsonl").open(encoding="utf-8")],
-    }
+def run(args: list[str], capsys) -> tuple[int, str]:
+    code = bertcls.main(args)
+    return code, capsys.readouterr().err
 
 
 @pytest.fixture(scope="module")
-def two_runs(tiny_bert, tiny_dataset, tmp_path_factory):
-    output_dir = tmp_path_factory.mktemp("outputs")
-    for _ in range(2):
-        assert bertcls.main(train_args(tiny_bert, tiny_dataset, output_dir)) == 0
-    runs = finished_runs(output_dir)
-    assert len(runs) == 2
-    return [read_run(r) for r in runs], runs
-
-
-def test_training_learns_and_writes_every_output(two_runs, tiny_rows, tiny_bert):
-    (run, _), (run_dir, _) = two_runs
-    assert run["val"]["f1"] > 0.8 and run["test"]["f1"] > 0.8  # 3 balanced classes: chance is ~0.33
-    best_row = max(run["log"], key=lambda r: float(r["val_f1"]))
-    assert int(best_row["epoch"]) == run["val"]["best_epoch"]
-    assert float(best_row["val_f1"]) == pytest.approx(run["val"]["f1"], abs=1e-9)  # the best weights were used
-    assert [int(r["epoch"]) for r in run["log"]] == list(range(1, 7))
-    assert set(run["test"]) >= {"loss", "accuracy", "precision", "recall", "f1", "per_class", "confusion_matrix"}
-    assert sum(map(sum, run["test"]["confusion_matrix"]["matrix"])) == len(tiny_rows["test"])
-    assert [p["id"] for p in run["predictions"]] == [r["id"] for r in tiny_rows["test"]]
-    accuracy = sum(p["gold"] == p["predicted"] for p in run["predictions"]) / len(run["predictions"])
-    assert accuracy == pytest.approx(run["test"]["accuracy"])
-    config = run["config"]
-    auto_dtype = common.dtype_name(common.resolve_dtype("auto", torch.device("cpu")))  # bf16 on CPUs with bf16 units
-    assert config["args"]["lr"] == 3e-3 and config["device"] == "cpu" and config["dtype"] == auto_dtype
-    assert config["params"] > config["params_non_embedding"] > 0
-    assert config["total_optimizer_steps"] == 6 * math.ceil(80 / 8)
-    assert len(config["dataset_digest"]) == 64
-    ET.parse(run_dir / "learning-curve.svg")  # well-formed XML
-    model_part, date_part, time_part = run_dir.parts[-3:]
-    assert model_part == str(tiny_bert).strip("/").replace("/", "__")
-    assert re.fullmatch(r"\d{4}-\d{2}-\d{2}", date_part) and re.fullmatch(r"\d{2}-\d{2}-\d{2}\.\d{6}", time_part)
-
-
-def test_each_rank_draws_its_own_dropout_masks(tiny_bert, tiny_dataset, tmp_path):
-    """Rank 0 (and a single process) keeps the random stream of the seed; other ranks get their own."""
-    args = bertcls.parse_args(train_args(tiny_bert, tiny_dataset, tmp_path))
-    quiet = lambda message: None  # noqa: E731
-    rank0 = bertcls.Run(args, log=quiet)
-    after_rank0 = torch.get_rng_state()
-    torch.manual_seed(args.seed)  # what a single process did before ranks had their own streams
-    families.load_model(args.model_name, rank0.label2id)
-    assert torch.equal(torch.get_rng_state(), after_rank0)
-    rank1 = bertcls.Run(args, log=quiet, rank=1)
-    assert not torch.equal(torch.get_rng_state(), after_rank0)
-    # the data order does not depend on the rank: each takes its turns in the one global order
-    shards = [bertcls.train_batches(SimpleNamespace(args=args, packed=rank1.packed, rank=r, world_size=2, buckets=None),
-                                    1) for r in (0, 1)]
-    assert [b for pair in zip(*shards) for b in pair] == bertcls.train_batches(rank0, 1)  # 10 batches of 8
-
-
-def test_same_seed_gives_identical_results(two_runs):
-    (first, second), _ = two_runs
-    assert first["test"] == second["test"]
-    assert first["val"]["f1"] == second["val"]["f1"]
-    assert first["predictions"] == second["predictions"]
-
-
-def test_patience_stops_early_on_the_schedule_planned_for_all_epochs(two_runs, tiny_bert, tiny_dataset, tmp_path):
-    (full, _), _ = two_runs
-    f1 = [float(r["val_f1"]) for r in full["log"]]
-    stop = next(e for e in range(2, len(f1) + 1) if f1[e - 1] <= max(f1[:e - 1]))  # first epoch without progress
-    best = f1.index(max(f1[:stop])) + 1
-    assert stop < len(f1), "the full run improved every epoch: patience 1 would not stop it"
-    assert bertcls.main(train_args(tiny_bert, tiny_dataset, tmp_path, "--patience", "1")) == 0
-    (run_dir,) = finished_runs(tmp_path)
-    run = read_run(run_dir)
-
-    def metrics(row: dict) -> dict:
-        return {k: v for k, v in row.items() if k not in ("seconds", "examples_per_s", "stop_reason")}
-
-    # the same epochs as the full run, learning rates included: the schedule is the one planned for 6 epochs
-    assert [metrics(r) for r in run["log"]] == [metrics(r) for r in full["log"][:stop]]
-    reason = f"early stop: no better val F1 in the 1 epoch(s) after epoch {best} (--patience 1)"
-    assert [r["stop_reason"] for r in run["log"]] == [""] * (stop - 1) + [reason]
-    assert run["config"]["training_end"] == {"epochs_trained": stop, "reason": reason}
-    assert full["config"]["training_end"] == {"epochs_trained": 6, "reason": "--epochs 6 done"}
-    assert run["val"]["best_epoch"] == best and run["val"]["f1"] == f1[best - 1]
-
-
-def test_progress_off_a_terminal_is_a_line_every_log_interval(tiny_bert, tiny_dataset, tmp_path, capsys):
-    """stderr is no terminal here, as under nohup, in CI and in a sweep's run logs: a plain line every --log_interval
-    optimizer steps with the step, examples/s, the epoch's mean loss so far, the learning rate and the time left."""
-    assert bertcls.main(train_args(tiny_bert, tiny_dataset, tmp_path, "--epochs", "2", "--log_interval", "3")) == 0
-    err = capsys.readouterr().err
-    line = re.compile(r"epoch (\d)/2: (\d+)/80 examples \((\d+)%\), (\d+) examples/s, (\S+) left, step (\d+)/20, "
-                      r"loss (\S+), lr (\S+)$")
-    found = [m for text in err.splitlines() if (m := line.match(text))]
-    # 80 examples in 10 batches of 8 a epoch, 20 optimizer steps in all: every 3rd step, across the epochs
-    assert [int(m[6]) for m in found] == [3, 6, 9, 12, 15, 18]
-    for m in found:
-        step = int(m[6])
-        epoch, steps_in_epoch = (step - 1) // 10 + 1, (step - 1) % 10 + 1
-        assert (int(m[1]), int(m[2]), int(m[3])) == (epoch, 8 * steps_in_epoch, 10 * steps_in_epoch)
-        assert int(m[4]) > 0 and re.fullmatch(r"(\d+m)?\d+s", m[5]) and 0 < float(m[7]) < 10
-        # the rate of the step just taken (0-based step - 1): 0.5 warmup epochs = 5 steps up to --lr 3e-3
-        assert float(m[8]) == pytest.approx(bertcls.get_lr(step - 1, 20, 5, 3e-3), rel=1e-2)
-    assert "\r" not in err[err.index("examples: train 80"):]  # no bar from the start of training on
-
-
-def test_progress_on_a_terminal_is_a_bar(tiny_bert, tiny_dataset, tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
-    assert bertcls.main(train_args(tiny_bert, tiny_dataset, tmp_path, "--epochs", "1", "--log_interval", "3")) == 0
-    err = capsys.readouterr().err
-    assert "\r" in err and "step=3/10" in err and "loss=" in err  # the figures in the bar
-    assert not re.search(r"^epoch 1/1: .* step 3/10", err, flags=re.M)  # and no plain line
-
-
-def test_second_run_reuses_the_tokenization_cache(tiny_bert, tiny_dataset, tmp_path, monkeypatch, capsys):
-    args = train_args(tiny_bert, tiny_dataset, tmp_path, "--epochs", "1")
-    assert bertcls.main(args) == 0
-    assert "tokenized" in capsys.readouterr().err
-
-    def no_tokenizing(*a, **k):
-        raise AssertionError("tokenized again despite a warm cache")
-
-    monkeypatch.setattr(data, "encode_rows", no_tokenizing)
-    assert bertcls.main(args) == 0
-
-
-# --------------------------------------------------------------------------------------- bad input
-
-
-def run_main(args: list[str], capsys) -> tuple[int, str]:
-    code = bertcls.main(args)
-    err = capsys.readouterr().err
-    return code, err
-
-
-def error_line(err: str) -> str:
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert "Traceback" not in err
-    return lines[-1]
-
-
-def assert_no_metrics(output_dir: Path) -> None:
-    assert not list(output_dir.rglob("*metrics.json"))
-
-
-@pytest.fixture
-def dataset_copy(tiny_dataset, tmp_path) -> Path:
-    return Path(shutil.copytree(tiny_dataset, tmp_path / "data"))
-
-
-def test_missing_dataset_points_to_prepare(tiny_bert, tmp_path, capsys):
-    code, err = run_main(train_args(tiny_bert, tmp_path / "nowhere", tmp_path / "out"), capsys)
-    assert code == 1
-    assert "prepare.py" in error_line(err)
-    assert_no_metrics(tmp_path)
-
-
-def test_invalid_jsonl_line_names_file_and_line(tiny_bert, dataset_copy, tmp_path, capsys):
-    with (dataset_copy / "val.jsonl").open("a", encoding="utf-8") as f:
-        f.write("{not json\n")
-    code, err = run_main(train_args(tiny_bert, dataset_copy, tmp_path / "out"), capsys)
-    assert code == 1
-    assert "val.jsonl:21: not valid JSON" in error_line(err)
-    assert_no_metrics(tmp_path)
-
-
-def test_label_not_in_label2id(tiny_bert, dataset_copy, tmp_path, capsys):
-    (dataset_copy / "label2id.json").write_text(json.dumps({"movie": 0, "sports": 1}), encoding="utf-8")
-    code, err = run_main(train_args(tiny_bert, dataset_copy, tmp_path / "out"), capsys)
-    assert code == 1
-    assert "label 2 is not in" in error_line(err) and "disagree" in error_line(err)
-    assert_no_metrics(tmp_path)
-
-
-def test_empty_split(tiny_bert, dataset_copy, tmp_path, capsys):
-    (dataset_copy / "test.jsonl").write_text("", encoding="utf-8")
-    code, err = run_main(train_args(tiny_bert, dataset_copy, tmp_path / "out"), capsys)
-    assert code == 1
-    assert "test.jsonl is empty" in error_line(err)
-
-
-@pytest.mark.parametrize("model_name", ["no-such-org/no-such-model", "missing-weights"])
-def test_model_that_cannot_be_loaded(model_name, tiny_bert, tiny_dataset, tmp_path, capsys):
-    if model_name == "missing-weights":
-        model_dir = Path(shutil.copytree(tiny_bert, tmp_path / "missing-weights"))
-        (model_dir / "model.safetensors").unlink()
-        model_name = str(model_dir)
-    args = train_args(tiny_bert, tiny_dataset, tmp_path / "out")
-    args[args.index("--model_name") + 1] = model_name
-    code, err = run_main(args, capsys)
-    assert code == 1
-    assert model_name in error_line(err) and "cannot load" in error_line(err)
-    assert_no_metrics(tmp_path)
-
-
-@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
-def test_cuda_without_cuda(tiny_bert, tiny_dataset, tmp_path, capsys):
-    args = train_args(tiny_bert, tiny_dataset, tmp_path / "out")
-    args[args.index("--device") + 1] = "cuda"
-    code, err = run_main(args, capsys)
-    assert code == 1
-    assert "CUDA is not available" in error_line(err) and "--device cpu" in error_line(err)
-
-
-@pytest.mark.parametrize("flag,value", [("--batch_size", "0"), ("--epochs", "-1"), ("--lr", "0"),
-                                        ("--lr", "nan"), ("--num_warmup_epochs", "-1"), ("--dtype", "fp8")])
-def test_impossible_flag_values_are_rejected_by_argparse(flag, value, capsys):
-    with pytest.raises(SystemExit) as exc:
-        bertcls.parse_args([flag, value])
-    assert exc.value.code == 2
-    assert flag in capsys.readouterr().err
-
-
-def test_nan_loss_stops_with_epoch_and_step(tiny_bert, tiny_dataset, tmp_path, capsys):
-    args = train_args(tiny_bert, tiny_dataset, tmp_path / "out", "--max_grad_norm", "0", "--log_interval", "1",
-                      "--dtype", "fp32")
-    args[args.index("--lr") + 1] = "1e30"
-    code, err = run_main(args, capsys)
-    assert code == 1
-    line = error_line(err)
-    assert "NaN/inf" in line and "epoch 1" in line and "step" in line
-    assert "--dtype" not in line and "--max_grad_norm 1" in line  # what differs from this fp32, unclipped run
-    assert_no_metrics(tmp_path)
-
-
-def test_out_of_memory_suggests_remedies(tiny_bert, tiny_dataset, tmp_path, capsys, monkeypatch):
-    def out_of_memory(*args, **kwargs):
-        raise torch.OutOfMemoryError("CUDA out of memory")
-
-    monkeypatch.setattr(bertcls, "train_epoch", out_of_memory)
-    code, err = run_main(train_args(tiny_bert, tiny_dataset, tmp_path / "out"), capsys)
-    assert code == 1
-    assert "--batch_size" in error_line(err) and "--gradient_checkpointing" in error_line(err)
-    assert_no_metrics(tmp_path)
-
-
-def test_output_dir_that_is_a_file(tiny_bert, tiny_dataset, tmp_path, capsys):
-    (tmp_path / "out").write_text("", encoding="utf-8")
-    code, err = run_main(train_args(tiny_bert, tiny_dataset, tmp_path / "out"), capsys)
-    assert code == 1
-    assert "is a file" in error_line(err)
-
-
-def test_output_dir_under_a_file_is_refused_before_the_model_is_loaded(tmp_path, capsys):
-    (tmp_path / "file").write_text("", encoding="utf-8")
-    out = tmp_path / "file" / "outputs"
-    # no such model or dataset: a check made after loading them would report those instead
-    code, err = run_main(["--model_name", str(tmp_path / "no-model"), "--dataset_dir", str(tmp_path / "no-data"),
-                          "--output_dir", str(out)], capsys)
-    assert code == 1
-    assert error_line(err) == (f"bertcls.py: error: --output_dir {out} is under {tmp_path / 'file'}, which is a file: "
-                               "pass a directory")
-
-
-def test_read_only_output_dir_is_refused_before_the_model_is_loaded(tmp_path):
-    read_only = tmp_path / "outputs"
-    # no such model or dataset: a check made after loading them would report those instead
-    result = run_on_read_only(read_only, [sys.executable, str(REPO / "bertcls.py"), "--model_name",
-                                          str(tmp_path / "none"), "--dataset_dir", str(tmp_path / "none"),
-                                          "--output_dir", str(read_only / "runs")])
-    assert result.returncode == 1
-    assert error_line(result.stderr) == (f"bertcls.py: error: cannot write in {read_only} (Read-only file system): "
-                                         "--output_dir needs a directory you can write to")
-    assert list(read_only.iterdir()) == []
-
-
-def full_disk_at(monkeypatch, name: str, nth: int = 1) -> dict[str, str]:
-    """The nth write of a file called `name` fails as on a full disk (atomic_write_text then leaves nothing, as it
-    does when the disk is full); returns the text that was to be written."""
-    write, attempts, lost = common.atomic_write_text, [], {}
-
-    def atomic_write_text(path: Path, text: str) -> None:
-        if Path(path).name == name:
-            attempts.append(path)
-            if len(attempts) == nth:
-                lost[name] = text
-                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        write(path, text)
-
-    monkeypatch.setattr(common, "atomic_write_text", atomic_write_text)  # what write_json calls
-    monkeypatch.setattr(bertcls, "atomic_write_text", atomic_write_text)
-    return lost
-
-
-@pytest.mark.parametrize("name,nth", [("test-metrics.json", 1), ("bertcls.json", 1), ("log.csv", 2)])
-def test_a_full_disk_loses_no_scores_and_leaves_no_partial_result(name, nth, tiny_bert, tiny_dataset, tmp_path,
-                                                                  capsys, monkeypatch):
-    """log.csv of epoch 2, the model's bertcls.json (inside .model.tmp/), test-metrics.json: one line saying how to
-    go on, the test scores when they are known, and a run directory that is that of an unfinished run."""
-    out = tmp_path / "out"
-    args = train_args(tiny_bert, tiny_dataset, out, "--epochs", "2", "--checkpoint_minutes", "0", "--save_model")
-    lost = full_disk_at(monkeypatch, name, nth)
-    code, err = run_main(args, capsys)
-    (run_dir,) = out.glob("*/*/*")
-    assert code == 1
-    line = error_line(err)
-    what = run_dir / "log.csv" if name == "log.csv" else f"the results in {run_dir}"
-    assert line.startswith(f"bertcls.py: error: could not write {what} ([Errno 28] No space left on device; ")
-    assert f"MiB free on its disk); the checkpoint of epoch 1 is kept: free space, then continue with " \
-           f"`python bertcls.py --resume {run_dir}`" in line
-    assert sorted(p.name for p in run_dir.iterdir()) == [".lock", "checkpoint-epoch1", "config.json", "log.csv"]
-    monkeypatch.undo()
-    assert bertcls.main(["--resume", str(run_dir)]) == 0  # the run goes on from there, to the same result
-    if name == "test-metrics.json":
-        test = json.loads((run_dir / "test-metrics.json").read_text(encoding="utf-8"))
-        best = json.loads((run_dir / "val-metrics.json").read_text(encoding="utf-8"))["best_epoch"]
-        assert test == json.loads(lost[name])
-        assert line.endswith(f"; the test scores, which no file holds: accuracy {test['accuracy']:.4f}, "
-                             f"f1 {test['f1']:.4f} (best epoch {best})")
-    elif name == "log.csv":  # in training: no scores yet
-        assert "test scores" not in line
-    else:  # the model's files, after the evaluation
-        assert "; the test scores, which no file holds: accuracy " in line
-
-
-@pytest.mark.parametrize("signum,exit_code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
-def test_signal_mid_training_keeps_config_and_log_but_no_metrics(signum, exit_code, tiny_bert, tiny_dataset,
-                                                                 tmp_path):
-    output_dir = tmp_path / "out"
-    # a checkpoint after every epoch, so the signal may well come while one is being written
-    args = train_args(tiny_bert, tiny_dataset, output_dir, "--checkpoint_minutes", "0")
-    args[args.index("--epochs") + 1] = "1000"  # long enough to be interrupted mid-way
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    process = subprocess.Popen([sys.executable, str(REPO / "bertcls.py"), *args], cwd=tmp_path, env=env,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.monotonic() + 120
-        # an epoch finished: its checkpoint is written
-        while not list(output_dir.rglob(f"{checkpoints.CHECKPOINT_PREFIX}*/{checkpoints.MANIFEST}")):
-            assert process.poll() is None, process.communicate()
-            assert time.monotonic() < deadline, "no epoch finished in time"
-            time.sleep(0.1)
-        process.send_signal(signum)
-        _, err = process.communicate(timeout=60)
-    finally:
-        process.kill()
-    assert process.returncode == exit_code, err
-    assert "Traceback" not in err
-    (run_dir,) = [p.parent for p in output_dir.rglob("config.json")]
-    assert (run_dir / "log.csv").is_file()
-    assert_no_metrics(output_dir)
-    assert not (run_dir / "test-predictions.jsonl").exists()
-    # the newest complete checkpoint is kept whole; what the signal cut short is gone
-    run_id = checkpoints.run_identity(json.loads((run_dir / "config.json").read_text(encoding="utf-8")))
-    newest = checkpoints.usable_checkpoints(run_dir, run_id)[0][0]
-    assert checkpoints.read_checkpoint(newest, run_id)["state"]["epoch"] == checkpoints.checkpoint_epoch(newest)
-    assert not list(run_dir.glob(".*.tmp"))
-    assert f"checkpoint of epoch {checkpoints.checkpoint_epoch(newest)}" in err and "--resume" in err
-
-
-def test_debug_shows_the_traceback(tiny_bert, tmp_path, monkeypatch):
-    with pytest.raises(common.UserError, match="prepare.py"):
-        bertcls.main([*train_args(tiny_bert, tmp_path / "nowhere", tmp_path / "out"), "--debug"])
-    monkeypatch.setenv("BERTCLS_DEBUG", "1")
-    with pytest.raises(common.UserError, match="prepare.py"):
-        bertcls.main(train_args(tiny_bert, tmp_path / "nowhere", tmp_path / "out"))
-
-
-def test_warmup_longer_than_the_run_is_one_warning_line(tiny_bert, tiny_dataset, tmp_path, capsys):
-    args = train_args(tiny_bert, tiny_dataset, tmp_path / "out", "--epochs", "1", "--num_warmup_epochs", "2")
-    code, err = run_main(args, capsys)
+def trained(tiny_bert, tiny_dataset, tmp_path_factory) -> Path:
+    """One finished run of 6 epochs, checkpointing after every epoch."""
+    out = tmp_path_factory.mktemp("trained")
+    assert bertcls.main(train_args(tiny_bert, tiny_dataset, out, "--checkpoint_minutes", "0")) == 0
+    (run_dir,) = finished_runs(out)
+    return run_dir
+
+
+def test_it_learns_and_writes_every_result_file(trained):
+    assert {p.name for p in trained.iterdir()} == RESULT_FILES  # the checkpoints went once the run finished
+    test = json.loads((trained / "test-metrics.json").read_text())
+    assert test["accuracy"] > 0.8 and test["f1"] > 0.8  # chance is 1/3
+    assert test["confusion_matrix"]["rows"] == "gold label" and test["macro_over"] == ["movie", "sports", "tech"]
+    assert sum(map(sum, test["confusion_matrix"]["matrix"])) == 20
+    config = json.loads((trained / "config.json").read_text())
+    assert config["args"]["epochs"] == 6 and config["device"] == "cpu" and config["world_size"] == 1
+    assert config["effective_batch_size"] == 8 and config["total_optimizer_steps"] == 60
+    assert config["training_end"] == {"epochs_trained": 6, "reason": "--epochs 6 done"}
+    assert bertcls.experiment(config)["lr"] == 3e-3 and "output_dir" not in bertcls.experiment(config)
+    rows = list(csv.DictReader((trained / "log.csv").open()))
+    assert [int(r["epoch"]) for r in rows] == list(range(1, 7)) and list(rows[0]) == bertcls.LOG_FIELDS
+    assert float(rows[-1]["lr_at_epoch_end"]) == pytest.approx(bertcls.get_lr(59, 60, 5, 3e-3))
+    val = json.loads((trained / "val-metrics.json").read_text())
+    assert val["f1"] == max(float(r["val_f1"]) for r in rows) and val["best_epoch"] in range(1, 7)
+    predictions = [json.loads(line) for line in (trained / "test-predictions.jsonl").read_text().splitlines()]
+    assert len(predictions) == 20 and all(math.isclose(sum(p["probabilities"].values()), 1, abs_tol=1e-4)
+                                          for p in predictions)
+    assert sum(p["gold"] == p["predicted"] for p in predictions) / 20 == test["accuracy"]
+    svg = (trained / "learning-curve.svg").read_text()
+    assert svg.count('class="series"') == 3 and svg.count("<circle") == 3 * 6
+
+
+def test_scores_by_hand():
+    names = ["a", "b", "c", "d"]  # d is in neither gold nor predictions: macro scores leave it out
+    result = bertcls.scores([0, 0, 1, 2], [0, 1, 1, 1], torch.tensor([1.0, 2.0, 3.0, 6.0]), names)
+    # a: P 1/1, R 1/2, F1 2/3; b: P 1/3, R 1/1, F1 1/2; c: P 0, R 0, F1 0
+    assert result["precision"] == pytest.approx((1 + 1 / 3 + 0) / 3)
+    assert result["recall"] == pytest.approx((0.5 + 1 + 0) / 3)
+    assert result["f1"] == pytest.approx((2 / 3 + 1 / 2 + 0) / 3)
+    assert result["accuracy"] == 0.5 and result["loss"] == 3.0 and result["macro_over"] == ["a", "b", "c"]
+    assert result["confusion_matrix"]["matrix"] == [[1, 1, 0, 0], [0, 1, 0, 0], [0, 1, 0, 0], [0, 0, 0, 0]]
+
+
+def test_learning_rate_schedule_phases():
+    assert [bertcls.get_lr(s, 10, 4, 1.0) for s in range(11)] == pytest.approx(
+        [0.25, 0.5, 0.75, 1.0, 1.0, 5 / 6, 4 / 6, 3 / 6, 2 / 6, 1 / 6, 0.0])
+    assert bertcls.get_lr(0, 10, 0, 2.0) == 2.0
+
+
+def test_weight_decay_only_on_weight_matrices(tiny_bert):
+    model = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.LayerNorm(3))
+    groups = bertcls.build_optimizer(model, bertcls.parse_args([]), torch.device("cpu")).param_groups
+    assert [len(g["params"]) for g in groups] == [1, 3] and groups[0]["params"][0] is model[0].weight
+    assert (groups[0]["weight_decay"], groups[1]["weight_decay"]) == (0.01, 0.0)
+
+
+def test_epoch_batches_cover_every_example_once_group_lengths_and_split_evenly():
+    lengths = [random.Random(i).randint(10, 500) for i in range(1000)]
+    args = bertcls.parse_args(["--batch_size", "16"])
+    one = bertcls.epoch_batches(lengths, args, 1, 1)
+    assert sorted(i for b in one for i in b) == list(range(1000))
+    assert one == bertcls.epoch_batches(lengths, args, 1, 1) != bertcls.epoch_batches(lengths, args, 2, 1)
+    padding = sum(len(b) * max(lengths[i] for i in b) - sum(lengths[i] for i in b) for b in one) / sum(lengths)
+    assert padding < 0.05  # random batches of 16 would pad about 50%
+    two = bertcls.epoch_batches(lengths, args, 1, 3)
+    assert len(two) % 3 == 0 and set(i for b in two for i in b) == set(range(1000))  # a few batches repeated
+    assert bertcls.step_sizes([[1, 2], [3], [4, 5, 6], [7]], 2, 1) == [3, 4]
+
+
+def test_accumulated_micro_batches_give_the_gradient_of_one_batch(tiny_bert, tiny_dataset, tmp_path):
+    def one_step(*flags: str) -> dict:
+        args = bertcls.parse_args(train_args(tiny_bert, tiny_dataset, tmp_path, "--dtype", "fp32",
+                                             "--max_grad_norm", "0", "--lr", "1", *flags))
+        run = bertcls.set_up(args, 0, 1, False, lambda line: None)
+        for module in run.model.modules():
+            if isinstance(module, torch.nn.Dropout):
+                module.p = 0.0
+        batches = [list(range(args.batch_size))] if args.grad_accum_steps == 1 else [list(range(4)), list(range(4, 8))]
+        optimizer = torch.optim.SGD(run.model.parameters(), lr=1.0)  # the step is the gradient itself
+        bertcls.train_epoch(run.model, optimizer, torch.amp.GradScaler("cpu", enabled=False), run.data["train"],
+                            batches, [sum(map(len, batches))], args, (1, 0), 0, run.ctx, run.device)
+        return {k: v.clone() for k, v in run.model.state_dict().items()}
+
+    whole, accumulated = one_step("--batch_size", "8"), one_step("--batch_size", "4", "--grad_accum_steps", "2")
+    assert all(torch.allclose(whole[k], accumulated[k], atol=1e-6) for k in whole)
+    assert not all(torch.equal(whole[k], one_step("--batch_size", "4")[k]) for k in whole)  # half the batch differs
+
+
+def test_a_run_killed_mid_epoch_resumes_to_exactly_the_uninterrupted_result(trained, tiny_bert, tiny_dataset,
+                                                                            tmp_path, capsys):
+    args = train_args(tiny_bert, tiny_dataset, tmp_path / "out", "--checkpoint_minutes", "0")
+    stopping_run(tmp_path, args, epoch=3, batch=4)
+    run_dir = only_run(tmp_path / "out")
+    assert sorted(p.name for p in run_dir.glob("checkpoint-epoch*")) == ["checkpoint-epoch2"]
+    assert not (run_dir / "test-metrics.json").exists()
+    code, err = run(["--resume", str(run_dir), "--log_interval", "5"], capsys)  # a RUN_ONLY setting may change
     assert code == 0, err
-    [warning] = [line for line in err.splitlines() if "warning" in line]
-    # 80 examples in batches of 8: 10 steps; warmup 20 steps, so the lr peaks at 10/20 of --lr 3e-3
-    assert warning.startswith("warning: the warmup (20 optimizer steps") and "peaks at 0.0015, 50% of --lr" in warning
+    assert "(resumed after epoch 2)" in err
+    assert results(run_dir) == results(trained)  # bit for bit (bf16 autocast on this CPU where it has the units)
+    resumed = json.loads((run_dir / "config.json").read_text())["resumed"]
+    assert [(r["from_epoch"], r["changed"]) for r in resumed] == [(2, {"log_interval": 5})]
+    assert not list(run_dir.glob("checkpoint-epoch*"))
 
 
-def test_single_label_train_is_refused(tiny_bert, dataset_copy, tmp_path, capsys):
-    rows = [json.loads(line) for line in (dataset_copy / "train.jsonl").read_text(encoding="utf-8").splitlines()]
-    (dataset_copy / "train.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows
-                                                      if r["category"] == "sports"), encoding="utf-8")
-    code, err = run_main(train_args(tiny_bert, dataset_copy, tmp_path / "out"), capsys)
-    assert code == 1
-    assert "every example has the label 'sports': a classifier needs examples of at least 2 labels" in error_line(err)
-    assert_no_metrics(tmp_path)
+def test_resume_refuses_what_would_compute_something_else(trained, tiny_bert, tiny_dataset, tmp_path, capsys):
+    unfinished = tmp_path / "unfinished"
+    shutil.copytree(trained, unfinished)
+    (unfinished / "test-metrics.json").unlink()
+    for flags, message in [
+        (["--resume", str(tmp_path)], "not a run directory (no config.json)"),
+        (["--resume", str(trained)], "this run is already finished"),
+        (["--resume", str(unfinished)], "has no checkpoint to resume from"),
+    ]:
+        code, err = run(flags, capsys)
+        assert code == 1 and err.count("\n") == 1 and message in err, (flags, err)
+    common.save_tensors(unfinished / "checkpoint-epoch2", {"model": {}}, {})  # resume reads it only after the checks
+    code, err = run(["--resume", str(unfinished), "--lr", "1e-4"], capsys)
+    assert code == 1 and err.count("\n") == 1 and "--lr 0.0001 contradicts the run's --lr 0.003" in err
+    config = json.loads((unfinished / "config.json").read_text())
+    (unfinished / "config.json").write_text(json.dumps({**config, "args": {**config["args"], "newer_flag": 1}}))
+    code, err = run(["--resume", str(unfinished)], capsys)
+    assert code == 1 and "settings this bertcls.py does not know (newer_flag)" in err
+    (unfinished / "config.json").write_text(json.dumps({**config, "dtype": "float16"}))
+    code, err = run(["--resume", str(unfinished)], capsys)
+    assert code == 1 and "the run started with dtype float16" in err
 
 
-def test_max_seq_len_without_room_for_text_is_refused(tiny_bert, tiny_dataset, tmp_path, capsys):
-    args = train_args(tiny_bert, tiny_dataset, tmp_path / "out")
-    args[args.index("--max_seq_len") + 1] = "3"  # [CLS] title [SEP] body [SEP]: 3 special tokens
-    code, err = run_main(args, capsys)
-    assert code == 1
-    assert "a length of 3 tokens leaves no room for text" in error_line(err) and "--max_seq_len" in error_line(err)
-    assert_no_metrics(tmp_path)
+def test_a_damaged_checkpoint_is_one_line_and_never_torchs_unpickling_advice(tiny_bert, tiny_dataset, tmp_path,
+                                                                             capsys):
+    stopping_run(tmp_path, train_args(tiny_bert, tiny_dataset, tmp_path / "out", "--checkpoint_minutes", "0"),
+                 epoch=2, batch=2)
+    run_dir = only_run(tmp_path / "out")
+    weights = next(run_dir.glob("checkpoint-epoch1")) / "model.safetensors"
+    damaged = bytearray(weights.read_bytes())
+    damaged[len(damaged) // 2] ^= 0x01  # the same size: only a digest can tell
+    weights.write_bytes(bytes(damaged))
+    code, err = run(["--resume", str(run_dir)], capsys)
+    assert code == 1 and "model.safetensors no longer match their digests" in err
+    assert "Traceback" not in err and "weights_only" not in err and err.count("error:") == 1
 
 
-def test_interrupt_before_an_epoch_ends_names_only_what_is_kept(tiny_bert, tiny_dataset, tmp_path, capsys,
-                                                                monkeypatch):
-    def interrupted(*args, **kwargs):
-        raise KeyboardInterrupt
+def test_ctrl_c_keeps_config_log_and_checkpoint_and_says_how_to_continue(tiny_bert, tiny_dataset, tmp_path, capsys,
+                                                                          monkeypatch):
+    original = bertcls.train_epoch
 
-    monkeypatch.setattr(bertcls, "train_epoch", interrupted)
-    code, err = run_main(train_args(tiny_bert, tiny_dataset, tmp_path / "out"), capsys)
+    def interrupt_in_epoch_2(*args, **kwargs):
+        if args[-1].desc.startswith("epoch 2/"):
+            raise KeyboardInterrupt
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(bertcls, "train_epoch", interrupt_in_epoch_2)
+    code, err = run(train_args(tiny_bert, tiny_dataset, tmp_path, "--checkpoint_minutes", "0"), capsys)
+    run_dir = only_run(tmp_path)
     assert code == 130
-    [run_dir] = [p.parent for p in (tmp_path / "out").rglob("config.json")]
-    assert error_line(err) == f"bertcls.py: interrupted; {run_dir} keeps config.json, no metrics"
+    assert err.splitlines()[-1] == (f"bertcls.py: interrupted; {run_dir} keeps checkpoint-epoch1, config.json, log.csv, "
+                                    f"no metrics: continue with `python bertcls.py --resume {run_dir}`")
+    assert not (run_dir / "val-metrics.json").exists() and len((run_dir / "log.csv").read_text().splitlines()) == 2
 
 
-@pytest.mark.parametrize("removed, message", [
-    (("vocab.txt",), "(the directory needs its tokenizer's files as tokenizer.save_pretrained writes them: "
-                     "tokenizer_config.json with vocab.txt, tokenizer.json or sentencepiece.bpe.model)"),
-    (("vocab.txt", "tokenizer_config.json"), "has no vocabulary beyond its 5 special tokens: the directory needs "
-                                             "its tokenizer's files"),
-    (("config.json",), "the directory has no config.json"),
+def broken_dataset(tmp_path: Path, tiny_rows: dict, change: str) -> Path:
+    directory = write_dataset(tmp_path / change, tiny_rows)
+    path = directory / "train.jsonl"
+    if change == "bad_line":
+        path.write_text(path.read_text() + '{"label": 0, "text": \n')
+    elif change == "bad_label":
+        path.write_text(path.read_text() + json.dumps({"label": "cooking", "text": "x"}) + "\n")
+    elif change == "empty_split":
+        (directory / "val.jsonl").write_text("")
+    elif change == "one_label":
+        path.write_text("".join(json.dumps({**r, "label": 0}) + "\n" for r in tiny_rows["train"]))
+    elif change == "no_text":
+        path.write_text(path.read_text() + json.dumps({"label": 0, "title": None, "body": "x"}) + "\n")
+    return directory
+
+
+@pytest.mark.parametrize("change, flags, message", [
+    ("missing", [], "no dataset in"), ("bad_line", [], "train.jsonl:81: not valid JSON"),
+    ("bad_label", [], "train.jsonl:81: label 'cooking' is not in label2id.json"),
+    ("empty_split", [], "val.jsonl is empty"), ("one_label", [], "a classifier needs examples of at least 2 labels"),
+    ("no_text", [], "train.jsonl:81: needs a string 'text', or string 'title' and 'body'"),
+    ("none", ["--max_seq_len", "3"], "leaves no room for text after the 3 special tokens"),
+    ("none", ["--device", "cuda"], "CUDA is not available here"),
+    ("none", ["--dtype", "fp32", "--lr", "1e8", "--max_grad_norm", "0"], "the training loss became NaN/inf"),
+    ("none", ["--max_batch_tokens", "10"], "--max_batch_tokens 10 cannot hold one example of 64 tokens"),
+    ("none", ["--output_dir", "x" * 300], "File name too long"),
 ])
-def test_model_directory_with_missing_files_says_what_is_missing(tiny_bert, tiny_dataset, tmp_path, capsys,
-                                                                 removed, message):
-    model_dir = Path(shutil.copytree(tiny_bert, tmp_path / "model"))
-    for name in removed:
-        (model_dir / name).unlink()
-    code, err = run_main(train_args(model_dir, tiny_dataset, tmp_path / "out"), capsys)
-    assert code == 1
-    assert message in error_line(err) and "pass a local directory" not in error_line(err)
-    assert_no_metrics(tmp_path)
+def test_what_a_user_can_get_wrong_is_one_line(tiny_bert, tiny_rows, tmp_path, capsys, change, flags, message):
+    if change == "missing":
+        dataset = tmp_path / "nowhere"
+    else:
+        dataset = broken_dataset(tmp_path, tiny_rows, change)
+    if flags[:2] == ["--device", "cuda"] and torch.cuda.is_available():
+        pytest.skip("CUDA is available here")
+    args = train_args(tiny_bert, dataset, tmp_path / "out", "--epochs", "2")
+    code, err = run([*args, *flags], capsys)
+    lines = [line for line in err.splitlines() if line.startswith("bertcls.py:")]
+    assert code == 1 and len(lines) == 1 and message in lines[0], err
+    assert "Traceback" not in err and not finished_runs(tmp_path / "out")
 
 
-def test_unreachable_hub_fails_at_once_without_retries(tiny_dataset, tmp_path):
-    import socket
-    silent = socket.socket()  # accepts connections (the kernel does) and never answers them
-    silent.bind(("127.0.0.1", 0))
-    silent.listen(16)
-    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
-    env |= {"HF_ENDPOINT": f"http://127.0.0.1:{silent.getsockname()[1]}", "HF_HUB_ETAG_TIMEOUT": "1",
-            "HF_HOME": str(tmp_path / "hf-home")}
-    try:
-        result = subprocess.run([sys.executable, str(REPO / "bertcls.py"),
-                                 *train_args("some-org/some-model", tiny_dataset, tmp_path / "out")],
-                                env=env, capture_output=True, text=True, timeout=120)  # huggingface_hub: minutes
-        silent.setblocking(False)
-        attempts = 0
-        with contextlib.suppress(BlockingIOError):
-            while True:
-                silent.accept()[0].close()
-                attempts += 1
-    finally:
-        silent.close()
-    assert result.returncode == 1
-    assert error_line(result.stderr) == (
-        f"bertcls.py: error: cannot load model 'some-org/some-model': the Hugging Face Hub at {env['HF_ENDPOINT']} "
-        "cannot be reached (no answer in 1 s); check your network, or work offline with HF_HUB_OFFLINE=1 and a "
-        "cached model (it is not in the cache yet) or a local directory")
-    assert attempts == 1  # one probe, no retries
-    assert_no_metrics(tmp_path)
+def test_an_output_dir_that_cannot_be_written_fails_before_any_work(tiny_bert, tiny_dataset, tmp_path, capsys,
+                                                                     monkeypatch):
+    (tmp_path / "file").write_text("")
+    monkeypatch.setattr(bertcls, "set_up", lambda *a: pytest.fail("set up a run that cannot be written"))
+    code, err = run(train_args(tiny_bert, tiny_dataset, tmp_path / "file" / "out"), capsys)
+    assert code == 1 and "Not a directory" in err and err.count("\n") == 1
+
+
+def test_numbers_are_checked_where_parsed(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        bertcls.parse_args(["--seed", "100000000000000000000"])
+    assert exit_.value.code == 2 and "expected a seed from 0 to 4294967295" in capsys.readouterr().err
+
+
+def test_silent_wrong_results_become_warnings(tiny_bert, tiny_rows, tmp_path, capsys):
+    label2id = {"movie": 0, "sports": 1, "tech": 2, "cooking": 3}  # a label no split holds
+    splits = {**tiny_rows, "val": tiny_rows["train"][:20]}  # val copies part of train
+    dataset = write_dataset(tmp_path / "data", splits, label2id)
+    code, err = run(train_args(tiny_bert, dataset, tmp_path, "--epochs", "1"), capsys)
+    assert code == 0
+    assert "labels of label2id.json that no split holds: ['cooking']" in err
+    assert "splits share texts (identical content): train and val share 20" in err
+    test = json.loads(finished_runs(tmp_path)[0].joinpath("test-metrics.json").read_text())
+    assert "cooking" not in test["macro_over"] and "cooking" not in test["per_class"]
+
+
+def test_the_banner_gives_the_batch_as_used(tiny_bert, tiny_dataset, tmp_path, capsys):
+    code, err = run(train_args(tiny_bert, tiny_dataset, tmp_path, "--epochs", "1", "--batch_size", "1000000000"),
+                    capsys)
+    assert code == 0 and "batch            80 examples per optimizer step (mean, as used)" in err
+
+
+def test_early_stopping_keeps_the_schedule_and_says_why(tiny_bert, tiny_dataset, tmp_path, capsys):
+    code, err = run(train_args(tiny_bert, tiny_dataset, tmp_path, "--lr", "1e-12", "--patience", "2"), capsys)
+    run_dir = finished_runs(tmp_path)[0]
+    rows = list(csv.DictReader((run_dir / "log.csv").open()))
+    config = json.loads((run_dir / "config.json").read_text())
+    assert code == 0 and len(rows) == 3 and rows[-1]["stop_reason"].startswith("early stop: no better val F1")
+    assert config["training_end"]["epochs_trained"] == 3 and config["total_optimizer_steps"] == 60
+
+
+def test_a_full_disk_while_writing_results_loses_no_scores_and_leaves_no_partial_result(
+        tiny_bert, tiny_dataset, tmp_path, capsys, monkeypatch):
+    original = bertcls.atomic_write
+
+    def full_disk(path, text):
+        if path.name == "learning-curve.svg":
+            raise OSError(errno.ENOSPC, "No space left on device")
+        original(path, text)
+
+    monkeypatch.setattr(bertcls, "atomic_write", full_disk)
+    code, err = run(train_args(tiny_bert, tiny_dataset, tmp_path, "--epochs", "2", "--checkpoint_minutes", "0"),
+                    capsys)
+    run_dir = only_run(tmp_path)
+    assert code == 1 and "the test scores, which no file holds: accuracy" in err.splitlines()[-1]
+    assert {p.name for p in run_dir.iterdir()} == {"config.json", "log.csv", ".lock", "checkpoint-epoch1"}
+
+
+def test_a_run_directory_in_use_is_refused(trained, tmp_path, capsys):
+    unfinished = tmp_path / "run"
+    shutil.copytree(trained, unfinished)
+    (unfinished / "test-metrics.json").unlink()
+    common.save_tensors(unfinished / "checkpoint-epoch2", {"model": {}}, {})
+    with common.locked(unfinished / ".lock", str(unfinished)):
+        code, err = run(["--resume", str(unfinished)], capsys)
+    assert code == 1 and "is in use by another process" in err
+
+
+def test_ddp_evaluates_every_example_once_as_one_process_does(tiny_bert, tiny_dataset, tmp_path, capsys):
+    """Two CPU processes under torchrun (gloo): with a learning rate too small to move the weights, the val and test
+    scores equal a single process's exactly, so no example was dropped or counted twice."""
+    flags = ["--epochs", "1", "--lr", "1e-20", "--dtype", "fp32", "--eval_batch_size", "3"]
+    assert bertcls.main(train_args(tiny_bert, tiny_dataset, tmp_path / "one", *flags)) == 0
+    ddp = torchrun(2, *train_args(tiny_bert, tiny_dataset, tmp_path / "two", *flags))
+    assert ddp.returncode == 0, ddp.stderr[-2000:]
+    one, two = finished_runs(tmp_path / "one")[0], finished_runs(tmp_path / "two")[0]
+    assert (one / "test-metrics.json").read_text() == (two / "test-metrics.json").read_text()
+    assert json.loads((two / "config.json").read_text())["world_size"] == 2
+
+
+def test_resume_under_torchrun_equals_the_uninterrupted_run(tiny_bert, tiny_dataset, tmp_path):
+    flags = ["--epochs", "3", "--checkpoint_minutes", "0"]
+    whole = torchrun(2, *train_args(tiny_bert, tiny_dataset, tmp_path / "whole", *flags))
+    assert whole.returncode == 0, whole.stderr[-2000:]
+    stopping_run(tmp_path, train_args(tiny_bert, tiny_dataset, tmp_path / "cut", *flags), epoch=2, batch=2,
+                 processes=2)
+    resumed = torchrun(2, "--resume", only_run(tmp_path / "cut"))
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert results(only_run(tmp_path / "cut")) == results(finished_runs(tmp_path / "whole")[0])

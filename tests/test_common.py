@@ -1,150 +1,185 @@
-"""Tests for common.py: file reading and writing, the command-line tail, devices and run directories."""
+"""common.py: the one place each class of failure is turned into one line, and the shared file mechanisms."""
 
 from __future__ import annotations
 
-import contextlib
+import argparse
+import errno
+import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
 
 import common
+from conftest import REPO
 
 
-def test_read_jsonl_names_file_and_line(tmp_path):
-    path = tmp_path / "d.jsonl"
-    path.write_bytes(b'{"a": 1}\n\n{"a": "\xe3\x81\x82"}\n{"a": "\xff"}\n')
-    with pytest.raises(common.UserError, match=r"d\.jsonl:4: not UTF-8"):
-        common.read_jsonl(path)
-    path.write_bytes('{"a": 1}\n{"a": "x\u2028y"}\n{oops}\n'.encode())
-    with pytest.raises(common.UserError, match=r"d\.jsonl:3: not valid JSON"):
-        common.read_jsonl(path)
-    path.write_bytes('\ufeff{"a": 1}\n{"a": "x\u2028y"}\n'.encode())
-    assert common.read_jsonl(path) == [{"a": 1}, {"a": "x\u2028y"}]
+def run_cli(work, **kwargs) -> int:
+    return common.run_cli("script.py", work, **kwargs)
 
 
-def test_atomic_write_text_replaces_whole_file(tmp_path):
-    target = tmp_path / "f.json"
-    common.atomic_write_text(target, "old")
-    common.atomic_write_text(target, "新しい\n")
-    assert target.read_text(encoding="utf-8") == "新しい\n"
-    assert [p.name for p in tmp_path.iterdir()] == ["f.json"]
+def test_user_errors_and_os_errors_are_one_line_with_exit_1(capsys, tmp_path):
+    def user_error():
+        raise common.UserError("the dataset is missing: run prepare.py")
+
+    def long_name():  # any OSError about a path: e.g. a 300-character file name component
+        (tmp_path / ("x" * 300)).write_text("")
+
+    def full_disk():
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    for work, expected in [(user_error, "script.py: error: the dataset is missing: run prepare.py\n"),
+                           (long_name, f"script.py: error: {tmp_path / ('x' * 300)}: File name too long: check the "
+                                       "path, its permissions and the free space\n"),
+                           (full_disk, "script.py: error: No space left on device: check the path, its permissions "
+                                       "and the free space\n")]:
+        assert run_cli(work) == 1
+        assert capsys.readouterr().err == expected
 
 
-def test_lone_surrogate_escape_is_refused_with_file_and_line(tmp_path):
-    path = tmp_path / "d.jsonl"
-    # a valid pair (an emoji) is text; a lone half of one is not, though json.loads accepts it
-    path.write_text('{"a": "\\ud83d\\ude00"}\n{"a": "x\\ud800"}\n', encoding="utf-8")
-    with pytest.raises(common.UserError, match=r"d\.jsonl:2: holds a lone surrogate escape"):
-        common.read_jsonl(path)
-    path.write_text('{"a": "\\ud83d\\ude00", "b": "\\\\ud800"}\n', encoding="utf-8")  # an escaped backslash
-    assert common.read_jsonl(path) == [{"a": "\U0001f600", "b": "\\ud800"}]
+def test_debug_shows_the_traceback_and_a_bug_is_never_swallowed():
+    def work():
+        raise common.UserError("x")
+
+    with pytest.raises(common.UserError):
+        run_cli(work, debug=True)
+    with pytest.raises(ZeroDivisionError):
+        run_cli(lambda: 1 // 0)
 
 
-# ------------------------------------------------------------------------------------------ devices
-# CUDA is absent here: these check the decisions with torch.cuda's answers replaced (tests/test_cuda.py asks a GPU).
+def test_interrupt_and_terminate_say_what_was_kept(capsys):
+    def interrupted():
+        raise KeyboardInterrupt
+
+    def terminated():
+        os.kill(os.getpid(), 15)
+
+    assert run_cli(interrupted, stopped=lambda: "nothing was written") == 130
+    assert capsys.readouterr().err == "script.py: interrupted; nothing was written\n"
+    assert run_cli(terminated) == 143
+    assert capsys.readouterr().err == "script.py: terminated\n"
 
 
-class FakeGpus:
-    """torch.cuda as seen on a machine whose GPU 0 has bf16 units (an A100) and GPU 1 only emulates bf16 (a T4)."""
+def test_out_of_memory_gives_the_advice(capsys):
+    def work():
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2 GiB")
 
-    def __init__(self, monkeypatch):
-        self.current, self.asked = 0, []
-        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-        monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
-        monkeypatch.setattr(torch.cuda, "current_device", lambda: self.current)
-        monkeypatch.setattr(torch.cuda, "set_device", self.set_device)
-        monkeypatch.setattr(torch.cuda, "device", self.device)
-        monkeypatch.setattr(torch.cuda, "is_bf16_supported", self.is_bf16_supported)
-
-    def set_device(self, device):
-        self.current = torch.device(device).index
-
-    @contextlib.contextmanager
-    def device(self, device):
-        previous, self.current = self.current, torch.device(device).index
-        try:
-            yield
-        finally:
-            self.current = previous
-
-    def is_bf16_supported(self, including_emulation=True):
-        self.asked.append((self.current, including_emulation))
-        return self.current == 0 or including_emulation
+    assert run_cli(work, oom_advice="lower --batch_size") == 1
+    assert capsys.readouterr().err == "script.py: error: out of memory: lower --batch_size\n"
 
 
-def test_auto_dtype_asks_the_chosen_gpu_for_native_bf16(monkeypatch):
-    gpus = FakeGpus(monkeypatch)
-    assert common.resolve_dtype("auto", torch.device("cuda", 1)) == torch.float16  # emulated bf16 is slow
-    assert common.resolve_dtype("auto", torch.device("cuda", 0)) == torch.bfloat16
-    assert gpus.asked == [(1, False), (0, False)]
-    assert common.resolve_dtype("bf16", torch.device("cuda", 1)) == torch.bfloat16  # asked for: as asked
-
-
-def test_the_chosen_gpu_becomes_the_current_one(monkeypatch):
-    gpus = FakeGpus(monkeypatch)
-    assert common.pick_device("cuda:1") == torch.device("cuda", 1) and gpus.current == 1
-    assert common.pick_device("cuda") == torch.device("cuda", 1)  # no index: the current GPU, named
-    assert common.pick_device(None, local_rank=0) == torch.device("cuda", 0) and gpus.current == 0
-    with pytest.raises(common.UserError, match="cuda:2 does not exist"):
-        common.pick_device("cuda:2")
-
-
-def test_a_gpu_index_under_torchrun_is_refused(monkeypatch):
-    FakeGpus(monkeypatch)
-    with pytest.raises(common.UserError, match="--device cuda:1 cannot be used under torchrun.*CUDA_VISIBLE_DEVICES"):
-        common.pick_device("cuda:1", local_rank=0)
-    assert common.pick_device("cuda", local_rank=1) == torch.device("cuda", 1)
-    assert common.pick_device("cpu", local_rank=1) == torch.device("cpu")
-
-
-def test_fp32_on_cuda_multiplies_in_tf32():
-    previous = torch.get_float32_matmul_precision()
-    try:
-        torch.set_float32_matmul_precision("highest")
-        for device, dtype in [("cpu", torch.float32), ("cuda", torch.bfloat16), ("cuda", torch.float16)]:
-            common.use_tf32(torch.device(device), dtype)
-            assert torch.get_float32_matmul_precision() == "highest"
-        common.use_tf32(torch.device("cuda"), torch.float32)
-        assert torch.get_float32_matmul_precision() == "high" and torch.backends.cuda.matmul.allow_tf32
-    finally:
-        torch.set_float32_matmul_precision(previous)
-
-
-def test_torchrun_is_told_apart_from_a_plain_run(monkeypatch):
-    for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE"):
-        monkeypatch.delenv(name, raising=False)
-    assert common.dist_env() == (0, 0, 1, False)
-    monkeypatch.setenv("RANK", "0")
-    monkeypatch.setenv("LOCAL_RANK", "0")
-    monkeypatch.setenv("WORLD_SIZE", "1")
-    assert common.dist_env() == (0, 0, 1, True)  # torchrun --nproc_per_node 1 is a DDP job of one
-
-
-# ------------------------------------------------------------------------------------------- errors
-
-
-@pytest.mark.parametrize("error, line", [
-    (common.UserError("no dataset"), "bertcls.py [rank 1]: error: no dataset"),
-    (torch.OutOfMemoryError("CUDA out of memory"), "bertcls.py [rank 1]: error: out of memory: lower --batch_size"),
-    (RuntimeError("NCCL error: unhandled system error\ndetails"),
-     "bertcls.py [rank 1]: error: RuntimeError: NCCL error: unhandled system error (traceback below)"),
-])
-def test_any_error_on_a_rank_is_named_with_its_rank(error, line, capsys):
-    def fail():
-        raise error
-
-    if isinstance(error, RuntimeError) and not isinstance(error, torch.OutOfMemoryError):
-        with pytest.raises(RuntimeError):  # a bug keeps its traceback
-            common.run_cli("bertcls.py", fail, oom_advice="lower --batch_size", who=" [rank 1]")
+@pytest.mark.parametrize("parse, text, ok", [
+    (common.positive_int, "3", 3), (common.positive_int, "0", None), (common.positive_int, "2.5", None),
+    (common.positive_float, "3e-5", 3e-5), (common.positive_float, "0", None), (common.positive_float, "nan", None),
+    (common.positive_float, "inf", None), (common.non_negative_float, "0", 0.0), (common.finite_float, "-2", -2.0),
+    (common.seed_int, "4294967295", 4294967295), (common.seed_int, "100000000000000000000", None),
+    (common.seed_int, "-1", None)])
+def test_numbers_are_range_checked_where_they_are_parsed(parse, text, ok):
+    if ok is None:
+        with pytest.raises(argparse.ArgumentTypeError):
+            parse(text)
     else:
-        assert common.run_cli("bertcls.py", fail, oom_advice="lower --batch_size", who=" [rank 1]") == 1
-    assert capsys.readouterr().err.splitlines() == [line]
+        assert parse(text) == ok
 
 
-def test_without_a_rank_a_bug_is_left_to_its_traceback(capsys):
-    def fail():
-        raise KeyError("x")
+def test_atomic_write_replaces_whole_and_keeps_the_usual_permissions(tmp_path):
+    path = tmp_path / "a.json"
+    common.write_json(path, {"k": "日本"})
+    umask = os.umask(0)
+    os.umask(umask)
+    assert json.loads(path.read_text(encoding="utf-8")) == {"k": "日本"}
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask
+    assert [p.name for p in tmp_path.iterdir()] == ["a.json"]  # no temporary file left
 
-    with pytest.raises(KeyError):
-        common.run_cli("predict.py", fail)
-    assert capsys.readouterr().err == ""
+
+def test_iter_jsonl_streams_with_offsets_and_names_a_bad_line(tmp_path):
+    path = tmp_path / "x.jsonl"
+    lines = ['\ufeff{"a": 1}\n', "\n", '{"b": "\u2028"}\n']
+    path.write_text("".join(lines), encoding="utf-8")
+    rows = list(common.iter_jsonl(path))
+    assert [(n, row) for n, _, _, row in rows] == [(1, {"a": 1}), (3, {"b": "\u2028"})]
+    data = path.read_bytes()
+    assert [data[start:end] for _, start, end, _ in rows] == [lines[0].encode(), lines[2].encode()]
+    for content, message in [(b'{"a": 1}\n[1]\n', "x.jsonl:2: expected a JSON object, got list"),
+                             (b'{"a": 1}\n{"a": \n', "x.jsonl:2: not valid JSON"),
+                             (b'{"a": "\\ud800"}\n', "x.jsonl:1: holds a lone surrogate escape"),
+                             (b'{"a": "\xff"}\n', "x.jsonl:1: not UTF-8")]:
+        path.write_bytes(content)
+        with pytest.raises(common.UserError, match=message.replace("[", r"\[")):
+            list(common.iter_jsonl(path))
+
+
+def test_an_output_that_is_an_input_is_refused_however_spelled(tmp_path):
+    source = tmp_path / "data" / "in.jsonl"
+    source.parent.mkdir()
+    source.write_text("x")
+    (tmp_path / "link").symlink_to(source.parent)
+    for output in [source, tmp_path / "data" / ".." / "data" / "in.jsonl", tmp_path / "link" / "in.jsonl",
+                   tmp_path / "data"]:  # the last: a directory that holds the input
+        with pytest.raises(common.UserError, match="would overwrite the input"):
+            common.refuse_overwrite([("--output", output)], [source])
+    common.refuse_overwrite([("--output", tmp_path / "data" / "out.jsonl")], [source])  # a new file is fine
+
+
+def test_a_lock_is_exclusive_and_dies_with_its_process(tmp_path):
+    path = tmp_path / ".lock"
+    holder = subprocess.Popen([sys.executable, "-c", f"import sys; sys.path.insert(0, {str(REPO)!r}); import common, "
+                               f"time\nwith common.locked(__import__('pathlib').Path({str(path)!r}), 'x'):\n"
+                               "    print('held', flush=True); time.sleep(60)"], stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline() == "held\n"
+    with pytest.raises(common.UserError, match=f"in use by another process \\(pid {holder.pid}\\)"):
+        with common.locked(path, "x"):
+            pass
+    holder.kill()  # SIGKILL: nothing cleans up, yet the lock is free
+    holder.wait()
+    with common.locked(path, "x"):
+        assert path.read_text().strip() == str(os.getpid())
+
+
+def test_saved_tensors_round_trip_and_any_damage_is_one_line(tmp_path, capsys):
+    weights = {"w": torch.arange(6.0).reshape(2, 3)}
+    path = common.save_tensors(tmp_path / "ckpt", {"model": weights, "best": None}, {"epoch": 3, "rng": [b"\x00"]})
+    tensors, state = common.load_tensors(path)
+    assert torch.equal(tensors["model"]["w"], weights["w"]) and "best" not in tensors and state["epoch"] == 3
+    assert not list(tmp_path.glob(".*"))  # the temporary directory went
+    data = bytearray((path / "model.safetensors").read_bytes())
+    data[-1] ^= 0xFF  # the same size, one byte flipped
+    (path / "model.safetensors").write_bytes(bytes(data))
+    with pytest.raises(common.UserError, match="model.safetensors no longer match their digests"):
+        common.load_tensors(path)
+    # random bytes in the training state with a matching digest (written so): our line, never torch's advice
+    path = common.save_tensors(tmp_path / "ckpt2", {"model": weights}, {})
+    (path / "state.pt").write_bytes(os.urandom(300))
+    digests = json.loads((path / "digests.json").read_text())
+    digests["state.pt"] = common.sha256(path / "state.pt")
+    (path / "digests.json").write_text(json.dumps(digests))
+    with pytest.raises(common.UserError) as caught:
+        common.load_tensors(path)
+    assert "is damaged" in str(caught.value) and "weights_only" not in str(caught.value)
+
+
+def test_progress_off_a_terminal_is_plain_lines(capsys):
+    with common.Progress(100, "epoch 1/2", every=None) as progress:
+        progress.update(40)
+        progress.report(step="4/10", loss="1.2345")
+    line = capsys.readouterr().err
+    assert line.startswith("epoch 1/2: 40/100 examples (40%), ") and line.endswith(", step 4/10, loss 1.2345\n")
+    assert "\r" not in line
+
+
+def test_auto_dtype_follows_the_hardware():
+    capabilities = torch.cpu.get_capabilities()
+    native = capabilities.get("avx512_bf16") or capabilities.get("amx_bf16")
+    assert common.resolve_dtype("auto", torch.device("cpu")) == (torch.bfloat16 if native else torch.float32)
+    assert common.resolve_dtype("fp16", torch.device("cpu")) == torch.float16
+
+
+def test_cuda_without_cuda_and_bad_devices_are_one_line(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for device, message in [("cuda", "CUDA is not available here"), ("tpu", "unknown --device|not supported"),
+                            ("gpu:0", "unknown --device")]:
+        with pytest.raises(common.UserError, match=message):
+            common.pick_device(device)
+    assert common.pick_device(None) == torch.device("cpu")

@@ -1,4 +1,5 @@
-"""Tests for prepare.py: pure functions, hostile inputs, a synthetic corpus, a local download, the real corpus."""
+"""Tests for prepare.py: pure functions, a synthetic corpus in the livedoor layout, hostile archives, your own
+JSONL/CSV/TSV, output safety, a download from a local server, and the real corpus when it is beside the checkout."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ import hashlib
 import http.server
 import io
 import json
+import os
+import subprocess
 import sys
 import tarfile
 import threading
@@ -19,29 +22,79 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-import common  # noqa: E402
 import prepare  # noqa: E402
-from conftest import run_on_read_only  # noqa: E402
-from livedoor_fixtures import (CATEGORIES, DUPLICATE_IDS, PER_CATEGORY, corpus_files,  # noqa: E402
-                               write_tarball, write_tree)
 
-REAL_DIR = ROOT.parent / "shared" / "data" / "livedoor"
-REAL_TARBALL = REAL_DIR / "ldcc-20140209.tar.gz"
-REAL_MANIFEST = REAL_DIR / "MANIFEST.sha256"
-OUTPUTS = ["all.jsonl", "train.jsonl", "val.jsonl", "test.jsonl", "label2id.json"]
+REAL_TARBALL = Path(__file__).resolve().parents[2] / "shared/data/livedoor/ldcc-20140209.tar.gz"
+OUTPUTS = ["all.jsonl", "label2id.json", "test.jsonl", "train.jsonl", "val.jsonl"]
+FOLD_FILES = ["fold.json", "label2id.json", "test.jsonl", "train.jsonl", "val.jsonl"]
+
+# ---------------------------------------------------------------- a small corpus in the livedoor layout
+
+CATEGORIES = ("alpha-news", "beta-life", "gamma-sports")
+PER_CATEGORY = 12
+N = len(CATEGORIES) * PER_CATEGORY
+DUPLICATES = {"alpha-news-1001": "alpha-news-1000", "beta-life-1005": "beta-life-1004",
+              "beta-life-1006": "beta-life-1004", "gamma-sports-1011": "gamma-sports-1003"}  # copy -> original
 
 
-def one_line_error(capsys, rc: int, *fragments: str) -> str:
-    """The error contract: non-zero exit, exactly one non-empty stderr line, no traceback."""
-    err = capsys.readouterr().err
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert rc != 0
-    assert len(lines) == 1, err
-    assert lines[0].startswith("prepare.py: error: "), err
-    assert "Traceback" not in err
+def article(stem: str) -> bytes:
+    article_id = int(stem.rsplit("-", 1)[1])
+    body = (f"　{DUPLICATES.get(stem, stem)}の記事、本文１行目。　\n\n  ２行目 ＡＢＣ \n")  # normalisation at work
+    return (f"http://news.livedoor.com/article/detail/{article_id}/\n2012-01-0{1 + article_id % 9}T10:00:00+0900\n"
+            f"タイトル　{stem}　\n{body}").encode()
+
+
+def corpus_files() -> dict[str, bytes]:
+    files = {"text/README.txt": b"readme\n", "text/CHANGES.txt": b"changes\n"}
+    for category in CATEGORIES:
+        files[f"text/{category}/LICENSE.txt"] = b"license\n"
+        for i in range(PER_CATEGORY):
+            files[f"text/{category}/{category}-{1000 + i}.txt"] = article(f"{category}-{1000 + i}")
+    return files
+
+
+def write_tree(root: Path, files: dict[str, bytes]) -> Path:
+    for name, data in files.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_bytes(data)
+    return root
+
+
+def write_tarball(path: Path, files: dict[str, bytes], extra: list[tarfile.TarInfo] = ()) -> Path:
+    with tarfile.open(path, "w:gz") as tar:
+        for name, data in sorted(files.items()):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+        for info in extra:
+            tar.addfile(info, io.BytesIO(b"x" * info.size) if info.isfile() else None)
+    return path
+
+
+def member(name: str, kind: bytes = tarfile.REGTYPE, linkname: str = "", size: int = 1) -> tarfile.TarInfo:
+    info = tarfile.TarInfo(name)
+    info.type, info.linkname, info.size = kind, linkname, size if kind == tarfile.REGTYPE else 0
+    return info
+
+
+@pytest.fixture
+def tarball(tmp_path) -> Path:
+    return write_tarball(tmp_path / "corpus.tar.gz", corpus_files())
+
+
+def run(*args: str | Path) -> int:
+    return prepare.main([str(a) for a in args])
+
+
+def one_line_error(capsys, rc: int, *fragments: str, after: str = "prepare.py: warning: ") -> str:
+    """The error contract: exit 1, one line at the end of stderr, no traceback; what comes before it are lines
+    starting with `after` (warnings, or the download's progress). Returns the line."""
+    *before, line = capsys.readouterr().err.splitlines() or [""]
+    assert rc == 1 and line.startswith("prepare.py: error: "), line
+    assert all(b.startswith(after) for b in before), before
     for fragment in fragments:
-        assert fragment in lines[0]
-    return lines[0]
+        assert fragment in line, (fragment, line)
+    return line
 
 
 def read_rows(path: Path) -> list[dict]:
@@ -49,442 +102,239 @@ def read_rows(path: Path) -> list[dict]:
 
 
 def snapshot(directory: Path) -> dict[str, bytes]:
-    return {p.name: p.read_bytes() for p in sorted(directory.iterdir())}
-
-
-@pytest.fixture
-def corpus_tarball(tmp_path) -> Path:
-    return write_tarball(tmp_path / "corpus.tar.gz", corpus_files())
-
-
-@pytest.fixture
-def corpus_dir(tmp_path) -> Path:
-    return write_tree(tmp_path / "extracted", corpus_files())
+    return {p.relative_to(directory).as_posix(): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
 
 
 # ---------------------------------------------------------------- pure functions
 
 @pytest.mark.parametrize("raw, expected", [
-    ("ＡＢＣ１２３", "ABC123"),
-    ("ｶﾀｶﾅ", "カタカナ"),
-    ("　本文です。　", "本文です。"),
-    ("  text \t\r", "text"),
-    ("内側の　空白", "内側の 空白"),
-    ("㈱①", "(株)1"),
-    ("　 　", ""),
+    ("ＡＢＣ１２３", "ABC123"), ("ｶﾀｶﾅ", "カタカナ"), ("　本文です。　", "本文です。"), ("  text \t\r", "text"),
+    ("内側の　空白", "内側の 空白"), ("㈱①", "(株)1"), ("　 　", ""),
 ])
 def test_normalize_text(raw, expected):
     assert prepare.normalize_text(raw) == expected
 
 
-def test_parse_article_fields():
-    raw = "http://x/1/\n2012-01-01T00:00:00+0900\n　タイトル！　\n\n　１行目　\n \n２行目\n".encode()
-    assert prepare.parse_article(raw, "a.txt") == {
-        "url": "http://x/1/", "date": "2012-01-01T00:00:00+0900", "title": "タイトル!", "body": "1行目\n2行目"}
+def test_parse_article():
+    raw = "http://x/1/\n2012-01-01T00:00:00+0900\n　タイトル！　\n\n　１行目\u2028続き　\n \n２行目\n".encode()
+    assert prepare.parse_article(raw, "a.txt") == {"url": "http://x/1/", "date": "2012-01-01T00:00:00+0900",
+                                                   "title": "タイトル!", "body": "1行目\n続き\n2行目"}
 
 
-@pytest.mark.parametrize("raw, fragment", [
-    (b"", "empty"),
-    (b" \n\n", "empty"),
-    (b"http://x/\n2012\n", "line"),
-    (b"http://x/\n2012\ntitle\n\xff\xfe body\n", "a.txt:4: not UTF-8"),
+@pytest.mark.parametrize("raw, message", [
+    (b"", "a.txt: empty, or not an article"), (b" \n\n\n", "a.txt: empty"), (b"http://x/\n2012\n", "not an article"),
+    (b"http://x/\n2012\ntitle\n\xff body\n", "a.txt:4: not UTF-8"),
 ])
-def test_parse_article_refuses_bad_articles(raw, fragment):
-    with pytest.raises(prepare.UserError, match=fragment):
+def test_parse_article_refuses(raw, message):
+    with pytest.raises(prepare.UserError, match=message):
         prepare.parse_article(raw, "a.txt")
 
 
-# sizes worked out by hand: n = 10 * base + extra, the first `extra` parts one larger
-@pytest.mark.parametrize("n, sizes", [
-    (0, (0, 0, 0)), (1, (1, 0, 0)), (7, (7, 0, 0)), (8, (8, 0, 0)), (9, (8, 1, 0)), (10, (8, 1, 1)),
-    (11, (9, 1, 1)), (18, (16, 1, 1)), (19, (16, 2, 1)), (20, (16, 2, 2)), (25, (21, 2, 2)),
-    (7367, (5895, 736, 736)),
-])
-def test_split_sizes(n, sizes):
-    train, val, test = prepare.split(list(range(n)), seed=42)
+# n = 10 * base + extra, the first `extra` parts one larger: (train, val, test) worked out by hand
+@pytest.mark.parametrize("n, sizes", [(0, (0, 0, 0)), (1, (1, 0, 0)), (8, (8, 0, 0)), (9, (8, 1, 0)),
+                                      (10, (8, 1, 1)), (11, (9, 1, 1)), (19, (16, 2, 1)), (25, (21, 2, 2)),
+                                      (7367, (5895, 736, 736))])
+def test_default_split_sizes(n, sizes):
+    train, val, test = prepare.folds(list(range(n)), 42, 10)[0]
     assert (len(train), len(val), len(test)) == sizes
     assert sorted(train + val + test) == list(range(n))
 
 
-@pytest.mark.parametrize("n", range(26))
-def test_split_sizes_small_n(n):
-    sizes = [len(part) for part in prepare.split(list(range(n)), seed=0)]
-    base, extra = divmod(n, 10)
-    assert sizes == [8 * base + min(extra, 8), base + (extra > 8), base]
+def test_split_is_deterministic_and_depends_on_the_seed():
+    items = [f"c/{i}.txt" for i in range(100)]
+    assert prepare.folds(items, 42, 10) == prepare.folds(list(items), 42, 10)
+    assert prepare.folds(items, 42, 10)[0] != prepare.folds(items, 43, 10)[0]
+    assert items == [f"c/{i}.txt" for i in range(100)], "the input is not shuffled in place"
 
 
-def test_split_depends_on_seed_and_key_order_only():
-    keys = [f"cat/{i}.txt" for i in range(100)]
-    shuffled = list(reversed(keys))
-    assert prepare.split(sorted(shuffled), 42) == prepare.split(sorted(keys), 42)
-    assert prepare.split(keys, 42) != prepare.split(keys, 43)
-    assert keys == [f"cat/{i}.txt" for i in range(100)], "split must not shuffle its input in place"
+@pytest.mark.parametrize("k", [3, 4, 10])
+@pytest.mark.parametrize("n", [10, 25, 101])
+def test_fold_layout(n, k):
+    folds = prepare.folds(list(range(n)), 7, k)
+    tests, vals = [f[2] for f in folds], [f[1] for f in folds]
+    assert sorted(x for t in tests for x in t) == list(range(n)), "every example tested once"
+    assert sorted(x for v in vals for x in v) == list(range(n)), "every example validated once"
+    assert sorted(len(t) for t in tests) == sorted(n // k + (i < n % k) for i in range(k))
+    for i, (train, val, test) in enumerate(folds):
+        assert sorted(train + val + test) == list(range(n)) and not set(train) & set(val + test)
+        assert val == tests[(i + 1) % k], "fold i validates on the part fold i+1 tests on"
 
 
-def require_real_corpus(path: Path) -> Path:
-    """The real corpus is shared data beside the checkout (CC BY-ND: never in the repository); without it the checks
-    against it cannot run, and the skip says so."""
-    if not path.exists():
-        pytest.skip(f"needs the real livedoor corpus: {path} is not there (shared data beside the checkout, never in "
-                    "the repository); put ldcc-20140209.tar.gz and its MANIFEST.sha256 there to check prepare.py "
-                    "against it")
-    return path
+def test_duplicate_report_counts_by_hand():
+    groups = [["a", "b"], ["c", "d", "e"], ["f", "g"]]
+    splits = {"train": [{"id": i} for i in "ace"], "val": [{"id": i} for i in "dfg"], "test": [{"id": "b"}]}
+    assert prepare.duplicate_report(groups, splits, dedupe=False) == (
+        "duplicate bodies: 3 groups (7 rows): 1 straddle test and train, 2 any two splits (--dedupe keeps one of "
+        "each)\n  a (train), b (test)\n  c (train), d (val), e (train)")
+    assert prepare.duplicate_report([], splits, dedupe=False) == "duplicate bodies: 0 groups (0 rows)"
 
 
-def test_real_corpus_skips_say_why(tmp_path):
-    with pytest.raises(pytest.skip.Exception, match="needs the real livedoor corpus: .* is not there"):
-        require_real_corpus(tmp_path / "ldcc-20140209.tar.gz")
-    assert require_real_corpus(tmp_path) == tmp_path
+# ---------------------------------------------------------------- the synthetic corpus end to end
 
-
-def test_digest_constant_matches_manifest():
-    require_real_corpus(REAL_MANIFEST)
-    lines = []
-    for entry in REAL_MANIFEST.read_text(encoding="utf-8").splitlines():
-        digest, path = entry.split("  ", 1)
-        rel = prepare.article_path(path)
-        if rel is not None:
-            lines.append(f"{rel}\t{digest}\n")
-    assert len(lines) == prepare.N_ARTICLES
-    assert hashlib.sha256("".join(sorted(lines)).encode()).hexdigest() == prepare.CORPUS_DIGEST
-
-
-def test_read_limited_checks_while_reading(monkeypatch):
-    import io
-    monkeypatch.setattr(prepare, "MAX_ARTICLE_BYTES", 100)
-    assert prepare.read_limited(io.BytesIO(b"x" * 100), "ok") == b"x" * 100
-    with pytest.raises(prepare.UserError, match="decompression bomb"):
-        prepare.read_limited(io.BytesIO(b"x" * 101), "big.txt")
-
-
-# ---------------------------------------------------------------- synthetic corpus end to end
-
-def test_tarball_and_directory_give_identical_files(tmp_path, corpus_tarball, corpus_dir, capsys):
-    reversed_tarball = write_tarball(tmp_path / "reversed.tar.gz", corpus_files(), reverse=True)
-    outputs = []
-    for i, source in enumerate([corpus_tarball, corpus_dir, corpus_dir / "text", reversed_tarball]):
-        out = tmp_path / f"out{i}"
-        assert prepare.main(["--input", str(source), "--output_dir", str(out), "--no_verify"]) == 0
-        outputs.append(snapshot(out))
-    assert all(o == outputs[0] for o in outputs[1:])
-    assert sorted(outputs[0]) == sorted(OUTPUTS)
-
-    out = tmp_path / "out0"
-    label2id = json.loads((out / "label2id.json").read_text(encoding="utf-8"))
-    assert label2id == {c: i for i, c in enumerate(sorted(CATEGORIES))}
-    all_rows = read_rows(out / "all.jsonl")
-    n = len(CATEGORIES) * PER_CATEGORY
-    assert len(all_rows) == n and [r["id"] for r in all_rows] == sorted(r["id"] for r in all_rows)
-    sizes = [len(read_rows(out / f"{s}.jsonl")) for s in ("train", "val", "test")]
-    assert sizes == [len(p) for p in prepare.split(list(range(n)), 42)]
-    row = next(r for r in all_rows if r["id"] == "beta-life-1003")
-    assert list(row) == ["id", "label", "category", "article_id", "url", "date", "title", "body"]
-    assert row == {"id": "beta-life-1003", "label": 1, "category": "beta-life", "article_id": "1003",
-                   "url": "http://news.livedoor.com/article/detail/1003/", "date": "2012-01-05T10:00:00+0900",
-                   "title": "タイトル beta-life-1003", "body": "beta-lifeの記事1003、本文1行目。\n2行目 ABC"}
-    assert "の記事" in (out / "all.jsonl").read_text(encoding="utf-8"), "written as UTF-8, not \\u escapes"
+def test_tarball_and_directory_give_the_same_dataset(tmp_path, tarball, capsys):
+    tree = write_tree(tmp_path / "extracted", corpus_files())
+    for i, source in enumerate([tarball, tree, tree / "text"]):
+        assert run("--input", source, "--output_dir", tmp_path / f"out{i}", "--no_verify") == 0
+    out = snapshot(tmp_path / "out0")
+    assert sorted(out) == OUTPUTS and snapshot(tmp_path / "out1") == out == snapshot(tmp_path / "out2")
+    assert json.loads(out["label2id.json"]) == {c: i for i, c in enumerate(CATEGORIES)}
+    rows = read_rows(tmp_path / "out0/all.jsonl")
+    assert [r["id"] for r in rows] == sorted(f"{c}-{1000 + i}" for c in CATEGORIES for i in range(PER_CATEGORY))
+    assert rows[13] == {"id": "beta-life-1001", "label": 1, "category": "beta-life", "article_id": "1001",
+                        "url": "http://news.livedoor.com/article/detail/1001/", "date": "2012-01-03T10:00:00+0900",
+                        "title": "タイトル beta-life-1001", "body": "beta-life-1001の記事、本文1行目。\n2行目 ABC"}
+    assert "の記事" in out["all.jsonl"].decode(), "UTF-8, not \\u escapes"
+    splits = {s: read_rows(tmp_path / f"out0/{s}.jsonl") for s in ("train", "val", "test", "all")}
+    assert [len(rows) for rows in splits.values()] == [30, 3, 3, 36]
     stdout = capsys.readouterr().out
-    assert "duplicate bodies: 1 groups (2 rows)" in stdout and "total" in stdout and " s\n" in stdout
+    assert "category      label   train     val    test     all\n" in stdout  # the category x split table
+    for label, category in enumerate(CATEGORIES):
+        counts = [sum(r["category"] == category for r in rows) for rows in splits.values()]
+        assert f"\n{category:<12}  {label:>5}  " + "  ".join(f"{n:>6}" for n in counts) + "\n" in stdout
+    assert "\ntotal                    30       3       3      36\n" in stdout
+    assert "duplicate bodies: 3 groups (7 rows)" in stdout
 
 
-def test_dedupe_keeps_one_of_each_group(tmp_path, corpus_tarball):
-    out = tmp_path / "out"
-    assert prepare.main(["--input", str(corpus_tarball), "--output_dir", str(out), "--no_verify", "--dedupe"]) == 0
-    ids = [r["id"] for r in read_rows(out / "all.jsonl")]
-    assert len(ids) == len(CATEGORIES) * PER_CATEGORY - 1
-    assert DUPLICATE_IDS[0] in ids and DUPLICATE_IDS[1] not in ids
-
-
-def test_seed_changes_split_not_content(tmp_path, corpus_tarball):
+def test_seed_changes_the_split_not_the_rows(tmp_path, tarball):
     for seed in ("1", "2"):
-        assert prepare.main(["--input", str(corpus_tarball), "--output_dir", str(tmp_path / seed),
-                             "--no_verify", "--seed", seed]) == 0
+        assert run("--input", tarball, "--output_dir", tmp_path / seed, "--no_verify", "--seed", seed) == 0
     assert (tmp_path / "1/all.jsonl").read_bytes() == (tmp_path / "2/all.jsonl").read_bytes()
-    assert (tmp_path / "1/train.jsonl").read_bytes() != (tmp_path / "2/train.jsonl").read_bytes()
+    assert (tmp_path / "1/test.jsonl").read_bytes() != (tmp_path / "2/test.jsonl").read_bytes()
 
 
-def test_rerun_replaces_previous_dataset(tmp_path, corpus_tarball):
+def test_dedupe_keeps_the_first_of_each_group(tmp_path, tarball, capsys):
+    assert run("--input", tarball, "--output_dir", tmp_path / "out", "--no_verify", "--dedupe") == 0
+    ids = {r["id"] for r in read_rows(tmp_path / "out/all.jsonl")}
+    assert len(ids) == N - len(DUPLICATES) and not ids & set(DUPLICATES) and set(DUPLICATES.values()) <= ids
+    assert "--dedupe kept the first of each" in capsys.readouterr().out
+
+
+def test_folds_and_default_split_live_side_by_side(tmp_path, tarball, capsys):
     out = tmp_path / "out"
-    assert prepare.main(["--input", str(corpus_tarball), "--output_dir", str(out), "--no_verify"]) == 0
-    assert prepare.main(["--input", str(corpus_tarball), "--output_dir", str(out), "--no_verify", "--dedupe"]) == 0
-    assert sorted(p.name for p in out.iterdir()) == sorted(OUTPUTS)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["corpus.tar.gz", "out"], "no staging dirs left"
+    base = ["--input", tarball, "--output_dir", out, "--no_verify"]
+    assert run(*base) == 0
+    default = snapshot(out)
+    assert run(*base, "--folds", "10") == 0
+    assert snapshot(out) == {**default, **{k: v for k, v in snapshot(out).items() if k.startswith("fold-")}}
+    for i in range(10):
+        assert sorted(snapshot(out / f"fold-{i}")) == FOLD_FILES
+    for name in ("train.jsonl", "val.jsonl", "test.jsonl", "label2id.json"):
+        assert (out / "fold-0" / name).read_bytes() == default[name], "fold-0 of 10 is the default split"
+    records = [json.loads((out / f"fold-{i}/fold.json").read_text()) for i in range(10)]
+    assert [(r["fold"], r["folds"], r["seed"]) for r in records] == [(i, 10, 42) for i in range(10)]
+    assert len({r["set"] for r in records}) == 1 and len(records[0]["set"]) == 16
+    tested = sorted(r["id"] for i in range(10) for r in read_rows(out / f"fold-{i}/test.jsonl"))
+    assert tested == sorted(r["id"] for r in read_rows(out / "all.jsonl"))
+    stdout = capsys.readouterr().out
+    # 36 articles in parts of 4, 4, 4, 4, 4, 4, 3, 3, 3, 3: fold 9 tests on part 1, validates on part 10
+    assert "fold-0: train 30, val 3, test 3\n" in stdout and "fold-9: train 29, val 3, test 4\n" in stdout
+
+    folds = {k: v for k, v in snapshot(out).items() if k.startswith("fold-")}
+    assert run(*base, "--seed", "5") == 0  # the default split again: the folds stay
+    assert {k: v for k, v in snapshot(out).items() if k.startswith("fold-")} == folds
+    assert run(*base, "--folds", "3") == 0  # fewer folds replace the old ones; the default split stays
+    assert sorted(p.name for p in out.iterdir()) == sorted([*OUTPUTS, "fold-0", "fold-1", "fold-2"])
+    assert [len(read_rows(out / f"fold-1/{s}.jsonl")) for s in ("train", "val", "test")] == [12, 12, 12]
+    assert json.loads((out / "fold-0/fold.json").read_text())["set"] != records[0]["set"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["corpus.tar.gz", "out"], "no staging left"
 
 
-def test_verification_rejects_another_corpus(tmp_path, corpus_tarball, capsys):
+def test_duplicates_reported_for_every_fold(tmp_path, tarball, capsys):
     out = tmp_path / "out"
-    rc = prepare.main(["--input", str(corpus_tarball), "--output_dir", str(out)])
-    one_line_error(capsys, rc, "not ldcc-20140209", "36 articles in 3 categories", "--no_verify")
-    assert not out.exists()
+    assert run("--input", tarball, "--output_dir", out, "--no_verify", "--folds", "4") == 0
+    stdout = capsys.readouterr().out
+    groups = [["alpha-news-1000", "alpha-news-1001"], ["beta-life-1004", "beta-life-1005", "beta-life-1006"],
+              ["gamma-sports-1003", "gamma-sports-1011"]]
+    seen = set()
+    for i in range(4):
+        split_of = {r["id"]: s for s in ("train", "val", "test") for r in read_rows(out / f"fold-{i}/{s}.jsonl")}
+        where = [{split_of[x] for x in ids} for ids in groups]
+        test_train, any_two = sum({"test", "train"} <= w for w in where), sum(len(w) > 1 for w in where)
+        block = stdout.split(f"fold-{i}: ")[1].split("\nfold-")[0]
+        assert f"duplicate bodies: 3 groups (7 rows): {test_train} straddle test and train, {any_two} any two" in block
+        for ids, w in zip(groups, where):
+            assert (", ".join(f"{x} ({split_of[x]})" for x in ids) in block) == (len(w) > 1)
+        seen.add((test_train, any_two))
+    assert len(seen) > 1, "the folds differ, so their reports must"
 
 
-def test_verification_catches_altered_content(monkeypatch, corpus_tarball, tmp_path):
-    articles = prepare.read_tarball(corpus_tarball)
-    monkeypatch.setattr(prepare, "N_ARTICLES", len(articles))
-    monkeypatch.setattr(prepare, "N_CATEGORIES", len(CATEGORIES))
-    monkeypatch.setattr(prepare, "CORPUS_DIGEST", prepare.corpus_digest(articles))
-    prepare.verify_corpus(articles, corpus_tarball)
-    path = sorted(articles)[5]
-    articles[path] = articles[path].replace("本文".encode(), "本分".encode())
-    with pytest.raises(prepare.UserError, match="contents differ"):
-        prepare.verify_corpus(articles, corpus_tarball)
+def test_bad_number_of_folds(tmp_path, tarball, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        run("--input", tarball, "--output_dir", tmp_path / "out", "--folds", "2")
+    assert exit_info.value.code == 2 and "3 or more" in capsys.readouterr().err
+    rc = run("--input", tarball, "--output_dir", tmp_path / "out", "--no_verify", "--folds", "37")
+    one_line_error(capsys, rc, "--folds 37 is more than the 36 examples")
+    assert not (tmp_path / "out").exists()
 
 
-# ---------------------------------------------------------------- hostile and bad input
-
-BAD_MEMBERS = {
-    "traversal": ("text/../../evil.txt", b"x", tarfile.REGTYPE, "", "'..'"),
-    "absolute": ("/tmp/evil.txt", b"x", tarfile.REGTYPE, "", "absolute"),
-    "symlink": ("text/alpha-news/alpha-news-9.txt", b"", tarfile.SYMTYPE, "/etc/passwd", "symbolic link"),
-    "hardlink": ("text/alpha-news/alpha-news-9.txt", b"", tarfile.LNKTYPE, "/etc/passwd", "hard link"),
-    "fifo": ("text/alpha-news/fifo", b"", tarfile.FIFOTYPE, "", "device or fifo"),
-    "device": ("text/alpha-news/dev", b"", tarfile.CHRTYPE, "", "device or fifo"),
-}
-
-
-@pytest.mark.parametrize("case", sorted(BAD_MEMBERS))
-def test_refuses_malicious_members(tmp_path, capsys, case):
-    name, data, kind, linkname, why = BAD_MEMBERS[case]
-    archive = write_tarball(tmp_path / "evil.tar.gz", corpus_files(), extra=[(name, data, kind, linkname)])
-    out = tmp_path / "out"
-    rc = prepare.main(["--input", str(archive), "--output_dir", str(out), "--no_verify"])
-    one_line_error(capsys, rc, "refusing unsafe archive member", why)
-    assert not out.exists()
-    assert not (tmp_path / "evil.txt").exists() and not Path("/tmp/evil.txt").exists()
+def test_verification(tmp_path, tarball, capsys, monkeypatch):
+    rc = run("--input", tarball, "--output_dir", tmp_path / "out")
+    one_line_error(capsys, rc, "not ldcc-20140209: 36 articles in 3 categories, expected 7367 in 9", "--no_verify")
+    assert not (tmp_path / "out").exists()
+    # the digest recipe, written out here independently: sha256 of sorted "<category>/<file>.txt\t<sha256>\n" lines
+    files = {k.removeprefix("text/"): v for k, v in corpus_files().items() if k.count("/") == 2 and "LICENSE" not in k}
+    lines = "".join(f"{path}\t{hashlib.sha256(data).hexdigest()}\n" for path, data in sorted(files.items()))
+    monkeypatch.setattr(prepare, "CORPUS_DIGEST", hashlib.sha256(lines.encode()).hexdigest())
+    monkeypatch.setattr(prepare, "N_ARTICLES", N)
+    monkeypatch.setattr(prepare, "N_CATEGORIES", 3)
+    assert run("--input", tarball, "--output_dir", tmp_path / "out") == 0
+    assert "verified as ldcc-20140209" in capsys.readouterr().out
+    altered = corpus_files()
+    altered["text/beta-life/beta-life-1003.txt"] = altered["text/beta-life/beta-life-1003.txt"].replace(b"1", b"2")
+    rc = run("--input", write_tree(tmp_path / "altered", altered), "--output_dir", tmp_path / "out2")
+    one_line_error(capsys, rc, "the article contents differ from the original")
 
 
-def test_refuses_decompression_bomb(tmp_path, capsys):
+# ---------------------------------------------------------------- hostile or broken archives
+
+@pytest.mark.parametrize("extra", [
+    member("text/alpha-news/alpha-news-9.txt", tarfile.SYMTYPE, "/etc/passwd"),
+    member("text/alpha-news/alpha-news-9.txt", tarfile.LNKTYPE, "text/beta-life/beta-life-1000.txt"),
+    member("text/../alpha-news/alpha-news-9.txt"), member("../../alpha-news/alpha-news-9.txt"),
+    member("/alpha-news/alpha-news-9.txt"), member("text/alpha-news/alpha-news-9.txt", tarfile.CHRTYPE),
+    member("text/alpha-news/alpha-news-9.txt", tarfile.FIFOTYPE), member("text/alpha-news/.hidden.txt"),
+    member("text/alpha-news/alpha-news-\udcff.txt"),  # a name that is not UTF-8
+], ids=["symlink", "hardlink", "dotdot", "dotdot-top", "absolute", "device", "fifo", "hidden", "not-utf8"])
+def test_other_members_are_never_read(tmp_path, tarball, extra):
+    archive = write_tarball(tmp_path / "odd.tar.gz", corpus_files(), [extra])
+    assert run("--input", tarball, "--output_dir", tmp_path / "clean", "--no_verify") == 0
+    assert run("--input", archive, "--output_dir", tmp_path / "odd", "--no_verify") == 0
+    assert snapshot(tmp_path / "odd") == snapshot(tmp_path / "clean")
+
+
+def test_oversized_member_is_refused(tmp_path, capsys):
     bomb = b"\0" * (prepare.MAX_ARTICLE_BYTES + 1)  # about 10 KB once gzipped
     archive = write_tarball(tmp_path / "bomb.tar.gz", {**corpus_files(), "text/alpha-news/alpha-news-9.txt": bomb})
-    assert archive.stat().st_size < 200_000
-    rc = prepare.main(["--input", str(archive), "--output_dir", str(tmp_path / "out"), "--no_verify"])
-    one_line_error(capsys, rc, "alpha-news-9.txt", "MiB limit")
+    assert archive.stat().st_size < 100_000
+    rc = run("--input", archive, "--output_dir", tmp_path / "out", "--no_verify")
+    one_line_error(capsys, rc, "refusing", "alpha-news-9.txt", "bomb")
     assert not (tmp_path / "out").exists()
 
 
-def test_refuses_oversized_file_in_directory(tmp_path, corpus_dir, capsys, monkeypatch):
-    monkeypatch.setattr(prepare, "MAX_ARTICLE_BYTES", 1000)
-    (corpus_dir / "text/beta-life/beta-life-9.txt").write_bytes(b"x" * 1001)
-    rc = prepare.main(["--input", str(corpus_dir), "--output_dir", str(tmp_path / "out"), "--no_verify"])
-    one_line_error(capsys, rc, "beta-life-9.txt", "limit")
-
-
-def test_truncated_gzip(tmp_path, capsys):
-    files = {**corpus_files(), **{f"text/alpha-news/alpha-news-{i}.txt": str(i).encode() * 5000 for i in range(50)}}
-    data = write_tarball(tmp_path / "full.tar.gz", files).read_bytes()
-    archive = tmp_path / "cut.tar.gz"
-    archive.write_bytes(data[: len(data) // 2])
-    rc = prepare.main(["--input", str(archive), "--output_dir", str(tmp_path / "out"), "--no_verify"])
-    one_line_error(capsys, rc, "truncated or corrupt", str(archive))
+@pytest.mark.parametrize("content", ["truncated", b"not an archive\n" * 10, gzip.compress(b"not a tar" * 100), b""])
+def test_truncated_or_not_an_archive(tmp_path, capsys, content):
+    if content == "truncated":
+        files = {**corpus_files(), **{f"text/alpha-news/x-{i}.txt": os.urandom(5000) for i in range(20)}}
+        data = write_tarball(tmp_path / "full.tar.gz", files).read_bytes()
+        content = data[: len(data) // 2]
+    (tmp_path / "c.tar.gz").write_bytes(content)
+    rc = run("--input", tmp_path / "c.tar.gz", "--output_dir", tmp_path / "out", "--no_verify")
+    one_line_error(capsys, rc, "c.tar.gz is not a tar or tar.gz archive, or is truncated")
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("content", [b"this is not an archive\n" * 10, gzip.compress(b"not a tar file" * 100), b""])
-def test_not_an_archive(tmp_path, capsys, content):
-    archive = tmp_path / "ldcc.tar.gz"
-    archive.write_bytes(content)
-    rc = prepare.main(["--input", str(archive), "--output_dir", str(tmp_path / "out")])
-    one_line_error(capsys, rc, "not a tar")
-    assert not (tmp_path / "out").exists()
-
-
-def test_input_does_not_exist(tmp_path, capsys):
-    rc = prepare.main(["--input", str(tmp_path / "missing.tar.gz"), "--output_dir", str(tmp_path / "out")])
-    one_line_error(capsys, rc, "does not exist")
-    assert not (tmp_path / "out").exists()
-
-
-def test_directory_without_category_folders(tmp_path, capsys):
-    (tmp_path / "empty" / "text").mkdir(parents=True)
-    (tmp_path / "empty" / "text" / "README.txt").write_text("x")
-    rc = prepare.main(["--input", str(tmp_path / "empty"), "--output_dir", str(tmp_path / "out")])
-    one_line_error(capsys, rc, "no category folders")
-    assert not (tmp_path / "out").exists()
-
-
-def test_archive_without_articles(tmp_path, capsys):
-    archive = write_tarball(tmp_path / "a.tar.gz", {"text/README.txt": b"x", "other/deep/x/y.txt": b"z"})
-    rc = prepare.main(["--input", str(archive), "--output_dir", str(tmp_path / "out")])
-    one_line_error(capsys, rc, "no articles")
-
-
-@pytest.mark.parametrize("content, fragment", [
-    (b"", "empty"),
-    ("http://x/\n2012\nタイトル\n本文\n".encode("shift_jis"), "text/beta-life/beta-life-9.txt:3: not UTF-8"),
-])
-def test_bad_article_in_category_folder(tmp_path, corpus_dir, capsys, content, fragment):
-    (corpus_dir / "text/beta-life/beta-life-9.txt").write_bytes(content)
-    rc = prepare.main(["--input", str(corpus_dir), "--output_dir", str(tmp_path / "out"), "--no_verify"])
-    one_line_error(capsys, rc, fragment)
-    assert not (tmp_path / "out").exists()
-
-
-def test_bad_article_in_tarball(tmp_path, capsys):
+def test_bad_article_and_empty_input(tmp_path, capsys):
     archive = write_tarball(tmp_path / "a.tar.gz", {**corpus_files(), "text/beta-life/beta-life-9.txt": b"\x81\x40"})
-    rc = prepare.main(["--input", str(archive), "--output_dir", str(tmp_path / "out"), "--no_verify"])
-    one_line_error(capsys, rc, "beta-life-9.txt:1: not UTF-8")
+    one_line_error(capsys, run("--input", archive, "--output_dir", tmp_path / "o", "--no_verify"),
+                   "a.tar.gz:beta-life/beta-life-9.txt:1: not UTF-8")
+    (tmp_path / "empty/text").mkdir(parents=True)
+    one_line_error(capsys, run("--input", tmp_path / "empty", "--output_dir", tmp_path / "o"), "no articles in")
+    one_line_error(capsys, run("--input", tmp_path / "missing.tar.gz", "--output_dir", tmp_path / "o"),
+                   "missing.tar.gz: No such file or directory")
+    assert not (tmp_path / "o").exists()
 
 
-@pytest.mark.parametrize("layout", ["tarball", "directory"])
-def test_article_name_that_is_not_utf8(tmp_path, capsys, layout):
-    # tar and the file system hand over such bytes as lone surrogates, which no UTF-8 file can hold
-    files = corpus_files()
-    files["text/beta-life/beta-life-\udcff9.txt"] = files["text/beta-life/beta-life-1000.txt"]
-    source = (write_tarball(tmp_path / "a.tar.gz", files) if layout == "tarball"
-              else write_tree(tmp_path / "extracted", files))
-    rc = prepare.main(["--input", str(source), "--output_dir", str(tmp_path / "out"), "--no_verify"])
-    one_line_error(capsys, rc, "beta-life/beta-life-\\xff9.txt' is not UTF-8; rename it")
-    assert not (tmp_path / "out").exists()
-
-
-def test_output_path_is_a_file(tmp_path, corpus_tarball, capsys):
-    out = tmp_path / "out"
-    out.write_text("precious")
-    rc = prepare.main(["--input", str(corpus_tarball), "--output_dir", str(out), "--no_verify"])
-    one_line_error(capsys, rc, "is a file")
-    assert out.read_text() == "precious"
-
-
-def test_read_only_output_dir_is_refused_before_the_input_is_read(tmp_path):
-    read_only = tmp_path / "datasets"
-    # no such input: a check made after reading it (or after a download) would report that instead
-    result = run_on_read_only(read_only, [sys.executable, str(ROOT / "prepare.py"), "--input",
-                                          str(tmp_path / "none.jsonl"), "--output_dir", str(read_only / "mine")])
-    assert result.returncode == 1 and "Traceback" not in result.stderr
-    assert result.stderr.splitlines()[-1] == (f"prepare.py: error: cannot write in {read_only} (Read-only file "
-                                              "system): --output_dir needs a directory you can write to")
-
-
-def test_output_dir_with_other_files_is_left_alone(tmp_path, corpus_tarball, capsys):
-    out = tmp_path / "out"
-    out.mkdir()
-    (out / "notes.txt").write_text("mine")
-    rc = prepare.main(["--input", str(corpus_tarball), "--output_dir", str(out), "--no_verify"])
-    one_line_error(capsys, rc, "notes.txt")
-    assert snapshot(out) == {"notes.txt": b"mine"}
-
-
-def test_failed_run_leaves_previous_dataset_unchanged(tmp_path, corpus_tarball, capsys):
-    out = tmp_path / "out"
-    assert prepare.main(["--input", str(corpus_tarball), "--output_dir", str(out), "--no_verify"]) == 0
-    before = snapshot(out)
-    capsys.readouterr()
-    bad = write_tarball(tmp_path / "bad.tar.gz", corpus_files(), extra=[("../x", b"x", tarfile.REGTYPE, "")])
-    rc = prepare.main(["--input", str(bad), "--output_dir", str(out), "--no_verify"])
-    one_line_error(capsys, rc, "refusing")
-    assert snapshot(out) == before
-
-
-def test_debug_shows_traceback(tmp_path, monkeypatch):
-    """--debug (or BERTCLS_DEBUG=1) lets the error through, so Python prints its traceback and exits 1."""
-    with pytest.raises(prepare.UserError, match="does not exist"):
-        prepare.main(["--input", str(tmp_path / "missing"), "--output_dir", str(tmp_path / "o"), "--debug"])
-    monkeypatch.setenv("BERTCLS_DEBUG", "1")
-    with pytest.raises(prepare.UserError, match="does not exist"):
-        prepare.main(["--input", str(tmp_path / "missing"), "--output_dir", str(tmp_path / "o")])
-
-
-# ---------------------------------------------------------------- k-fold cross-validation
-
-@pytest.mark.parametrize("k", [3, 4, 5, 10])
-@pytest.mark.parametrize("n", [10, 25, 101])
-def test_fold_splits_test_and_validate_every_example_once(k, n):
-    items = list(range(n))
-    folds = prepare.fold_splits(items, seed=7, k=k)
-    assert len(folds) == k
-    for train, val, test in folds:
-        assert sorted(train + val + test) == items  # complete, and no example in two splits of a fold
-    assert sorted(x for _, _, test in folds for x in test) == items  # each tested in exactly one fold
-    assert sorted(x for _, val, _ in folds for x in val) == items  # each validated in exactly one fold
-    parts = prepare.parts(items, 7, k)
-    assert [len(p) for p in parts] == [n // k + (i < n % k) for i in range(k)]  # the first n % k one larger
-    # (k-2):1:1 by parts; fold i tests on part k-1-i and validates on the part before it
-    assert [(val, test) for _, val, test in folds] == [(parts[(k - 2 - i) % k], parts[k - 1 - i]) for i in range(k)]
-
-
-@pytest.mark.parametrize("n", [*range(10, 31), 7367])
-def test_fold_0_of_10_is_the_default_split(n):
-    items = [f"cat/{i:05d}.txt" for i in range(n)]
-    assert prepare.fold_splits(items, 42, 10)[0] == prepare.split(items, 42)
-
-
-def test_folds_are_written_next_to_the_default_split(tmp_path, corpus_tarball, capsys):
-    out = tmp_path / "out"
-    base = ["--input", str(corpus_tarball), "--output_dir", str(out), "--no_verify"]
-    assert prepare.main(base) == 0
-    default = snapshot(out)
-    assert prepare.main([*base, "--folds", "10"]) == 0
-    assert {p.name for p in out.iterdir()} == {*OUTPUTS, *(f"fold-{i}" for i in range(10))}
-    assert {name: (out / name).read_bytes() for name in OUTPUTS} == default  # left as it was
-    fold_0 = snapshot(out / "fold-0")
-    assert sorted(fold_0) == ["fold.json", "label2id.json", "test.jsonl", "train.jsonl", "val.jsonl"]
-    for name in ("train.jsonl", "val.jsonl", "test.jsonl", "label2id.json"):
-        assert fold_0[name] == default[name], name  # byte for byte
-    records = [json.loads((out / f"fold-{i}" / "fold.json").read_text()) for i in range(10)]
-    assert [(r["fold"], r["folds"], r["seed"]) for r in records] == [(i, 10, 42) for i in range(10)]
-    assert len({r["set"] for r in records}) == 1
-    tested = [r["id"] for i in range(10) for r in read_rows(out / f"fold-{i}" / "test.jsonl")]
-    assert sorted(tested) == sorted(r["id"] for r in read_rows(out / "all.jsonl"))
-    stdout = capsys.readouterr().out
-    # 36 articles in parts of 4, 4, 4, 4, 4, 4, 3, 3, 3, 3: fold 9 tests on the first, validates on the last
-    assert "fold-0: train 30, val 3, test 3\n" in stdout and "fold-9: train 29, val 3, test 4\n" in stdout
-    # writing the default split again keeps the folds; fewer folds replace all of the old ones
-    folds = {i: snapshot(out / f"fold-{i}") for i in range(10)}
-    assert prepare.main(base) == 0
-    assert {i: snapshot(out / f"fold-{i}") for i in range(10)} == folds
-    assert prepare.main([*base, "--folds", "3", "--seed", "5"]) == 0
-    assert {p.name for p in out.iterdir()} == {*OUTPUTS, "fold-0", "fold-1", "fold-2"}
-    assert {name: (out / name).read_bytes() for name in OUTPUTS} == default
-    assert json.loads((out / "fold-2" / "fold.json").read_text())["set"] != records[0]["set"]
-    assert [len(read_rows(out / "fold-1" / f"{s}.jsonl")) for s in ("train", "val", "test")] == [12, 12, 12]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["corpus.tar.gz", "out"], "no staging dirs left"
-
-
-def test_folds_of_own_data(tmp_path, capsys):
-    data = write_jsonl(tmp_path / "reviews.jsonl", labelled(50))
-    out = tmp_path / "out"
-    assert prepare.main(["--input", str(data), "--output_dir", str(out), "--folds", "5"]) == 0
-    for i in range(5):
-        sizes = [len(read_rows(out / f"fold-{i}" / f"{s}.jsonl")) for s in ("train", "val", "test")]
-        assert sizes == [30, 10, 10]  # 3:1:1
-        assert json.loads((out / f"fold-{i}" / "label2id.json").read_text()) == {"neg": 0, "pos": 1}
-    assert not (out / "train.jsonl").exists()
-
-
-@pytest.mark.parametrize("folds, fragment", [
-    ("2", "--folds 2: a fold needs a train, a val and a test part; use --folds 3 or more"),
-    ("0", "use --folds 3 or more"),
-    ("37", "--folds 37 is more than the 36 examples: use --folds 36 or fewer"),
-])
-def test_bad_number_of_folds(tmp_path, corpus_tarball, capsys, folds, fragment):
-    out = tmp_path / "out"
-    rc = prepare.main(["--input", str(corpus_tarball), "--output_dir", str(out), "--no_verify", "--folds", folds])
-    one_line_error(capsys, rc, fragment)
-    assert not out.exists()
-
-
-def test_failed_folds_leave_the_previous_ones(tmp_path, corpus_tarball, capsys, monkeypatch):
-    out = tmp_path / "out"
-    assert prepare.main(["--input", str(corpus_tarball), "--output_dir", str(out), "--no_verify", "--folds", "3"]) == 0
-    before = {i: snapshot(out / f"fold-{i}") for i in range(3)}
-    written = []
-
-    def write_then_fail(output_dir, splits, label2id, *args):
-        if written:
-            raise prepare.UserError(f"cannot write {output_dir}: No space left on device")
-        written.append(output_dir)
-        original(output_dir, splits, label2id, *args)
-
-    original = prepare.write_dataset
-    monkeypatch.setattr(prepare, "write_dataset", write_then_fail)
-    rc = prepare.main(["--input", str(corpus_tarball), "--output_dir", str(out), "--no_verify", "--folds", "4"])
-    one_line_error(capsys, rc, "No space left")
-    assert {p.name for p in out.iterdir()} == {"fold-0", "fold-1", "fold-2"}
-    assert {i: snapshot(out / f"fold-{i}") for i in range(3)} == before
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["corpus.tar.gz", "out"], "no staging dirs left"
-
-
-# ---------------------------------------------------------------- bring your own data
+# ---------------------------------------------------------------- your own data
 
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
     path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
@@ -495,323 +345,266 @@ def labelled(n: int, labels=("neg", "pos")) -> list[dict]:
     return [{"text": f"文 {i}", "label": labels[i % len(labels)], "extra": i} for i in range(n)]
 
 
-def test_own_jsonl_one_text_field(tmp_path, capsys):
-    data = write_jsonl(tmp_path / "reviews.jsonl", labelled(40))
+def test_own_jsonl(tmp_path, capsys):
+    rows = labelled(39) + [{"text": "a\u2028b\u2029c\x85d\re  ", "label": "pos", "id": "zz"}]
     out = tmp_path / "out"
-    assert prepare.main(["--input", str(data), "--output_dir", str(out)]) == 0
+    assert run("--input", write_jsonl(tmp_path / "reviews.jsonl", rows), "--output_dir", out) == 0
     assert json.loads((out / "label2id.json").read_text()) == {"neg": 0, "pos": 1}
-    rows = read_rows(out / "all.jsonl")
-    assert rows[0] == {"id": "0", "label": 0, "category": "neg", "text": "文 0"}
+    written = read_rows(out / "all.jsonl")
+    assert written[0] == {"id": "0", "label": 0, "category": "neg", "text": "文 0"}
+    assert written[-1]["text"] == "a\u2028b\u2029c\x85d\re  ", "texts are written as they are"
+    assert len((out / "all.jsonl").read_bytes().split(b"\n")) == 41, "one line per row"
     assert [len(read_rows(out / f"{s}.jsonl")) for s in ("train", "val", "test")] == [32, 4, 4]
     assert capsys.readouterr().err == ""
 
 
-def test_own_text_with_line_separators_stays_one_line(tmp_path):
-    rows = labelled(20) + [{"text": "a\u2028b\u2029c\x85d\re", "label": "pos", "id": "zz"}]
-    data = write_jsonl(tmp_path / "d.jsonl", rows)
-    assert prepare.main(["--input", str(data), "--output_dir", str(tmp_path / "out")]) == 0
-    lines = (tmp_path / "out/all.jsonl").read_text(encoding="utf-8").splitlines()
-    assert len(lines) == 21 and json.loads(lines[-1])["text"] == "a\u2028b\u2029c\x85d\re"
-    assert common.read_jsonl(tmp_path / "out/all.jsonl")[-1]["id"] == "zz"
+def test_own_data_default_output_dir_and_line_order(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    rows = [{"id": f"r{i}", "text": str(i), "label": "ab"[i % 2]} for i in range(30)]
+    write_jsonl(tmp_path / "a.jsonl", rows)
+    write_jsonl(tmp_path / "b.jsonl", rows[::-1])
+    assert run("--input", "a.jsonl") == 0 and run("--input", "b.jsonl") == 0
+    assert snapshot(tmp_path / "datasets/a") == snapshot(tmp_path / "datasets/b"), "sorted by id, not by line"
 
 
-def test_own_csv_title_body_pair_and_ids(tmp_path):
+def test_own_csv_title_body_and_integer_labels(tmp_path):
     data = tmp_path / "news.csv"
-    with open(data, "w", encoding="utf-8", newline="") as f:
+    with open(data, "w", encoding="utf-8-sig", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["id", "headline", "content", "topic"])
         for i in range(30):
-            writer.writerow([f"n{i:02d}", f"見出し{i}", f"本文,{i}\n2行目", ["10", "2", "1"][i % 3]])
+            writer.writerow([f"n{i:02d}", f'見出し"{i}"', f"本文,{i}\r\n2行目", ["10", "2", "1"][i % 3]])
     out = tmp_path / "out"
-    assert prepare.main(["--input", str(data), "--output_dir", str(out),
-                         "--text_fields", "headline,content", "--label_field", "topic"]) == 0
+    assert run("--input", data, "--output_dir", out, "--text_fields", "headline,content", "--label_field", "topic") == 0
     assert json.loads((out / "label2id.json").read_text()) == {"1": 0, "2": 1, "10": 2}
-    row = read_rows(out / "all.jsonl")[4]
-    assert row == {"id": "n04", "label": 1, "category": "2", "title": "見出し4", "body": "本文,4\n2行目"}
+    assert read_rows(out / "all.jsonl")[4] == {"id": "n04", "label": 1, "category": "2", "title": '見出し"4"',
+                                               "body": "本文,4\r\n2行目"}
 
 
-def reference_csv_rows(text: str) -> list[dict]:
-    """The records csv reads from the whole text at once, as a file opened with newline="" gives them."""
-    return [r for r in csv.DictReader(io.StringIO(text, newline="")) if any(v not in (None, "") for v in r.values())]
+def test_own_tsv_is_read_as_written(tmp_path):
+    lines = ["id\ttext\tlabel", '1\t"Hello" he said\tx', '2\t"unbalanced quote\ty', "3\tplain, with comma\tx\r",
+             '4\tends with a quote"\ty'] + [f"{i}\ttext {i}\t{'xy'[i % 2]}" for i in range(5, 20)]
+    data = tmp_path / "d.tsv"
+    data.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    assert run("--input", data, "--output_dir", tmp_path / "out") == 0
+    texts = {r["id"]: r["text"] for r in read_rows(tmp_path / "out/all.jsonl")}
+    assert len(texts) == 19, "the unbalanced quote swallowed nothing"
+    assert texts["1"] == '"Hello" he said' and texts["2"] == '"unbalanced quote' and texts["3"] == "plain, with comma"
+    assert texts["4"] == 'ends with a quote"'
 
 
-def test_own_csv_read_as_a_stream_gives_the_records_of_the_whole_file(tmp_path):
-    records = [["id", "text", "label"]] + [[f"r{i}", f"本文{i}" + ["", ",カンマ", "\n改行", '"引用"', "\r\n行"][i % 5],
-                                            "ab"[i % 2]] for i in range(40)]
-    buffer = io.StringIO(newline="")
-    for i, record in enumerate(records):  # Windows, Unix and old Mac line ends; empty lines between records
-        ending = ["\r\n", "\n", "\r"][i % 3]  # csv.writer quotes a field with "\n" only when "\n" ends its lines
-        csv.writer(buffer, lineterminator=ending, quoting=csv.QUOTE_ALL if ending == "\r" else csv.QUOTE_MINIMAL
-                   ).writerow(record)
-        buffer.write("\n" if i % 7 == 3 else "")
-    text = "\ufeff" + buffer.getvalue()
-    data = tmp_path / "mixed.csv"
-    data.write_text(text, encoding="utf-8", newline="")
-    expected = reference_csv_rows(text.removeprefix("\ufeff"))
-    assert [r["id"] for r in expected] == [f"r{i}" for i in range(40)]
-    streamed = list(prepare.iter_csv(data))
-    assert [row for *_, row in streamed] == expected
-    header = prepare.csv_header(data)
-    with open(data, "rb") as f:  # each record's bytes hold that record alone
-        assert [prepare.read_record(f, start, end, header, ",") for _, start, end, _ in streamed] == expected
-    out = tmp_path / "out"
-    assert prepare.main(["--input", str(data), "--output_dir", str(out)]) == 0
-    assert [r["text"] for r in read_rows(out / "all.jsonl")] == [r["text"] for r in sorted(expected,
-                                                                                            key=lambda r: r["id"])]
+@pytest.mark.parametrize("name, content, args, message", [
+    ("d.jsonl", '{"text": "a", "label": "x"}\n\n{"text": "b", "label": "y"\n', [], "d.jsonl:3: not valid JSON"),
+    ("d.jsonl", '[1, 2]\n', [], "d.jsonl:1: expected a JSON object"),
+    ("d.jsonl", '{"text": "a", "label": "x"}\n{"text": "b"}\n', [], "d.jsonl:2: no field 'label' (fields there: text)"),
+    ("d.jsonl", '{"title": null, "body": "b", "label": "x"}\n', ["--text_fields", "title,body"],
+     "d.jsonl:1: field 'title' is null"),
+    ("d.jsonl", '{"text": ["a"], "label": "x"}\n', [], "field 'text' is [\"a\"], not text"),
+    ("d.jsonl", '{"text": "a", "label": ""}\n', [], "d.jsonl:1: field 'label' is empty"),
+    ("d.jsonl", '{"id": 1, "text": "a", "label": "x"}\n{"id": "1", "text": "b", "label": "x"}\n', [],
+     "id '1' is used more than once"),
+    ("d.jsonl", "\n", [], "holds no records"),
+    ("d.jsonl", '{"text": "a", "label": "x"}\n', ["--text_fields", "a,b,c"], "give one or two text fields"),
+    ("d.jsonl", '{"text": "a", "label": "x"}\n', ["--text_fields", "text,label"], "give one or two text fields"),
+    ("d.csv", 'text,label\nhello,x\n"bad"quote,y\nok,z\n', [], "d.csv:3: malformed CSV row"),
+    ("d.csv", 'text,label\nhello,x\n"never closed,y\nok,z\n', [], "malformed CSV row (unexpected end of data)"),
+    ("d.csv", "text,label\nhello,x\nthree,fields,here\n", [], "d.csv:3: 3 field(s) where the header has 2"),
+    ("d.csv", "sentence,label\nhello,x\n", [], "d.csv:2: no field 'text' (fields there: sentence, label)"),
+    ("d.csv", "text,label\nhello,\n", [], "d.csv:2: field 'label' is empty"),
+    ("d.tsv", "text\tlabel\nhello\tx\nno tab here\n", [], "d.tsv:3: 1 field(s) where the header has 2"),
+    ("d.csv", "text,label\nこんにちは,x\n".encode("cp932"), [], "d.csv:2: not UTF-8"),
+])
+def test_bad_own_data(tmp_path, capsys, name, content, args, message):
+    data = tmp_path / name
+    data.write_bytes(content if isinstance(content, bytes) else content.encode())
+    rc = run("--input", data, "--output_dir", tmp_path / "out", *args)
+    line = one_line_error(capsys, rc, message)
+    if "is null" in message:
+        assert "no field" not in line, "present but null is not missing"
+    assert not (tmp_path / "out").exists()
 
 
-def test_own_data_rows_keep_no_texts_and_progress_is_shown(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(common, "PROGRESS_EVERY_S", 0.0)  # stderr is not a terminal here: plain lines
-    data = write_jsonl(tmp_path / "d.jsonl", [{"id": f"r{i}", "title": "題" * 50, "body": "本文" * 500,
-                                               "label": "ab"[i % 2]} for i in range(20)])
-    rows, label2id, own_data = prepare.own_rows(data, ["title", "body"], "label")
-    assert [set(r) for r in rows] == [{"id", "label", "category", "at", "body_digest"}] * 20  # ids, not texts
-    assert next(own_data.lines(rows[:1])) == common.jsonl_line(
-        {"id": "r0", "label": 0, "category": "a", "title": "題" * 50, "body": "本文" * 500})
-    assert prepare.main(["--input", str(data), "--output_dir", str(tmp_path / "out"),
-                         "--text_fields", "title,body"]) == 0
-    err = capsys.readouterr().err
-    assert f"reading d.jsonl: {data.stat().st_size / 2**20:.0f}/{data.stat().st_size / 2**20:.0f} MiB (100%)" in err
-    assert "writing: 40/40 examples (100%)" in err  # all.jsonl, then train/val/test copied from it
-
-
-def test_own_data_split_independent_of_line_order(tmp_path):
-    rows = [{"id": f"r{i}", "text": str(i), "label": "ab"[i % 2]} for i in range(50)]
-    write_jsonl(tmp_path / "a.jsonl", rows)
-    write_jsonl(tmp_path / "b.jsonl", rows[::-1])
-    for name in "ab":
-        assert prepare.main(["--input", str(tmp_path / f"{name}.jsonl"), "--output_dir", str(tmp_path / name)]) == 0
-    assert snapshot(tmp_path / "a") == snapshot(tmp_path / "b")
-
-
-def test_own_data_default_output_dir(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    write_jsonl(tmp_path / "reviews.jsonl", labelled(20))
-    assert prepare.main(["--input", "reviews.jsonl"]) == 0
-    assert (tmp_path / "datasets/reviews/train.jsonl").exists()
+def test_text_fields_need_own_data(tmp_path, tarball, capsys):
+    rc = run("--input", tarball, "--output_dir", tmp_path / "o", "--text_fields", "x")
+    one_line_error(capsys, rc, "--text_fields and --label_field are for your own .jsonl/.csv/.tsv input only")
 
 
 def test_rare_label_is_a_warning(tmp_path, capsys):
     data = write_jsonl(tmp_path / "d.jsonl", labelled(30) + [{"text": "珍しい", "label": "rare"}])
-    assert prepare.main(["--input", str(data), "--output_dir", str(tmp_path / "out")]) == 0
+    assert run("--input", data, "--output_dir", tmp_path / "out") == 0
     err = capsys.readouterr().err
-    assert "warning" in err and "'rare' (1 examples" in err and "error" not in err
+    assert err.startswith("prepare.py: warning: 1 label(s) too rare") and "'rare' (1 examples, none in" in err
 
 
-def test_tiny_own_data_warns_of_empty_split(tmp_path, capsys):
-    data = write_jsonl(tmp_path / "d.jsonl", labelled(5, labels=("x",)))
-    assert prepare.main(["--input", str(data), "--output_dir", str(tmp_path / "out")]) == 0
-    assert [len(read_rows(tmp_path / f"out/{s}.jsonl")) for s in ("train", "val", "test")] == [5, 0, 0]
-    assert "leave a split empty" in capsys.readouterr().err
-
-
-@pytest.mark.parametrize("lines, args, fragment", [
-    (['{"text": "a", "label": "x"}', '{"text": "b"}'], [], "d.jsonl:2: no field 'label'"),
-    (['{"body": "a", "label": "x"}'], [], "no field 'text' (fields there: body, label)"),
-    (['{"text": "a", "label": "x"}', '{"text": "b", "label": "y"'], [], "d.jsonl:2: not valid JSON"),
-    (['{"text": "a", "label": "x"}', '{"text": "b\\ud800", "label": "y"}'], [],
-     "d.jsonl:2: holds a lone surrogate escape such as \\ud800, which is not text"),
-    (['[1, 2]'], [], "d.jsonl:1: expected a JSON object"),
-    (['{"text": ["a"], "label": "x"}'], [], "expected text"),
-    (['{"text": "a", "label": ""}'], [], "empty label"),
-    (['{"id": 1, "text": "a", "label": "x"}', '{"id": 1, "text": "b", "label": "x"}'], [], "id '1' already used"),
-    ([], [], "no records"),
-    (['{"text": "a", "label": "x"}'], ["--text_fields", "a,b,c"], "one field"),
-    (['{"text": "a", "label": "x"}'], ["--text_fields", "text,label"], "also a text field"),
-])
-def test_bad_own_jsonl(tmp_path, capsys, lines, args, fragment):
-    data = tmp_path / "d.jsonl"
-    data.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
-    out = tmp_path / "out"
-    rc = prepare.main(["--input", str(data), "--output_dir", str(out), *args])
-    one_line_error(capsys, rc, fragment)
-    assert not out.exists()
-
-
-def test_bad_own_csv(tmp_path, capsys):
+def test_error_is_one_line_from_the_command_line(tmp_path):
     data = tmp_path / "d.csv"
-    data.write_text("sentence,label\nhello,x\n", encoding="utf-8")
-    rc = prepare.main(["--input", str(data), "--output_dir", str(tmp_path / "out")])
-    one_line_error(capsys, rc, "d.csv:2: no field 'text' (fields there: sentence, label)")
-    data.write_bytes("text,label\nこんにちは,x\n".encode("cp932"))
-    rc = prepare.main(["--input", str(data), "--output_dir", str(tmp_path / "out")])
-    one_line_error(capsys, rc, "d.csv:2: not UTF-8")
-    assert not (tmp_path / "out").exists()
+    data.write_text('text,label\nhello,x\n"bad"quote,y\n', encoding="utf-8")
+    result = subprocess.run([sys.executable, str(ROOT / "prepare.py"), "--input", str(data), "--output_dir",
+                             str(tmp_path / "out")], capture_output=True, text=True, cwd=tmp_path)
+    assert result.returncode == 1 and result.stdout == ""
+    assert result.stderr == (f"prepare.py: error: {data}:3: malformed CSV row (',' expected after '\"'); quote a "
+                             "field holding commas, quotes or line breaks, and double its quotes\n")
 
 
-def test_text_fields_need_own_data(tmp_path, corpus_tarball, capsys):
-    rc = prepare.main(["--input", str(corpus_tarball), "--output_dir", str(tmp_path / "o"), "--text_fields", "x"])
-    one_line_error(capsys, rc, "own .jsonl/.csv/.tsv input only")
+# ---------------------------------------------------------------- where the dataset goes
+
+def test_output_that_is_the_input_is_refused(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "d").mkdir()
+    data = write_jsonl(tmp_path / "d/x.jsonl", labelled(20))
+    (tmp_path / "link").symlink_to(tmp_path / "d")
+    for output in ["d", "./d/../d", str(tmp_path / "link"), "d/x.jsonl"]:
+        rc = run("--input", data, "--output_dir", output)
+        one_line_error(capsys, rc, f"--output_dir {Path(output)} would overwrite the input {data}")
+    tree = write_tree(tmp_path / "extracted", corpus_files())
+    one_line_error(capsys, run("--input", tree, "--output_dir", tree, "--no_verify"), "would overwrite the input")
+    assert sorted(p.name for p in (tmp_path / "d").iterdir()) == ["x.jsonl"]
+
+
+def test_download_dir_inside_the_output_is_refused(tmp_path, capsys):
+    rc = run("--download_dir", tmp_path / "out/data", "--output_dir", tmp_path / "out", "--url",
+             "http://127.0.0.1:9/x.tar.gz")
+    one_line_error(capsys, rc, "would overwrite the input", "x.tar.gz")
+
+
+def test_failures_leave_the_previous_dataset(tmp_path, tarball, capsys, monkeypatch):
+    out = tmp_path / "out"
+    assert run("--input", tarball, "--output_dir", out, "--no_verify", "--folds", "3") == 0
+    assert run("--input", tarball, "--output_dir", out, "--no_verify") == 0
+    before = snapshot(out)
+    capsys.readouterr()
+    bomb = write_tarball(tmp_path / "bomb.tar.gz", corpus_files(), [member("text/a/a-1.txt", size=2**24)])
+    one_line_error(capsys, run("--input", bomb, "--output_dir", out, "--no_verify"), "refusing")
+    original = prepare.write_dataset
+
+    def fail_on_the_second(directory, *args):
+        if directory.name == "fold-1":
+            raise OSError(28, "No space left on device", str(directory))
+        original(directory, *args)
+
+    monkeypatch.setattr(prepare, "write_dataset", fail_on_the_second)
+    one_line_error(capsys, run("--input", tarball, "--output_dir", out, "--no_verify", "--folds", "4"),
+                   "No space left on device")
+    assert snapshot(out) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bomb.tar.gz", "corpus.tar.gz", "out"], "no staging left"
+
+
+def test_interrupted_run_says_no_dataset_was_written(tmp_path, capsys, monkeypatch):
+    def interrupted(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(prepare, "own_rows", interrupted)
+    data = write_jsonl(tmp_path / "d.jsonl", labelled(20))
+    assert run("--input", data, "--output_dir", tmp_path / "out") == 130
+    assert capsys.readouterr().err == ("prepare.py: interrupted; no dataset was written (one is swapped into place "
+                                       "only when complete)\n")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d.jsonl"]
+
+
+def test_foreign_files_or_a_file_as_output_dir_are_refused_first(tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    (out / "fold-x").mkdir()
+    # no such input: a check made after reading it would report that instead
+    rc = run("--input", tmp_path / "none.jsonl", "--output_dir", out)
+    one_line_error(capsys, rc, "holds files prepare.py did not write (fold-x, notes.txt)")
+    assert sorted(p.name for p in out.iterdir()) == ["fold-x", "notes.txt"]
+    (tmp_path / "file").write_text("precious")
+    one_line_error(capsys, run("--input", tmp_path / "none.jsonl", "--output_dir", tmp_path / "file"),
+                   "Not a directory")
+    assert (tmp_path / "file").read_text() == "precious"
+
+
+def test_debug_shows_the_traceback(tmp_path, monkeypatch):
+    with pytest.raises(prepare.UserError, match="holds no records"):
+        run("--input", write_jsonl(tmp_path / "d.jsonl", []), "--output_dir", tmp_path / "o", "--debug")
+    monkeypatch.setenv("BERTCLS_DEBUG", "1")
+    with pytest.raises(prepare.UserError, match="holds no records"):
+        run("--input", tmp_path / "d.jsonl", "--output_dir", tmp_path / "o")
 
 
 # ---------------------------------------------------------------- download from a local server
 
-class CorpusServer:
-    """http.server on 127.0.0.1 in a thread; `drops` requests are cut off halfway after a full Content-Length."""
-
-    def __init__(self, payload: bytes):
-        self.payload, self.drops, self.requests = payload, 0, []
-        server = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            timeout = 5
-
-            def log_message(self, *args):  # keep the test's stderr for prepare.py
-                pass
-
-            def do_GET(self):
-                server.requests.append(self.headers.get("Range"))
-                start = 0
-                if self.headers.get("Range", "").startswith("bytes="):
-                    start = int(self.headers["Range"][len("bytes="):].rstrip("-"))
-                body = server.payload[start:]
-                self.send_response(206 if start else 200)
-                if start:
-                    self.send_header("Content-Range", f"bytes {start}-{len(server.payload) - 1}/{len(server.payload)}")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                if server.drops:
-                    server.drops -= 1
-                    body = body[: len(body) // 2]
-                self.wfile.write(body)
-                self.close_connection = True
-
-        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/ldcc-20140209.tar.gz"
-        self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05},
-                                       daemon=True)
-        self.thread.start()
-
-    def close(self):
-        self.httpd.shutdown()
-        self.httpd.server_close()
-        self.thread.join(timeout=5)
-
-
 @pytest.fixture
-def server(corpus_tarball, monkeypatch):
+def server(tarball, monkeypatch):
+    """http.server on 127.0.0.1 serving the tarball; with `drop` set, it sends half and closes the connection."""
+    for name in ("http_proxy", "HTTP_PROXY"):
+        monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("no_proxy", "127.0.0.1")
-    monkeypatch.setenv("NO_PROXY", "127.0.0.1")
-    monkeypatch.setattr(prepare, "DOWNLOAD_TIMEOUT_S", 5.0)
-    monkeypatch.setattr(prepare, "RETRY_BACKOFF_S", 0.0)
-    srv = CorpusServer(corpus_tarball.read_bytes())
-    yield srv
-    srv.close()
+    state = {"payload": tarball.read_bytes(), "drop": False, "requests": 0}
 
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
 
-def download_args(server, tmp_path, out="out"):
-    return ["--url", server.url, "--download_dir", str(tmp_path / "data"), "--output_dir", str(tmp_path / out),
-            "--no_verify"]
+        def do_GET(self):
+            state["requests"] += 1
+            if self.path.endswith("missing.tar.gz"):
+                return self.send_error(404)
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(state["payload"])))
+            self.end_headers()
+            self.wfile.write(state["payload"][: len(state["payload"]) // 2] if state["drop"] else state["payload"])
+            self.close_connection = True
 
-
-def test_interrupted_prepare_says_what_it_leaves(tmp_path, monkeypatch, capsys):
-    def interrupted(*args, **kwargs):
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(prepare, "load", interrupted)
-    argv = ["--url", "http://127.0.0.1:9/ldcc-20140209.tar.gz", "--download_dir", str(tmp_path / "data"),
-            "--output_dir", str(tmp_path / "out")]
-    assert prepare.main(argv) == 130
-    assert capsys.readouterr().err == ("prepare.py: interrupted; no dataset was written (one is swapped into place "
-                                       "only when complete)\n")
-    (tmp_path / "data").mkdir()
-    (tmp_path / "data" / "ldcc-20140209.tar.gz.part").write_bytes(b"half")
-    assert prepare.main(argv) == 130
-    assert capsys.readouterr().err.endswith(f"; the partial download {tmp_path / 'data/ldcc-20140209.tar.gz.part'} "
-                                            "is kept, and running again resumes it\n")
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    state["url"] = f"http://127.0.0.1:{httpd.server_address[1]}/ldcc-20140209.tar.gz"
+    yield state
+    httpd.shutdown()
+    httpd.server_close()
 
 
 def test_download_then_reuse(tmp_path, server, capsys):
-    assert prepare.main(download_args(server, tmp_path)) == 0
+    args = ["--url", server["url"], "--download_dir", tmp_path / "data", "--no_verify", "--output_dir"]
+    assert run(*args, tmp_path / "out") == 0
     target = tmp_path / "data/ldcc-20140209.tar.gz"
-    assert target.read_bytes() == server.payload
-    assert not target.with_name(target.name + ".part").exists()
-    captured = capsys.readouterr()
-    assert "downloaded" in captured.err and "MiB/s" in captured.err and "downloading" in captured.out
-    assert server.requests == [None]
-    assert prepare.main(download_args(server, tmp_path, out="out2")) == 0
-    assert server.requests == [None], "a complete tarball is reused without a request"
-    assert "already downloaded" in capsys.readouterr().out
-    assert snapshot(tmp_path / "out") == snapshot(tmp_path / "out2")
+    assert target.read_bytes() == server["payload"] and sorted(os.listdir(tmp_path / "data")) == [target.name]
+    assert "downloading" in capsys.readouterr().err
+    assert run(*args, tmp_path / "again") == 0
+    assert server["requests"] == 1 and "already downloaded" in capsys.readouterr().err
+    assert snapshot(tmp_path / "out") == snapshot(tmp_path / "again")
 
 
-def test_download_dropped_halfway_then_resumed(tmp_path, server, capsys, monkeypatch):
-    monkeypatch.setattr(prepare, "DOWNLOAD_ATTEMPTS", 1)
-    server.drops = 1
-    rc = prepare.main(download_args(server, tmp_path))
-    one_line_error(capsys, rc, "cannot download", "run again to resume")
-    target = tmp_path / "data/ldcc-20140209.tar.gz"
-    part = target.with_name(target.name + ".part")
-    half = len(server.payload) // 2
-    assert not target.exists() and part.stat().st_size == half
-    assert not (tmp_path / "out").exists()
-
-    assert prepare.main(download_args(server, tmp_path)) == 0
-    assert server.requests == [None, f"bytes={half}-"]
-    assert target.read_bytes() == server.payload and not part.exists()
-
-
-def test_download_retries_within_one_run(tmp_path, server, capsys):
-    server.drops = 2
-    assert prepare.main(download_args(server, tmp_path)) == 0
-    assert (tmp_path / "data/ldcc-20140209.tar.gz").read_bytes() == server.payload
-    assert len(server.requests) == 3 and server.requests[1].startswith("bytes=")
-    assert capsys.readouterr().err.count("warning: download interrupted") == 2
-
-
-def test_download_http_error_is_not_retried(tmp_path, server, capsys):
-    server.url = server.url.replace("ldcc", "missing/ldcc")
-    server.payload = b""
-
-    def not_found(handler):
-        handler.send_error(404)
-    server.httpd.RequestHandlerClass.do_GET = not_found
-    rc = prepare.main(download_args(server, tmp_path))
-    one_line_error(capsys, rc, "HTTP 404", "--url")
-    assert not (tmp_path / "out").exists()
+@pytest.mark.parametrize("case", ["dropped", "404", "refused"])
+def test_failed_download_is_one_line(tmp_path, server, capsys, case):
+    server["drop"] = case == "dropped"
+    url = {"dropped": server["url"], "404": server["url"].replace("ldcc-20140209", "missing"),
+           "refused": "http://127.0.0.1:9/x.tar.gz"}[case]
+    rc = run("--url", url, "--download_dir", tmp_path / "data", "--output_dir", tmp_path / "out", "--no_verify")
+    line = one_line_error(capsys, rc, f"cannot download {url}", "run again, or download the file yourself and pass "
+                                      "--input", *(["HTTP 404"] if case == "404" else []), after="downloading ")
+    assert "resum" not in line and "part" not in line
+    assert not (tmp_path / "out").exists() and list((tmp_path / "data").iterdir()) == []
 
 
 # ---------------------------------------------------------------- the real corpus
 
 @pytest.fixture(scope="module")
 def real_tarball() -> Path:
-    return require_real_corpus(REAL_TARBALL)
+    if not REAL_TARBALL.exists():
+        pytest.skip(f"needs the real livedoor corpus at {REAL_TARBALL} (shared data beside the checkout, never in "
+                    "the repository)")
+    return REAL_TARBALL
 
 
 def test_real_corpus(tmp_path, real_tarball, capsys):
-    assert prepare.main(["--input", str(real_tarball), "--output_dir", str(tmp_path / "a")]) == 0
-    # a second run, of 10 folds: its fold-0 is the default split byte for byte; every article is tested once
-    assert prepare.main(["--input", str(real_tarball), "--output_dir", str(tmp_path / "b"), "--folds", "10"]) == 0
-    assert sorted(snapshot(tmp_path / "b" / "fold-0")) == ["fold.json", "label2id.json", "test.jsonl", "train.jsonl",
-                                                            "val.jsonl"]
-    for name in ("train.jsonl", "val.jsonl", "test.jsonl", "label2id.json"):
-        assert (tmp_path / "b" / "fold-0" / name).read_bytes() == (tmp_path / "a" / name).read_bytes(), name
-    tested = [r["id"] for i in range(10) for r in read_rows(tmp_path / "b" / f"fold-{i}" / "test.jsonl")]
-    assert len(tested) == len(set(tested)) == 7367
-    out = tmp_path / "a"
-    sizes = {s: len(read_rows(out / f"{s}.jsonl")) for s in ("all", "train", "val", "test")}
-    assert sizes == {"all": 7367, "train": 5895, "val": 736, "test": 736}
-    rows = read_rows(out / "all.jsonl")
-    per_category = {c: sum(r["category"] == c for r in rows) for c in {r["category"] for r in rows}}
-    assert per_category == {"dokujo-tsushin": 870, "it-life-hack": 870, "kaden-channel": 864,
-                            "livedoor-homme": 511, "movie-enter": 870, "peachy": 842, "smax": 870,
-                            "sports-watch": 900, "topic-news": 770}
-    assert len({r["id"] for r in rows}) == 7367
-    assert all(r["title"] and r["body"] and r["url"].startswith("http") for r in rows)
-    ids = {s: {r["id"] for r in read_rows(out / f"{s}.jsonl")} for s in ("train", "val", "test")}
-    assert not (ids["train"] & ids["val"] or ids["train"] & ids["test"] or ids["val"] & ids["test"])
+    out = tmp_path / "livedoor"
+    assert run("--input", real_tarball, "--output_dir", out) == 0
     stdout = capsys.readouterr().out
-    assert "verified as ldcc-20140209" in stdout and "7 groups (15 rows)" in stdout
-
-
-def test_real_corpus_altered_or_truncated_is_caught(real_tarball):
+    assert "verified as ldcc-20140209" in stdout and "duplicate bodies: 7 groups (15 rows): " in stdout
+    assert {s: len(read_rows(out / f"{s}.jsonl")) for s in ("all", "train", "val", "test")} == \
+        {"all": 7367, "train": 5895, "val": 736, "test": 736}
+    assert len(json.loads((out / "label2id.json").read_text())) == 9
+    rows = read_rows(out / "all.jsonl")
+    assert len({r["id"] for r in rows}) == 7367 and all(r["title"] and r["body"] for r in rows)
     articles = prepare.read_tarball(real_tarball)
     prepare.verify_corpus(articles, real_tarball)
-    path = "peachy/peachy-4490543.txt"
-    original = articles[path]
-    articles[path] = original + b"\n"
-    with pytest.raises(prepare.UserError, match="contents differ"):
+    articles["peachy/peachy-4490543.txt"] += b"\n"
+    with pytest.raises(prepare.UserError, match="the article contents differ"):
         prepare.verify_corpus(articles, real_tarball)
-    del articles[path]
-    with pytest.raises(prepare.UserError, match="7366 articles"):
+    del articles["peachy/peachy-4490543.txt"]
+    with pytest.raises(prepare.UserError, match="7366 articles in 9 categories"):
         prepare.verify_corpus(articles, real_tarball)
