@@ -1,7 +1,4 @@
-"""What every bertcls script keeps doing: errors, flags, files, progress, devices and processes.
-
-Nothing here is about BERT, models, datasets or training; every other file may import it, it imports none of them.
-"""
+"""Plumbing every bertcls script shares (errors, flags, metrics, files, progress, devices); no models or data."""
 
 from __future__ import annotations
 
@@ -11,9 +8,11 @@ import hashlib
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
@@ -22,88 +21,66 @@ import torch
 
 try:
     import fcntl
-except ImportError:  # Windows: locks are not taken
+except ImportError:  # Windows: no locks
     fcntl = None
-
-EXIT_ERROR, EXIT_SIGINT, EXIT_SIGTERM = 1, 130, 143
-
-
-# ------------------------------------------------------------------------------------------------------ errors
 
 
 class UserError(Exception):
-    """A problem the user can fix: printed as one line, exit code 1."""
+    """A problem the user can fix: one line, exit code 1."""
 
 
-class Terminated(Exception):
-    """SIGTERM, raised so that a run unwinds like a Ctrl-C."""
+LOG_LOCK = threading.Lock()
 
 
 def log(message: str) -> None:
-    """Messages go to stderr: stdout carries only a script's result (a table, JSON lines)."""
-    print(message, file=sys.stderr, flush=True)
+    """To stderr (stdout is for results), in whole lines even from sweep.py's threads."""
+    with LOG_LOCK:
+        print(message, file=sys.stderr, flush=True)
 
 
 def first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
-
-
-def explain_os_error(e: OSError) -> str:
-    """Any OSError (a path too long, a full disk, no permission) in one line naming the path: worded only here."""
-    where = "" if e.filename is None else f"{e.filename}" + (f" -> {e.filename2}" if e.filename2 else "") + ": "
-    return f"{where}{e.strerror or first_line(e)}: check the path, its permissions and the free space"
+    return (str(error).strip() or type(error).__name__).splitlines()[0]
 
 
 def run_cli(script: str, work: Callable[[], int], debug: bool = False, stopped: Callable[[], str] | None = None,
             oom_advice: str = "lower --batch_size or --max_seq_len", who: str = "") -> int:
-    """Run a script's work; every way it can fail that a user can act on ends as one line on stderr.
+    """UserError, OSError or OOM: one line, exit 1 (--debug or BERTCLS_DEBUG=1: raised); Ctrl-C 130, SIGTERM 143."""
 
-    UserError, an OSError (named by explain_os_error), out of memory: the line and exit 1. Ctrl-C: 130, SIGTERM: 143, each with
-    `stopped()` (what was kept). --debug or BERTCLS_DEBUG=1 re-raises, so Python prints the traceback. `who` (such as
-    " [rank 1]") follows the script's name; with it, a bug is named in one line before its traceback.
-    """
-    debug = debug or os.environ.get("BERTCLS_DEBUG") == "1"
+    def terminate(*_: Any) -> None:
+        raise KeyboardInterrupt("terminated")
 
-    def say(message: str) -> None:
-        print(f"{script}{who}: {message}", file=sys.stderr, flush=True)
-
-    def raise_terminated(*_: Any) -> None:
-        raise Terminated()
-
-    previous = signal.signal(signal.SIGTERM, raise_terminated)
+    previous = signal.signal(signal.SIGTERM, terminate)
     try:
         return work()
-    except (KeyboardInterrupt, Terminated) as e:
-        interrupted = isinstance(e, KeyboardInterrupt)
-        say(("interrupted" if interrupted else "terminated") + (f"; {stopped()}" if stopped else ""))
-        return EXIT_SIGINT if interrupted else EXIT_SIGTERM
+    except KeyboardInterrupt as e:
+        how = str(e) or "interrupted"
+        log(f"{script}{who}: {how}" + (f"; {stopped()}" if stopped else ""))
+        return 143 if how == "terminated" else 130
     except (UserError, torch.OutOfMemoryError, OSError) as e:
-        if debug:
+        if debug or os.environ.get("BERTCLS_DEBUG") == "1":
             raise
-        message = (f"out of memory: {oom_advice}" if isinstance(e, torch.OutOfMemoryError)
-                   else explain_os_error(e) if isinstance(e, OSError) else str(e))
-        say(f"error: {message}")
-        return EXIT_ERROR
+        message = f"out of memory: {oom_advice}" if isinstance(e, torch.OutOfMemoryError) else str(e)
+        if isinstance(e, OSError):
+            where = "" if e.filename is None else f"{e.filename}{f' -> {e.filename2}' if e.filename2 else ''}: "
+            message = f"{where}{e.strerror or first_line(e)}: check the path, its permissions and the free space"
+        log(f"{script}{who}: error: {message}")
+        return 1
     except Exception as e:
-        if who:  # under torchrun, name the failing rank before its traceback mixes with the others'
-            say(f"error: {type(e).__name__}: {first_line(e)} (traceback below)")
+        if who:
+            log(f"{script}{who}: error: {type(e).__name__}: {first_line(e)} (traceback below)")
         raise
     finally:
         signal.signal(signal.SIGTERM, previous)
 
 
-# ------------------------------------------------------------------------------------------------------- flags
-
-
-def number(kind: type, what: str, ok: Callable[[float], bool] = lambda value: True) -> Callable[[str], Any]:
-    """An argparse type: a finite int or float for which ok() holds, checked where the flag is parsed."""
+def number(kind: type, what: str, ok: Callable[[float], bool] = lambda v: True) -> Callable[[str], Any]:
+    """An argparse type: a finite `kind` for which ok() holds."""
 
     def parse(text: str) -> Any:
         try:
             value = kind(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+            value = math.nan
         if not (math.isfinite(value) and ok(value)):
             raise argparse.ArgumentTypeError(f"expected {what}, got {text}")
         return value
@@ -118,12 +95,21 @@ finite_float = number(float, "a finite number")
 seed_int = number(int, "a seed from 0 to 4294967295", lambda v: 0 <= v < 2**32)
 
 
-# ------------------------------------------------------------------------------------------------------- files
+def confusion_scores(matrix: Sequence[Sequence[float]]) -> dict[str, Any]:
+    """Rows are gold. Accuracy; P/R/F1 per label and macro over labels in gold or predictions (as scikit-learn)."""
+    per_label = {}
+    for c, row in enumerate(matrix):
+        tp, support, predicted = row[c], sum(row), sum(r[c] for r in matrix)
+        if support or predicted:  # f1 = 2PR / (P + R)
+            per_label[c] = {"precision": tp / (predicted or 1), "recall": tp / (support or 1),
+                            "f1": 2 * tp / (support + predicted), "support": support}
+    macro = {k: sum(c[k] for c in per_label.values()) / len(per_label) for k in ("precision", "recall", "f1")}
+    accuracy = sum(row[c] for c, row in enumerate(matrix)) / sum(map(sum, matrix))
+    return {"accuracy": accuracy, **macro, "per_label": per_label}
 
 
 def atomic_write(path: Path, text: str) -> None:
-    """Readers see the old file or the whole new one; the new one gets the usual permissions (umask)."""
-    path = Path(path)
+    """Readers see the old file or the whole new one."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         with open(tmp, "w", encoding="utf-8", newline="\n") as f:
@@ -131,8 +117,10 @@ def atomic_write(path: Path, text: str) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError) and e.filename is None:
+            e.filename = str(path)  # write(2)'s errors (a full disk) name no file
         raise
 
 
@@ -142,45 +130,39 @@ def write_json(path: Path, obj: Any) -> None:
 
 def jsonl_line(row: dict) -> str:
     # json leaves these unescaped, and str.splitlines() would cut a line at them
-    line = json.dumps(row, ensure_ascii=False)
-    return line.replace("\x85", "\\u0085").replace("\u2028", "\\u2028").replace("\u2029", "\\u2029") + "\n"
+    return json.dumps(row, ensure_ascii=False).translate({c: f"\\u{c:04x}" for c in (0x85, 0x2028, 0x2029)}) + "\n"
 
 
 def parse_json(text: str, where: str) -> Any:
-    """A JSON value; invalid JSON, or text that is no text (an escaped lone surrogate), is a UserError at `where`."""
+    """A JSON value; invalid JSON or a lone surrogate escape is a UserError at `where`."""
     try:
         value = json.loads(text)
         json.dumps(value, ensure_ascii=False).encode("utf-8")
     except json.JSONDecodeError as e:
         raise UserError(f"{where}: not valid JSON ({e.msg}); fix or remove it") from None
     except UnicodeEncodeError:
-        raise UserError(f"{where}: holds a lone surrogate escape such as \\ud800, which is not text; fix it") from None
+        raise UserError(f"{where}: holds a lone surrogate escape (such as \\ud800), not text; fix it") from None
     return value
 
 
-def read_json(path: Path) -> Any:
-    """A JSON file's value; a file that is not UTF-8 JSON is a UserError naming it."""
-    data = Path(path).read_bytes()
+def decode_utf8(data: bytes, path: Path, line: int = 1) -> str:
     try:
-        text = data.decode("utf-8-sig")
+        return data.decode("utf-8-sig" if line == 1 else "utf-8")
     except UnicodeDecodeError as e:
-        line = data.count(b"\n", 0, e.start) + 1
+        line += data.count(b"\n", 0, e.start)
         raise UserError(f"{path}:{line}: not UTF-8; convert it to UTF-8") from None
-    return parse_json(text, str(path))
+
+
+def read_json(path: Path) -> Any:
+    return parse_json(decode_utf8(path.read_bytes(), path), str(path))
 
 
 def iter_jsonl(path: Path) -> Iterator[tuple[int, int, int, dict]]:
-    """(line number, start byte, end byte, object) of each non-empty line, read as a stream.
-
-    Lines end at "\\n" only (JSON strings may hold U+2028); a bad line is a UserError naming file:line.
-    """
+    """(line number, start byte, end byte, object) of each non-empty line; lines end at "\\n" only."""
     with open(path, "rb") as f:
         start = 0
         for number, raw in enumerate(f, 1):
-            try:
-                text = raw.decode("utf-8-sig" if start == 0 else "utf-8")
-            except UnicodeDecodeError:
-                raise UserError(f"{path}:{number}: not UTF-8; convert the file to UTF-8") from None
+            text = decode_utf8(raw, path, number)
             if text.strip():
                 row = parse_json(text, f"{path}:{number}")
                 if not isinstance(row, dict):
@@ -190,15 +172,11 @@ def iter_jsonl(path: Path) -> Iterator[tuple[int, int, int, dict]]:
 
 
 def refuse_overwrite(outputs: Sequence[tuple[str, Path]], inputs: Sequence[Path]) -> None:
-    """Refuse to write an output that is an input, or a directory holding one, however the path is spelled.
-
-    `outputs` are (flag, path) pairs; `inputs` every file or directory the command reads.
-    """
+    """Refuse an output (flag, path) that is, is inside or holds an input, however it is spelled."""
     for flag, output in outputs:
-        target = Path(os.path.realpath(output))
-        for source in map(Path, inputs):
-            source = Path(os.path.realpath(source))
-            if source == target or target in source.parents:
+        target = Path(output).resolve()
+        for source in (Path(i).resolve() for i in inputs):
+            if source.is_relative_to(target) or target.is_relative_to(source):
                 raise UserError(f"{flag} {output} would overwrite the input {source}: write somewhere else")
 
 
@@ -208,8 +186,7 @@ def sha256(path: Path) -> str:
 
 
 def save_tensors(path: Path, tensors: dict[str, dict | None], state: dict) -> Path:
-    """A directory of <name>.safetensors files and a state.pt, then digests.json: a digest of each file. Written
-    under a temporary name and renamed, so that it exists whole or not at all."""
+    """<name>.safetensors, state.pt and digests.json, in a directory that appears whole."""
     from safetensors.torch import save_file
     tmp = path.with_name(f".{path.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -227,8 +204,7 @@ def save_tensors(path: Path, tensors: dict[str, dict | None], state: dict) -> Pa
 
 
 def load_tensors(path: Path) -> tuple[dict[str, dict], dict]:
-    """What save_tensors wrote, once every file matches its digest; damage of any kind is a one-line UserError
-    (never torch's advice to unpickle the file unchecked)."""
+    """What save_tensors wrote, checked against its digests."""
     from safetensors.torch import load_file
     try:
         digests = json.loads((path / "digests.json").read_text())
@@ -237,18 +213,14 @@ def load_tensors(path: Path) -> tuple[dict[str, dict], dict]:
             tensors = {f.name.removesuffix(".safetensors"): load_file(f) for f in path.glob("*.safetensors")}
             return tensors, torch.load(path / "state.pt", weights_only=True)
         why = f"{', '.join(damaged)} no longer match their digests"
-    except Exception as e:  # only its type: torch's message would advise unpickling the file unchecked
+    except Exception as e:  # only its type: torch's message advises unpickling it unchecked
         why = f"it does not read back: {type(e).__name__}"
     raise UserError(f"{path} is damaged ({why}): start again without it")
 
 
 @contextlib.contextmanager
 def locked(path: Path, what: str) -> Iterator[Any]:
-    """Hold an exclusive lock on `path` (made if need be) or fail at once naming the holder's pid.
-
-    flock: the OS drops it when the process ends, SIGKILL included, so a lock is never left stale. The open file is
-    yielded, so that a child process can inherit the lock (subprocess pass_fds).
-    """
+    """An exclusive flock on `path` (it dies with its process: never stale), else a UserError naming the holder."""
     with open(path, "a+", encoding="utf-8") as f:
         if fcntl is not None:
             try:
@@ -256,28 +228,22 @@ def locked(path: Path, what: str) -> Iterator[Any]:
             except BlockingIOError:
                 f.seek(0)
                 raise UserError(f"{what} is in use by another process (pid {f.read().strip() or '?'}): wait for it "
-                                "to end or stop it first") from None
+                                "or stop it") from None
         f.truncate(0)
-        f.write(f"{os.getpid()}\n")
-        f.flush()
+        print(os.getpid(), file=f, flush=True)
         yield f
 
 
-# ---------------------------------------------------------------------------------------------------- progress
-
-
-class Progress:
-    """Progress on stderr: a tqdm bar on a terminal; elsewhere (nohup, CI, a sweep's logs) plain lines, one every
-    `every` seconds, or one per report() when every is None."""
+class Progress(contextlib.AbstractContextManager):
+    """A tqdm bar on a terminal, else (nohup, CI) a line every `every` seconds, or per report() if None."""
 
     def __init__(self, total: float, desc: str, unit: str = "examples", enabled: bool = True,
                  every: float | None = 30.0):
         self.total, self.desc, self.unit, self.enabled, self.every = total, desc, unit, enabled, every
-        self.done, self.started = 0.0, time.monotonic()
-        self.shown, self.fields = self.started, {}
-        self.bar = None
+        self.done, self.fields, self.bar = 0.0, {}, None
+        self.started = self.shown = time.monotonic()
         if enabled and sys.stderr.isatty():
-            from tqdm.auto import tqdm  # installed with transformers
+            from tqdm.auto import tqdm
             self.bar = tqdm(total=total, desc=desc, unit=f" {unit}", dynamic_ncols=True, leave=False)
 
     def update(self, n: float) -> None:
@@ -288,68 +254,55 @@ class Progress:
             self.report(**self.fields)
 
     def report(self, **fields: str) -> None:
-        """Figures beside the count (a step, a loss): the bar's postfix on a terminal, else a line now."""
+        """Figures beside the count (a loss): the bar's postfix, else a line now."""
         self.fields, self.shown = fields, time.monotonic()
         if self.bar is not None:
             self.bar.set_postfix(fields)
         elif self.enabled:
-            seconds = time.monotonic() - self.started
-            rate = self.done / seconds if seconds > 0 else 0.0
-            left = f"{(self.total - self.done) / rate:.0f}s left" if rate > 0 else "? left"
-            log(f"{self.desc}: {self.done:.0f}/{self.total:.0f} {self.unit} ({100 * self.done / (self.total or 1):.0f}%)"
-                f", {rate:.0f} {self.unit}/s, {left}" + "".join(f", {k} {v}" for k, v in fields.items()))
-
-    def __enter__(self) -> Progress:
-        return self
+            rate = self.done / max(self.shown - self.started, 1e-9)
+            left = f"{(self.total - self.done) / rate:.0f}s" if rate > 0 else "?"
+            log(f"{self.desc}: {self.done:.0f}/{self.total:.0f} {self.unit} ({self.done / (self.total or 1):.0%}), "
+                f"{rate:.0f} {self.unit}/s, {left} left" + "".join(f", {k} {v}" for k, v in fields.items()))
 
     def __exit__(self, *exc: Any) -> None:
         if self.bar is not None:
             self.bar.close()
 
 
-# ----------------------------------------------------------------------------------------- devices and processes
-
-
 def dist_env() -> tuple[int, int, int, bool]:
-    """(rank, local rank, world size, started by torchrun) from torchrun's environment."""
+    """(rank, local rank, world size, started by torchrun)."""
     env = os.environ
     return int(env.get("RANK", 0)), int(env.get("LOCAL_RANK", 0)), int(env.get("WORLD_SIZE", 1)), "LOCAL_RANK" in env
 
 
 def pick_device(requested: str | None, local_rank: int | None = None) -> torch.device:
-    """--device (default cuda when there is one, else cpu), made current; under torchrun cuda:LOCAL_RANK."""
+    """--device (default cuda if any, else cpu), made current; under torchrun cuda:LOCAL_RANK."""
     requested = requested or ("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(requested)
-    except RuntimeError:
-        raise UserError(f"unknown --device {requested!r}: use cpu, cuda or cuda:N") from None
+    if not re.fullmatch(r"(cpu|cuda)(:\d+)?", requested):
+        raise UserError(f"unknown --device {requested!r}: use cpu, cuda or cuda:N")
+    device = torch.device(requested)
     if device.type == "cpu":
         return device
-    if device.type != "cuda":
-        raise UserError(f"--device {requested!r} is not supported: use cpu or cuda")
     if not torch.cuda.is_available():
-        raise UserError("--device cuda was asked for but CUDA is not available here: use --device cpu")
-    if local_rank is not None:
-        if device.index is not None:
-            raise UserError(f"--device {requested} cannot be used under torchrun, where each process takes "
-                            "cuda:LOCAL_RANK: pass --device cuda and choose GPUs with CUDA_VISIBLE_DEVICES")
-        device = torch.device("cuda", local_rank)
-    device = torch.device("cuda", torch.cuda.current_device() if device.index is None else device.index)
+        raise UserError(f"--device {requested}: CUDA is not available here; use --device cpu")
+    if local_rank is not None and device.index is not None:
+        raise UserError(f"--device {requested}: torchrun gives each process cuda:LOCAL_RANK; pass --device cuda "
+                        "(pick GPUs with CUDA_VISIBLE_DEVICES)")
+    index = device.index if local_rank is None else local_rank
+    device = torch.device("cuda", torch.cuda.current_device() if index is None else index)
     if device.index >= torch.cuda.device_count():
         raise UserError(f"--device {device} does not exist: this machine has {torch.cuda.device_count()} GPU(s)")
-    torch.cuda.set_device(device)  # kernels and the caching allocator use this GPU, not GPU 0
+    torch.cuda.set_device(device)  # else kernels and the caching allocator use GPU 0
     return device
 
 
 def resolve_dtype(requested: str, device: torch.device) -> torch.dtype:
-    """--dtype auto: bf16 where the hardware multiplies it natively (GPUs from Ampere, CPUs with AVX512-BF16 or
-    AMX), fp16 with a GradScaler on older GPUs (bf16 is emulated there, slowly), fp32 on other CPUs."""
+    """auto: bf16 where the hardware has it (Ampere+ GPUs, AVX512-BF16/AMX CPUs), else fp16 (GPU) or fp32."""
     if requested != "auto":
         return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[requested]
     if device.type == "cuda":
-        with torch.cuda.device(device):
-            return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
-    capabilities = torch.cpu.get_capabilities() if hasattr(torch.cpu, "get_capabilities") else {}
+        return torch.bfloat16 if torch.cuda.get_device_properties(device).major >= 8 else torch.float16
+    capabilities = getattr(torch.cpu, "get_capabilities", dict)()  # not in older torch
     return torch.bfloat16 if capabilities.get("avx512_bf16") or capabilities.get("amx_bf16") else torch.float32
 
 
@@ -358,18 +311,8 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 
 def gather_objects(obj: Any, world_size: int) -> list[Any]:
-    """Every rank's obj, in rank order (one process: [obj])."""
     if world_size == 1:
         return [obj]
     gathered: list[Any] = [None] * world_size
     torch.distributed.all_gather_object(gathered, obj)
     return gathered
-
-
-def broadcast_object(obj: Any, world_size: int) -> Any:
-    """Rank 0's obj on every rank."""
-    if world_size == 1:
-        return obj
-    box = [obj]
-    torch.distributed.broadcast_object_list(box, src=0)
-    return box[0]

@@ -1,16 +1,11 @@
-"""The model families: load each tokenizer and model so that it is fed exactly as it was pre-trained.
-
-A fine-tuned model works only as well as its input matches pre-training: the same word segmentation (the MeCab
-dictionary of cl-tohoku's BERTs), the same token ids (LUKE/mLUKE's sentencepiece numbering), segment ids where the
-model was pre-trained with them, and no more tokens than its position embeddings hold.
+"""The model families: each tokenizer and model loaded so that it is fed exactly as it was pre-trained.
 
     bert         cl-tohoku (BertJapaneseTokenizer + MeCab), bert-base-multilingual-cased: segment ids, 512 positions
     xlm-roberta  xlm-roberta-base/-large: sentencepiece, no segment ids, positions start after padding_idx
     luke         studio-ousia LUKE/mLUKE: XLM-R's sentencepiece numbering, words only (no entities)
-    modernbert   sbintuitions/modernbert-ja-*, llm-jp/llm-jp-modernbert-base: 8192 tokens, no segment ids, the
-                 tokenizer.json as shipped (transformers reads it as it is, whatever tokenizer_class says)
+    modernbert   sbintuitions/modernbert-ja-*, llm-jp/llm-jp-modernbert-base: 8192 tokens, no segment ids
 
-Any other model type runs with the plain Auto classes and a one-line note. A new family goes here.
+Other model types run with the plain Auto classes. A new family goes here.
 """
 
 from __future__ import annotations
@@ -18,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import pickle
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -29,17 +25,14 @@ from common import UserError, first_line
 
 KNOWN_MODEL_TYPES = ("bert", "luke", "modernbert", "xlm-roberta")
 ROBERTA_STYLE_POSITIONS = ("roberta", "xlm-roberta", "camembert", "luke", "xmod", "data2vec-text")
-# LUKE/mLUKE learn these only from entity inputs, which bertcls does not give: frozen, so DDP needs no
-# find_unused_parameters (an extra pass over the graph every step)
+# LUKE's parts only entity inputs (never given) train: frozen, so DDP needs no find_unused_parameters
 NEEDS_ENTITIES = {"entity_embeddings", "w2e_query", "e2w_query", "e2e_query"}
-COMPILED_SDPA = "bertcls_sdpa"  # see compile_layers
+COMPILED_SDPA = "bertcls_sdpa"
 
 
 def tokenizer_kwargs(model_name: str, mecab_dic: str) -> dict:
-    """The MeCab dictionary a BertJapaneseTokenizer was trained with. cl-tohoku's v1 models were pre-trained with
-    IPAdic, but their configs name no dictionary and transformers defaults to unidic-lite: without this they would
-    be fed another segmentation. AutoTokenizer reads tokenizer_class from config.json when the tokenizer config
-    names none (v1 declares it only there), and so does this."""
+    """The MeCab dictionary of a BertJapaneseTokenizer: cl-tohoku's v1 models were pre-trained with IPAdic but name
+    none (transformers' default: unidic-lite). As AutoTokenizer, finds tokenizer_class in config.json too."""
     from transformers import PreTrainedConfig
     from transformers.models.auto.tokenization_auto import get_tokenizer_config
     config = dict(get_tokenizer_config(model_name))
@@ -53,22 +46,17 @@ def tokenizer_kwargs(model_name: str, mecab_dic: str) -> dict:
     return {} if config.get("mecab_kwargs") else {"mecab_kwargs": {"mecab_dic": "ipadic"}}
 
 
-def luke_misnumbered(tokenizer: Any) -> bool:
-    """transformers 5's MLukeTokenizer built from sentencepiece.bpe.model (how the hub ships LUKE) keeps raw
-    sentencepiece ids, every word off by one from the fairseq numbering LUKE was pre-trained with (<s> 0, <pad> 1,
-    </s> 2, <unk> 3), and skips sentencepiece's NFKC. Without entities its word tokenization is XLM-R's."""
-    return (type(tokenizer).__name__ == "MLukeTokenizer"
-            and tokenizer.convert_tokens_to_ids(["<s>", "<pad>", "</s>", "<unk>"]) != [0, 1, 2, 3])
-
-
-def xlm_roberta_tokenizer(model_name: str) -> Any:
-    """XLMRobertaTokenizer from the sentencepiece model alone (with LUKE's tokenizer config it would add the
-    entity tokens as words, with ids past the embeddings)."""
+def luke_word_tokenizer(tokenizer: Any, model_name: str, log: Callable[[str], None]) -> Any:
+    """For LUKE, XLMRobertaTokenizer on the sentencepiece model alone (LUKE's config would add entities as words):
+    transformers 5's MLukeTokenizer numbers words one off from the fairseq ids LUKE learnt, and skips NFKC."""
+    if (type(tokenizer).__name__ != "MLukeTokenizer"
+            or tokenizer.convert_tokens_to_ids(["<s>", "<pad>", "</s>", "<unk>"]) == [0, 1, 2, 3]):
+        return tokenizer
+    log(f"note: {model_name}: using XLMRobertaTokenizer on its sentencepiece model (MLukeTokenizer misnumbers it)")
     from transformers import XLMRobertaTokenizer
     from transformers.utils import cached_file
     with tempfile.TemporaryDirectory() as tmp:
-        (Path(tmp) / "sentencepiece.bpe.model").write_bytes(Path(cached_file(model_name, "sentencepiece.bpe.model"))
-                                                           .read_bytes())
+        shutil.copyfile(cached_file(model_name, "sentencepiece.bpe.model"), Path(tmp) / "sentencepiece.bpe.model")
         return XLMRobertaTokenizer.from_pretrained(tmp)
 
 
@@ -81,26 +69,20 @@ def load_tokenizer(model_name: str, mecab_dic: str = "auto", trust_remote_code: 
             log(f"note: {model_name}: BertJapaneseTokenizer with MeCab dictionary "
                 f"{kwargs['mecab_kwargs']['mecab_dic']} (--mecab_dic to change)")
         tokenizer = AutoTokenizer.from_pretrained(model_name, trust_remote_code=trust_remote_code, **kwargs)
-        if luke_misnumbered(tokenizer):
-            log(f"note: {model_name}: using XLMRobertaTokenizer on its sentencepiece model (transformers' "
-                "MLukeTokenizer misnumbers it; bertcls passes no entities)")
-            tokenizer = xlm_roberta_tokenizer(model_name)
+        tokenizer = luke_word_tokenizer(tokenizer, model_name, log)
     except (ImportError, OSError, ValueError, TypeError, RuntimeError) as e:
-        # a missing package (MeCab dictionary, sentencepiece: transformers then asks for "tiktoken"), a missing
-        # vocabulary file (TypeError from BertJapaneseTokenizer), an unknown name, an unreachable hub
-        raise UserError(f"cannot load the tokenizer of {model_name!r}: {first_line(e)} (check the name or directory, "
-                        "and that `pip install -r requirements.txt` went through)") from None
+        # a missing package or vocabulary file (TypeError from BertJapaneseTokenizer), an unknown name, no hub
+        raise UserError(f"cannot load the tokenizer of {model_name!r}: {first_line(e)} (check the name, and "
+                        "`pip install -r requirements.txt`)") from None
     if len(tokenizer) <= len(set(tokenizer.all_special_ids)):  # transformers 5 makes an empty one from nothing
-        raise UserError(f"the tokenizer of {model_name!r} has no vocabulary beyond its special tokens: the directory "
-                        "needs the files tokenizer.save_pretrained writes (vocab.txt, tokenizer.json or a "
-                        "sentencepiece model)")
+        raise UserError(f"the tokenizer of {model_name!r} has no vocabulary beyond its special tokens: the "
+                        "directory needs what tokenizer.save_pretrained writes")
     return tokenizer
 
 
 @contextlib.contextmanager
 def quiet_loading() -> Iterator[None]:
-    """Hold back transformers' red LOAD REPORT (the new head shows as MISSING on every fine-tuning run: load_model
-    says what it means in one line) and its "Loading weights" bar off a terminal (a log full of carriage returns)."""
+    """Hold back transformers' LOAD REPORT (the new head as MISSING; load_model notes it) and, off a terminal, bars."""
     from transformers.utils import logging as hf_logging
     logger = logging.getLogger("transformers.modeling_utils")
     report = lambda record: "LOAD REPORT" not in record.getMessage()  # noqa: E731
@@ -117,38 +99,34 @@ def quiet_loading() -> Iterator[None]:
 
 
 def attention_implementation(device: torch.device, dtype: torch.dtype) -> str:
-    """SDPA (fused kernels), except in bf16/fp16 on the CPU: there, with dropout, SDPA takes its math fallback, which
-    upcasts to fp32, while eager attention multiplies in bf16 (1.2x the examples/s, docs/benchmarks.md)."""
+    """SDPA, except in bf16/fp16 on the CPU, where with dropout it falls back to fp32 math: eager is 1.2x as fast."""
     return "eager" if device.type == "cpu" and dtype != torch.float32 else "sdpa"
 
 
 def load_model(model_name: str, label2id: dict[str, int], trust_remote_code: bool = False,
                log: Callable[[str], None] = print, attention: str = "sdpa") -> torch.nn.Module:
-    """AutoModelForSequenceClassification with a new head for label2id; says in one line what starts random."""
+    """AutoModelForSequenceClassification with a new head for label2id; notes what is random."""
     from transformers import AutoModelForSequenceClassification
-    kwargs = dict(num_labels=len(label2id), id2label={i: n for n, i in label2id.items()}, label2id=label2id,
-                  trust_remote_code=trust_remote_code, ignore_mismatched_sizes=True, output_loading_info=True)
+    kwargs = dict(id2label={i: n for n, i in label2id.items()}, label2id=label2id, trust_remote_code=trust_remote_code,
+                  ignore_mismatched_sizes=True, output_loading_info=True)
     try:
         with quiet_loading():
             try:
                 model, info = AutoModelForSequenceClassification.from_pretrained(
                     model_name, attn_implementation=attention, **kwargs)
-            except ValueError as e:  # a family without that attention (LUKE): its own
-                if "attention" not in str(e).lower():
-                    raise
+            except ValueError:  # LUKE has no SDPA: its own (any other error comes again)
                 model, info = AutoModelForSequenceClassification.from_pretrained(model_name, **kwargs)
     except pickle.UnpicklingError:  # transformers reads *.bin with torch.load(weights_only=True)
-        raise UserError(f"refusing to load model {model_name!r}: its pickled weights hold objects other than tensors, "
-                        "which could run code; use a checkpoint with model.safetensors") from None
+        raise UserError(f"refusing to load model {model_name!r}: its pickled weights hold non-tensors, which "
+                        "could run code; use model.safetensors") from None
     except (OSError, ValueError, KeyError) as e:
         raise UserError(f"cannot load model {model_name!r}: {first_line(e)} (a directory needs config.json and "
-                        "model.safetensors, as save_pretrained writes them)") from None
-    new = set(info.get("missing_keys") or ()) | {k if isinstance(k, str) else k[0]
-                                                 for k in info.get("mismatched_keys") or ()}
+                        "model.safetensors)") from None
+    new = set(info["missing_keys"]) | {k[0] for k in info["mismatched_keys"]}
     body = sorted(k for k in new if k.startswith(f"{model.base_model_prefix}."))
-    if new - set(body):
-        log(f"note: {model_name}: a new classification head for {len(label2id)} labels "
-            f"({', '.join(sorted(new - set(body)))}) starts from random weights; fine-tuning trains it")
+    if head := sorted(new - set(body)):
+        log(f"note: {model_name}: a new classification head for {len(label2id)} labels ({', '.join(head)}) starts "
+            "from random weights; fine-tuning trains it")
     if body:
         log(f"warning: {model_name}: {len(body)} weights of the model itself are not in its checkpoint and start "
             f"random ({', '.join(body[:3])}{', ...' if len(body) > 3 else ''})")
@@ -158,46 +136,39 @@ def load_model(model_name: str, label2id: dict[str, int], trust_remote_code: boo
     frozen = [p.requires_grad_(False) for name, p in model.named_parameters() if NEEDS_ENTITIES & set(name.split("."))]
     if frozen:
         log(f"note: luke: {sum(p.numel() for p in frozen) / 1e6:.2f}M parameters frozen (entity embeddings and "
-            "entity-attention queries learn only from entity inputs, which bertcls does not pass)")
+            "queries: only entity inputs train them)")
     return model
 
 
 def max_length(requested: int, tokenizer: Any, config: Any, log: Callable[[str], None] = print) -> int:
-    """--max_seq_len capped by the position embeddings (RoBERTa-style ones start after padding_idx) and the
-    tokenizer's model_max_length, with a note when capped."""
+    """--max_seq_len capped by the position embeddings (RoBERTa's start after padding_idx) and model_max_length."""
     positions = getattr(config, "max_position_embeddings", None) or 10**9
     if config.model_type in ROBERTA_STYLE_POSITIONS:
         positions -= (config.pad_token_id if config.pad_token_id is not None else 1) + 1
-    limits = {"--max_seq_len": requested, "the model's position embeddings": positions}
-    if (tokenizer_limit := getattr(tokenizer, "model_max_length", None) or 10**9) < 10**6:  # 10**30: no limit
-        limits["the tokenizer's model_max_length"] = tokenizer_limit
-    source = min(limits, key=limits.get)
+    limits = {"--max_seq_len": requested, "the model's position embeddings": positions,
+              "the tokenizer's model_max_length": getattr(tokenizer, "model_max_length", None) or 10**9}
+    source = min(limits, key=limits.get)  # the first of equals
     if limits[source] < requested:
         log(f"note: max_seq_len capped at {limits[source]} by {source}")
     return limits[source]
 
 
 def uses_token_type_ids(config: Any) -> bool:
-    """BERT was pre-trained with the second text as segment B (transformers 5 tokenizers no longer return it)."""
+    """BERT was pre-trained with the second text as segment B (transformers 5 tokenizers no longer say so)."""
     return getattr(config, "type_vocab_size", 0) > 1
 
 
 def compile_layers(model: torch.nn.Module) -> int:
-    """Regional compilation: torch.compile each layer of the encoder stack in place; returns how many.
-
-    The layers share their code, so one compiled graph serves them all (compiling is fast and repeats per input
-    shape, not per layer), and embeddings, masks and head stay eager. Attention runs outside the compiled graphs
-    (a graph break, COMPILED_SDPA): traced by the compiler, SDPA was decomposed into softmax + matmuls in fp32 instead
-    of running the fused flash/cuDNN kernels that eager picks (docs/benchmarks.md). Parameter names are unchanged, so
-    state dicts, DDP and checkpoints see the same model.
-    """
+    """torch.compile each encoder layer in place (one graph for all; names unchanged); returns how many. SDPA stays
+    eager: traced, it became fp32 softmax + matmuls, not fused kernels (docs/benchmarks.md)."""
     from transformers import AttentionInterface
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
     AttentionInterface.register(COMPILED_SDPA, torch.compiler.disable(sdpa_attention_forward, recursive=False))
     if model.config._attn_implementation == "sdpa":
         model.set_attn_implementation(COMPILED_SDPA)
+    torch._dynamo.config.recompile_limit = 64  # length buckets x (padded or not) x (training or evaluating)
     stacks = [m for m in model.modules() if isinstance(m, torch.nn.ModuleList) and len(m) > 1]
     layers = max(stacks, key=lambda m: sum(p.numel() for p in m.parameters()), default=[])
     for layer in layers:
-        layer.compile(dynamic=False)  # static shapes per length bucket: see bertcls.compile_buckets
+        layer.compile(dynamic=False)  # static shapes per length bucket: see data.compile_buckets
     return len(layers)

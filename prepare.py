@@ -1,19 +1,12 @@
-"""Prepare the livedoor news corpus (or your own data) as JSONL splits for bertcls.py.
+"""Make JSONL splits of the livedoor news corpus (or your own data) for bertcls.py.
 
-    python prepare.py                                     # download into data/, write datasets/livedoor/
-    python prepare.py --input data/ldcc-20140209.tar.gz   # a tarball you already have (or its extracted dir)
-    python prepare.py --folds 10                          # datasets/livedoor/fold-0/ ... fold-9/ as well
-    python prepare.py --input news.jsonl --text_fields title,body --label_field category   # or .csv, .tsv
+    python prepare.py             # download into data/, write datasets/livedoor/
+    python prepare.py --folds 10  # also datasets/livedoor/fold-0/ ... fold-9/
+    python prepare.py --input data/ldcc-20140209.tar.gz  # or its extracted directory
+    python prepare.py --input news.jsonl --text_fields title,body --label_field category  # or .csv, .tsv
 
-Writes all.jsonl, train.jsonl, val.jsonl, test.jsonl and label2id.json into --output_dir. The rows, sorted by path
-(your own data: by id), are shuffled with random.Random(--seed) and cut into 10 near-equal parts: train = parts 1-8,
-val = part 9, test = part 10 (5895 / 736 / 736 for livedoor). --folds K cuts the same shuffle into K parts and
-writes <output_dir>/fold-<i>/ for each i (fold-0 of --folds 10 is the default split byte for byte); the default
-split and the folds live side by side. A dataset is written into a staging directory and swapped into place when
-complete: a failed or interrupted run leaves the previous one as it was. Your own data is held in memory.
+Splits 8:1:1 after a seeded shuffle; --folds K cuts it into K parts (fold-0 of 10 is the default split).
 """
-
-from __future__ import annotations
 
 import argparse
 import contextlib
@@ -25,7 +18,6 @@ import json
 import os
 import random
 import re
-import secrets
 import shutil
 import tarfile
 import textwrap
@@ -38,187 +30,143 @@ from collections import Counter, defaultdict
 from pathlib import Path, PurePosixPath
 from typing import BinaryIO, Callable, Iterator
 
-from common import (Progress, UserError, atomic_write, iter_jsonl, jsonl_line, log, number, refuse_overwrite, run_cli,
-                    seed_int, write_json)
+from common import (Progress, UserError, atomic_write, decode_utf8, iter_jsonl, jsonl_line, log, number,
+                    refuse_overwrite, run_cli, seed_int, write_json)
 
 CORPUS_URL = "https://www.rondhuit.com/download/ldcc-20140209.tar.gz"
 N_CATEGORIES, N_ARTICLES = 9, 7367
-# sha256 over the sorted lines "<category>/<file>.txt\t<sha256 of the file>\n" of the 7367 article files, computed
-# once from ../shared/data/livedoor/MANIFEST.sha256: it depends on the articles' bytes only, not on the archive's.
+# of the articles, not the archive
 CORPUS_DIGEST = "de91044071ce73c1e0904388e678ec5b001968e50159046baaa80c6e2bf2d31d"
-NON_ARTICLES = {"LICENSE.txt", "README.txt", "CHANGES.txt"}
-MAX_ARTICLE_BYTES = 10 * 2**20  # the largest livedoor article is 32 KB: more is a mistake or a decompression bomb
+MAX_ARTICLE_BYTES = 10 * 2**20  # the largest article has 32 KB
 SPLITS = ("train", "val", "test")
 OUTPUT_FILES = {"all.jsonl", "train.jsonl", "val.jsonl", "test.jsonl", "label2id.json"}
-STOPPED = "no dataset was written (one is swapped into place only when complete)"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--input", help="livedoor tarball or its extracted directory, or your own .jsonl/.csv/.tsv "
-                                   "(default: download --url into --download_dir)")
-    p.add_argument("--output_dir", help="dataset directory (default: datasets/livedoor, or datasets/<input stem>)")
-    p.add_argument("--seed", type=seed_int, default=42, help="seed of the shuffle before the split (default: 42)")
-    p.add_argument("--folds", type=number(int, "3 or more (a train, a val and a test part)", lambda v: v >= 3),
-                   metavar="K", help="write K datasets <output_dir>/fold-<i>, (K-2):1:1 each (default: off)")
-    p.add_argument("--url", default=CORPUS_URL, help=f"where to download the corpus (default: {CORPUS_URL})")
-    p.add_argument("--download_dir", default="data", help="where the download is kept (default: data)")
-    p.add_argument("--no_verify", action="store_true", help="accept another livedoor version (default: off)")
-    p.add_argument("--dedupe", action="store_true", help="keep one of the rows with an identical body (default: off)")
-    p.add_argument("--text_fields", help="own data: text, or title,body: one or two fields (default: text)")
-    p.add_argument("--label_field", help="own data: the field holding the label (default: label)")
-    p.add_argument("--debug", action="store_true", help="show tracebacks (default: off; or env BERTCLS_DEBUG=1)")
+    add = p.add_argument
+    add("--input", help="livedoor tarball or directory, or a .jsonl/.csv/.tsv (default: download)")
+    add("--output_dir", help="(default: datasets/livedoor, or datasets/<input stem>)")
+    add("--seed", type=seed_int, default=42, help="shuffle seed (default: 42)")
+    add("--folds", type=number(int, "3 or more (a train, a val and a test part)", lambda v: v >= 3),
+        metavar="K", help="also write K folds, fold-<i>/ (default: off)")
+    add("--url", default=CORPUS_URL, help="corpus to download (default: %(default)s)")
+    add("--download_dir", default="data", help="(default: data)")
+    add("--no_verify", action="store_true", help="accept another livedoor version")
+    add("--dedupe", action="store_true", help="keep one row per identical body")
+    add("--text_fields", help="own data: text, or title,body (default: text)")
+    add("--label_field", help="own data: label field (default: label)")
+    add("--debug", action="store_true", help="show tracebacks (or BERTCLS_DEBUG=1)")
     return p.parse_args(argv)
 
 
-# ---------------------------------------------------------------- livedoor articles
-
 def normalize_text(line: str) -> str:
-    """NFKC, then ASCII and full-width spaces stripped at both ends."""
-    return unicodedata.normalize("NFKC", line).strip(" \t\r\n\f\v\u3000")
+    return unicodedata.normalize("NFKC", line).strip()
 
 
 def parse_article(raw: bytes, where: str) -> dict:
-    """Line 1 URL, line 2 date, line 3 title, lines 4+ body (empty lines dropped, joined with \\n)."""
-    try:
-        text = raw.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        line = raw.count(b"\n", 0, e.start) + 1
-        raise UserError(f"{where}:{line}: not UTF-8; convert it to UTF-8 or remove it") from None
-    # str.splitlines(), as the tutorial did: one article (peachy-4490543) has a U+2028 that breaks a line
-    lines = [normalize_text(line) for line in text.splitlines()]
+    # splitlines(), as the tutorial: peachy-4490543 has a U+2028 line break
+    lines = [normalize_text(line) for line in decode_utf8(raw, where).splitlines()]
     if len(lines) < 3 or not all(lines[:3]):
-        raise UserError(f"{where}: empty, or not an article (lines URL, date, title, then the body); remove it")
+        raise UserError(f"{where}: empty, or not an article (URL, date, title, body); remove it")
     return {"url": lines[0], "date": lines[1], "title": lines[2], "body": "\n".join(filter(None, lines[3:]))}
 
 
 def article_path(name: str) -> str | None:
-    """'<category>/<file>.txt' for an article's name ([text/]<category>/<file>.txt), else None: other files, and
-    names that are absolute, hidden, climb out with '..' or are not UTF-8 (lone surrogates are not printable)."""
+    """'<category>/<file>.txt', or None for other, hidden or non-UTF-8 names."""
     parts = PurePosixPath(name).parts
     parts = parts[1:] if parts[:1] == ("text",) else parts
-    if len(parts) != 2 or any(p.startswith((".", "/")) for p in parts) or not parts[1].endswith(".txt") \
-            or parts[1] in NON_ARTICLES or not name.isprintable():
-        return None
-    return "/".join(parts)
+    ok = len(parts) == 2 and parts[1].endswith(".txt") and parts[1] != "LICENSE.txt"
+    return "/".join(parts) if ok and name.isprintable() and not any(p.startswith((".", "/")) for p in parts) else None
 
 
 def read_limited(stream: BinaryIO, where: str) -> bytes:
-    """At most MAX_ARTICLE_BYTES, whatever a header or stat promised."""
-    data = stream.read(MAX_ARTICLE_BYTES + 1)
+    data = stream.read(MAX_ARTICLE_BYTES + 1)  # not what a header promised
     if len(data) > MAX_ARTICLE_BYTES:
-        raise UserError(f"refusing {where}: over the {MAX_ARTICLE_BYTES / 2**20:g} MiB an article may have (a bomb?)")
+        raise UserError(f"refusing {where}: over {MAX_ARTICLE_BYTES / 2**20:g} MiB (a bomb?)")
     return data
 
 
-def read_tarball(archive: Path) -> dict[str, bytes]:
-    """Article bytes by '<category>/<file>.txt', read without extracting anything: only regular files with an
-    article's name are read, so links, devices and names that climb out can do no harm."""
+def read_articles(source: Path) -> dict[str, bytes]:
     articles = {}
-    with open(archive, "rb") as f:  # opened first: an OSError here is about the path, below about the data
+    if source.is_dir():
+        root = source / "text" if (source / "text").is_dir() else source
+        for file in root.glob("*/*.txt"):
+            if (path := article_path(f"{file.parent.name}/{file.name}")) and file.is_file():
+                with open(file, "rb") as f:
+                    articles[path] = read_limited(f, str(file))
+        return articles
+    with open(source, "rb") as f:  # an OSError here is about the path
         try:
-            with tarfile.open(fileobj=f, mode="r:*") as tar:
+            with tarfile.open(fileobj=f) as tar:  # read, never extracted
                 for member in tar:
-                    path = article_path(member.name)
-                    if member.isfile() and path is not None:
-                        articles[path] = read_limited(tar.extractfile(member), f"{archive}:{member.name}")
+                    if member.isfile() and (path := article_path(member.name)):
+                        articles[path] = read_limited(tar.extractfile(member), f"{source}:{member.name}")
         except (tarfile.TarError, EOFError, zlib.error, OSError):
-            raise UserError(f"{archive} is not a tar or tar.gz archive, or is truncated: download it again, or pass "
-                            "its extracted directory or your own .jsonl/.csv/.tsv") from None
-    return articles
-
-
-def read_directory(root: Path) -> dict[str, bytes]:
-    """Article bytes by '<category>/<file>.txt' from an extracted corpus (root holding text/ or the categories)."""
-    root = root / "text" if (root / "text").is_dir() else root
-    articles = {}
-    for file in sorted(root.glob("*/*.txt")):
-        path = article_path(f"{file.parent.name}/{file.name}")
-        if path is not None and file.is_file():
-            with open(file, "rb") as f:
-                articles[path] = read_limited(f, str(file))
+            raise UserError(f"{source} is not a tar or tar.gz archive, or is truncated: download it again, or pass "
+                            "its directory or a .jsonl/.csv/.tsv") from None
     return articles
 
 
 def verify_corpus(articles: dict[str, bytes], source: Path) -> None:
     n_categories = len({path.split("/")[0] for path in articles})
-    hint = f"{'extract it' if source.is_dir() else f'delete {source} and download it'} again, or pass --no_verify"
-    if (n_categories, len(articles)) != (N_CATEGORIES, N_ARTICLES):
-        raise UserError(f"{source} is not ldcc-20140209: {len(articles)} articles in {n_categories} categories, "
-                        f"expected {N_ARTICLES} in {N_CATEGORIES}; {hint}")
     lines = "".join(f"{path}\t{hashlib.sha256(data).hexdigest()}\n" for path, data in sorted(articles.items()))
-    if hashlib.sha256(lines.encode("utf-8")).hexdigest() != CORPUS_DIGEST:
-        raise UserError(f"{source} is not ldcc-20140209: the article contents differ from the original; {hint}")
+    if hashlib.sha256(lines.encode()).hexdigest() != CORPUS_DIGEST:
+        why = (f"{len(articles)} articles in {n_categories} categories, expected {N_ARTICLES} in {N_CATEGORIES}"
+               if (n_categories, len(articles)) != (N_CATEGORIES, N_ARTICLES) else
+               "the article contents differ from the original")
+        hint = f"{'extract it' if source.is_dir() else f'delete {source} and download it'} again, or pass --no_verify"
+        raise UserError(f"{source} is not ldcc-20140209: {why}; {hint}")
 
 
-def livedoor_rows(source: Path, verify: bool) -> tuple[list[dict], dict[str, int]]:
-    """One row per article of a tarball or directory in path order, and label2id with the categories by name."""
-    articles = read_directory(source) if source.is_dir() else read_tarball(source)
+def livedoor_rows(source: Path, verify: bool) -> list[dict]:
+    articles = read_articles(source)
     if not articles:
-        raise UserError(f"no articles in {source}: expected text/<category>/<name>.txt or <category>/<name>.txt")
+        raise UserError(f"no articles in {source}: expected [text/]<category>/<name>.txt")
     if verify:
         verify_corpus(articles, source)
-    label2id = {c: i for i, c in enumerate(sorted({path.split("/")[0] for path in articles}))}
     rows = []
     for path in sorted(articles):
         category, stem = path.removesuffix(".txt").split("/")
         article_id = stem.removeprefix(f"{category}-")
-        rows.append({"id": f"{category}-{article_id}", "label": label2id[category], "category": category,
-                     "article_id": article_id, **parse_article(articles[path], f"{source}:{path}")})
-    print(f"read {len(rows)} articles in {len(label2id)} categories from {source}, "
+        rows.append({"id": f"{category}-{article_id}", "category": category, "article_id": article_id,
+                     **parse_article(articles[path], f"{source}:{path}")})
+    print(f"read {len(rows)} articles in {len({r['category'] for r in rows})} categories from {source}, "
           + ("verified as ldcc-20140209" if verify else "not verified (--no_verify)"))
-    return rows, label2id
+    return rows
 
-
-# ---------------------------------------------------------------- your own data
 
 def table_records(path: Path) -> Iterator[tuple[int, dict]]:
-    """(line, record by header) of each non-empty row of a .csv, parsed strictly, or of a .tsv, which has no quoting:
-    a field is what lies between tabs on a line, quotes included."""
-    data = path.read_bytes()
-    try:
-        text = data.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        line = data.count(b"\n", 0, e.start) + 1
-        raise UserError(f"{path}:{line}: not UTF-8; convert the file to UTF-8") from None
+    text = decode_utf8(path.read_bytes(), path)
     if path.suffix.lower() == ".tsv":
-        rows = enumerate((line.removesuffix("\r").split("\t") for line in text.split("\n")), 1)
+        rows = enumerate((line.removesuffix("\r").split("\t") for line in text.split("\n")), 1)  # unquoted
     else:
-        csv.field_size_limit(2**31 - 1)  # the default 128 KiB is less than some documents
+        csv.field_size_limit(2**31 - 1)  # a document may exceed 128 KiB
         reader = csv.reader(io.StringIO(text, newline=""), strict=True)
         rows = ((reader.line_num, fields) for fields in reader)
-    header = None
     try:
+        rows = ((n, fields) for n, fields in rows if any(fields))
+        _, header = next(rows, (0, []))
         for n, fields in rows:
-            if not any(fields):
-                continue
-            if header is None:
-                header = fields
-            elif len(fields) != len(header):
+            if len(fields) != len(header):
                 raise UserError(f"{path}:{n}: {len(fields)} field(s) where the header has {len(header)}; fix that row")
-            else:
-                yield n, dict(zip(header, fields))
+            yield n, dict(zip(header, fields))
     except csv.Error as e:
         raise UserError(f"{path}:{reader.line_num}: malformed CSV row ({e}); quote a field holding commas, quotes or "
                         "line breaks, and double its quotes") from None
 
 
 def field_text(record: dict, field: str, where: str) -> str:
-    """A field's value as text (numbers and booleans as JSON writes them)."""
     if field not in record:
         raise UserError(f"{where}: no field {field!r} (fields there: {', '.join(record) or 'none'}); name yours with "
                         "--text_fields and --label_field")
-    value = record[field]
-    if value is None or isinstance(value, (dict, list)):
+    if (value := record[field]) is None or isinstance(value, (dict, list)):
         raise UserError(f"{where}: field {field!r} is {json.dumps(value)[:40]}, not text; fix or remove that line")
     return value if isinstance(value, str) else json.dumps(value)
 
 
-def own_rows(path: Path, text_fields: list[str], label_field: str) -> tuple[list[dict], dict[str, int]]:
-    """Rows sorted by id from a .jsonl/.csv/.tsv, texts as they are, and label2id from the label values (by name;
-    numerically when all are integers, so that labels 0..K-1 keep their ids)."""
-    jsonl = path.suffix.lower() == ".jsonl"
-    records = ((n, record) for n, _, _, record in iter_jsonl(path)) if jsonl else table_records(path)
+def own_rows(path: Path, text_fields: list[str], label_field: str) -> list[dict]:
+    records = ((n, r) for n, _, _, r in iter_jsonl(path)) if path.suffix.lower() == ".jsonl" else table_records(path)
     names = ["text"] if len(text_fields) == 1 else ["title", "body"]
     rows = []
     for index, (n, record) in enumerate(records):
@@ -230,40 +178,23 @@ def own_rows(path: Path, text_fields: list[str], label_field: str) -> tuple[list
         row_id = str(record["id"]) if record.get("id") not in (None, "") else str(index)
         rows.append({"id": row_id, "category": category, **texts})
     if not rows:
-        raise UserError(f"{path} holds no records; expected one object (or CSV/TSV row) per example")
-    labels = {r["category"] for r in rows}
-    numeric = all(re.fullmatch(r"-?\d+", label) for label in labels)
-    label2id = {label: i for i, label in enumerate(sorted(labels, key=int if numeric else None))}
-    print(f"read {len(rows)} examples with {len(label2id)} labels from {path}")
-    return [{"id": r["id"], "label": label2id[r["category"]], **r} for r in sorted(rows, key=lambda r: r["id"])], \
-        label2id
+        raise UserError(f"{path} holds no records; expected one per example")
+    print(f"read {len(rows)} examples with {len({r['category'] for r in rows})} labels from {path}")
+    return sorted(rows, key=lambda r: r["id"])
 
-
-# ---------------------------------------------------------------- split, duplicates, report
 
 def folds(items: list, seed: int, k: int) -> list[tuple[list, list, list]]:
-    """(train, val, test) of k folds over items (sorted by key) shuffled with random.Random(seed) and cut into k
-    near-equal parts, the first len(items) % k one larger. Fold i tests on part k-1-i, validates on part k-2-i (mod k)
-    and trains on the others in order; fold 0 of 10 is the default split (train: parts 1-8, val: 9, test: 10)."""
+    """(train, val, test) of k folds over a seeded shuffle cut into k parts: fold i tests on part k-1-i and validates
+    on k-2-i (mod k)."""
     shuffled = list(items)
     random.Random(seed).shuffle(shuffled)
     base, extra = divmod(len(shuffled), k)
-    bounds = [i * base + min(i, extra) for i in range(k + 1)]
-    cut = [shuffled[bounds[i]:bounds[i + 1]] for i in range(k)]
+    cut = [shuffled[i * base + min(i, extra):(i + 1) * base + min(i + 1, extra)] for i in range(k)]
     return [([x for j, part in enumerate(cut) if j not in (k - 1 - i, (k - 2 - i) % k) for x in part],
              cut[(k - 2 - i) % k], cut[k - 1 - i]) for i in range(k)]
 
 
-def duplicate_groups(rows: list[dict]) -> list[list[str]]:
-    """Ids of the rows sharing an identical body (or text), in groups of two or more, in row order."""
-    by_text = defaultdict(list)
-    for row in rows:
-        by_text[row.get("body", row.get("text"))].append(row["id"])
-    return [ids for ids in by_text.values() if len(ids) > 1]
-
-
 def duplicate_report(groups: list[list[str]], splits: dict[str, list[dict]], dedupe: bool) -> str:
-    """The groups; how many straddle test and train (tested on what was trained on) and any two splits; a few."""
     head = f"duplicate bodies: {len(groups)} groups ({sum(map(len, groups))} rows)"
     if dedupe or not groups:
         return head + ("; --dedupe kept the first of each" if groups else "")
@@ -275,61 +206,40 @@ def duplicate_report(groups: list[list[str]], splits: dict[str, list[dict]], ded
     return "\n".join(lines + ["  " + ", ".join(f"{i} ({split_of[i]})" for i in ids) for ids in straddling[:5]])
 
 
-def summary(splits: dict[str, list[dict]], label2id: dict[str, int]) -> str:
-    """Examples per category and split, as a table."""
-    counts = {name: Counter(r["category"] for r in rows) for name, rows in splits.items()}
-    width = max(len("category"), *map(len, label2id))
-    lines = [f"{'category':<{width}}  label  " + "  ".join(f"{n:>6}" for n in splits)]
-    for category, label in label2id.items():
-        lines.append(f"{category:<{width}}  {label:>5}  " + "  ".join(f"{counts[n][category]:>6}" for n in splits))
-    lines.append(f"{'total':<{width}}  {'':>5}  " + "  ".join(f"{len(rows):>6}" for rows in splits.values()))
-    return "\n".join(lines)
-
-
-def warn_of_rare_labels(splits: dict[str, list[dict]], rows: list[dict], label2id: dict[str, int], prefix: str) -> None:
-    """Warn of labels too rare to appear in every split (a split left empty has none)."""
-    present = {name: {r["category"] for r in splits[name]} for name in SPLITS}
-    missing = {c: names for c in label2id if (names := [n for n in SPLITS if c not in present[n]])}
-    if missing:
-        total = Counter(r["category"] for r in rows)
-        listed = "; ".join(f"{c!r} ({total[c]} examples, none in {'/'.join(missing[c])})" for c in list(missing)[:5])
-        log(f"prepare.py: warning: {prefix}{len(missing)} label(s) too rare to appear in every split, such as "
+def report(name: str, splits: dict[str, list[dict]], label2id: dict[str, int], duplicates: str) -> None:
+    """Sizes (the default split's by category), duplicates and a warning of labels too rare for every split."""
+    counts = {split: Counter(r["category"] for r in rows) for split, rows in splits.items()}
+    table = [("category", "label", *splits), ("total", "", *map(len, splits.values()))]
+    table[1:1] = [(c, label, *(counts[n][c] for n in splits)) for c, label in label2id.items()]
+    width = max(len(row[0]) for row in table)
+    print(name + ", ".join(f"{n} {len(splits[n])}" for n in SPLITS) if name else
+          "\n".join(f"{c:<{width}}  {label:>5}  " + "  ".join(f"{n:>6}" for n in rest) for c, label, *rest in table))
+    print(textwrap.indent(duplicates, "  " if name else ""))
+    if missing := {c: names for c in label2id if (names := [n for n in SPLITS if not counts[n][c]])}:
+        listed = "; ".join(f"{c!r} ({sum(counts[n][c] for n in SPLITS)} examples, none in {'/'.join(missing[c])})"
+                           for c in list(missing)[:5])
+        log(f"prepare.py: warning: {name}{len(missing)} label(s) too rare to appear in every split, such as "
             f"{listed}; scores for them will be missing or noisy")
 
 
-# ---------------------------------------------------------------- output
-
 def is_fold_dir(entry: Path) -> bool:
-    return entry.is_dir() and re.fullmatch(r"fold-\d+", entry.name) is not None
-
-
-def check_output_dir(output_dir: Path) -> None:
-    """Refuse an --output_dir holding files prepare.py did not write (or a file: iterdir's OSError names it)."""
-    entries = output_dir.iterdir() if output_dir.exists() else []
-    foreign = sorted(p.name for p in entries if p.name not in OUTPUT_FILES and not is_fold_dir(p))
-    if foreign:
-        raise UserError(f"--output_dir {output_dir} holds files prepare.py did not write ({', '.join(foreign[:3])}); "
-                        "pass a new or empty directory")
-
-
-def link_or_copy(source: str, target: str) -> None:
-    """A hard link where the file system has them (no bytes copied), else a copy."""
-    try:
-        os.link(source, target)
-    except OSError:
-        shutil.copy2(source, target)
+    return entry.is_dir() and bool(re.fullmatch(r"fold-\d+", entry.name))
 
 
 @contextlib.contextmanager
 def staged(output_dir: Path, keep: Callable[[Path], bool]) -> Iterator[Path]:
-    """A staging directory beside output_dir (made first: an unwritable output fails before any work), swapped into
-    place when the block completes. The old entries for which keep() holds are carried over as hard links (the
-    default split and the folds keep each other); until the swap the old directory is untouched."""
+    """A directory swapped in for output_dir at the end, with links to the old entries keep() holds."""
+    def link_or_copy(source, target):
+        try:
+            os.link(source, target)  # no bytes copied
+        except OSError:  # no hard links here
+            shutil.copy2(source, target)
+
     output_dir = Path(os.path.abspath(output_dir))
     output_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = output_dir.parent / f".{output_dir.name}.{secrets.token_hex(4)}.tmp"
+    staging = output_dir.parent / f".{output_dir.name}.{os.urandom(4).hex()}.tmp"
     old = staging.with_suffix(".old")
-    staging.mkdir()
+    staging.mkdir()  # fails early if unwritable
     try:
         yield staging
         for entry in filter(keep, output_dir.iterdir() if output_dir.is_dir() else []):
@@ -347,26 +257,12 @@ def staged(output_dir: Path, keep: Callable[[Path], bool]) -> Iterator[Path]:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def write_dataset(directory: Path, splits: dict[str, list[dict]], label2id: dict[str, int], lines: dict[str, str],
-                  fold: dict | None) -> None:
-    """<split>.jsonl for each split (lines: the JSONL line of each row id), label2id.json and a fold's fold.json."""
-    directory.mkdir(exist_ok=True)
-    for name, rows in splits.items():
-        atomic_write(directory / f"{name}.jsonl", "".join(lines[r["id"]] for r in rows))
-    write_json(directory / "label2id.json", label2id)
-    if fold is not None:
-        write_json(directory / "fold.json", fold)
-
-
-# ---------------------------------------------------------------- download
-
 def download(url: str, target: Path) -> Path:
-    """target, reused if it is there, else fetched from url into target.part and renamed once complete."""
     if target.is_file():
         log(f"using {target} (already downloaded)")
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    part = target.with_name(target.name + ".part")
+    part = Path(f"{target}.part")
     log(f"downloading {url} to {target}")
     try:
         request = urllib.request.Request(url, headers={"User-Agent": "bertcls-prepare"})
@@ -377,7 +273,7 @@ def download(url: str, target: Path) -> Path:
                     f.write(chunk)
                     progress.update(len(chunk) / 2**20)
             if f.tell() < total:
-                raise ConnectionError(f"the connection closed after {f.tell()} of {total} bytes")
+                raise ConnectionError(f"closed after {f.tell()} of {total} bytes")
         os.replace(part, target)
     except (OSError, http.client.HTTPException, ValueError) as e:
         why = f"HTTP {e.code} {e.reason}" if hasattr(e, "code") else getattr(e, "reason", e)
@@ -389,58 +285,61 @@ def download(url: str, target: Path) -> Path:
     return target
 
 
-# ---------------------------------------------------------------- main
-
 def prepare(args: argparse.Namespace) -> int:
     started = time.perf_counter()
-    own = args.input is not None and Path(args.input).suffix.lower() in (".jsonl", ".csv", ".tsv")
+    own = Path(args.input or "").suffix.lower() in (".jsonl", ".csv", ".tsv")
     if (args.text_fields or args.label_field) and not own:
         raise UserError("--text_fields and --label_field are for your own .jsonl/.csv/.tsv input only")
     label_field, text_fields = args.label_field or "label", [f.strip() for f in (args.text_fields or "text").split(",")]
     if not 1 <= len(text_fields) <= 2 or len({*text_fields, label_field}) != len(text_fields) + 1 or "" in text_fields:
         raise UserError(f"--text_fields {','.join(text_fields)} --label_field {label_field}: give one or two text "
-                        "fields (text, or title,body) and another field for the label")
+                        "fields and another label field")
     url_name = PurePosixPath(urllib.parse.urlparse(args.url).path).name or "corpus.tar.gz"
     source = Path(args.input) if args.input else Path(args.download_dir) / url_name
     output_dir = Path(args.output_dir or (f"datasets/{source.stem}" if own else "datasets/livedoor"))
     refuse_overwrite([("--output_dir", output_dir)], [source])
-    check_output_dir(output_dir)
-    keep = (lambda entry: entry.name in OUTPUT_FILES) if args.folds else is_fold_dir
-    with staged(output_dir, keep) as staging:
-        if own:
-            rows, label2id = own_rows(source, text_fields, label_field)
-        else:
-            rows, label2id = livedoor_rows(source if args.input else download(args.url, source), not args.no_verify)
-        uses = Counter(r["id"] for r in rows)  # livedoor: <category>/<category>-1.txt and <category>/1.txt too
+    entries = output_dir.iterdir() if output_dir.exists() else []  # a file: iterdir's OSError names it
+    if foreign := sorted(p.name for p in entries if p.name not in OUTPUT_FILES and not is_fold_dir(p)):
+        raise UserError(f"--output_dir {output_dir} holds files prepare.py did not write ({', '.join(foreign[:3])}); "
+                        "pass a new or empty directory")
+    with staged(output_dir, (lambda e: e.name in OUTPUT_FILES) if args.folds else is_fold_dir) as staging:
+        rows = own_rows(source, text_fields, label_field) if own else \
+            livedoor_rows(source if args.input else download(args.url, source), not args.no_verify)
+        labels = {r["category"] for r in rows}
+        numeric = all(re.fullmatch(r"-?\d+", label) for label in labels)
+        label2id = {label: i for i, label in enumerate(sorted(labels, key=int if numeric else None))}
+        uses = Counter(r["id"] for r in rows)  # livedoor: c/c-1.txt and c/1.txt
         if len(uses) < len(rows):
-            raise UserError(f"{source}: id {uses.most_common(1)[0][0]!r} is used more than once; ids must be unique")
-        groups = duplicate_groups(rows)
-        if args.dedupe:
-            dropped = {i for ids in groups for i in ids[1:]}
-            rows = [r for r in rows if r["id"] not in dropped]
-        lines = {r["id"]: jsonl_line(r) for r in rows}
-        if args.folds is None:
-            datasets = [("", staging, dict(zip(SPLITS, folds(rows, args.seed, 10)[0]), all=rows), None)]
-        elif args.folds > len(rows):
+            raise UserError(f"{source}: id {uses.most_common(1)[0][0]!r} is used more than once")
+        bodies = defaultdict(list)
+        for row in rows:
+            bodies[row.get("body", row.get("text"))].append(row)
+        groups = [[r["id"] for r in same] for same in bodies.values() if len(same) > 1]
+        rows = [same[0] for same in bodies.values()] if args.dedupe else rows
+        if (args.folds or 0) > len(rows):
             raise UserError(f"--folds {args.folds} is more than the {len(rows)} examples: use {len(rows)} or fewer")
-        else:
-            # the set's id: what makes the runs on its folds one experiment (examples, K and seed)
+        lines = {r["id"]: jsonl_line({"id": r["id"], "label": label2id[r["category"]], **r}) for r in rows}
+        if args.folds:  # the set's id: its folds' runs are one experiment
             fold_set = hashlib.sha256(f"{args.folds} folds, seed {args.seed}\n{''.join(lines.values())}".encode())
-            fold = {"folds": args.folds, "seed": args.seed, "set": fold_set.hexdigest()[:16]}
-            datasets = [(f"fold-{i}: ", staging / f"fold-{i}", dict(zip(SPLITS, splits)), {"fold": i, **fold})
-                        for i, splits in enumerate(folds(rows, args.seed, args.folds))]
-        for name, directory, splits, fold in datasets:
-            write_dataset(directory, splits, label2id, lines, fold)
-            print(name + ", ".join(f"{n} {len(splits[n])}" for n in SPLITS) if name else summary(splits, label2id))
-            print(textwrap.indent(duplicate_report(groups, splits, args.dedupe), "  " if name else ""))
-            warn_of_rare_labels(splits, rows, label2id, name)
+        cuts = [dict(zip(SPLITS, parts)) for parts in folds(rows, args.seed, args.folds or 10)]
+        for i, splits in enumerate(cuts if args.folds else [{**cuts[0], "all": rows}]):  # fold 0 of 10, with all
+            directory, name = (staging / f"fold-{i}", f"fold-{i}: ") if args.folds else (staging, "")
+            directory.mkdir(exist_ok=True)
+            for split, split_rows in splits.items():
+                atomic_write(directory / f"{split}.jsonl", "".join(lines[r["id"]] for r in split_rows))
+            write_json(directory / "label2id.json", label2id)
+            if args.folds:
+                write_json(directory / "fold.json", {"fold": i, "folds": args.folds, "seed": args.seed,
+                                                     "set": fold_set.hexdigest()[:16]})
+            report(name, splits, label2id, duplicate_report(groups, splits, args.dedupe))
     print(f"wrote {output_dir} (seed {args.seed}) in {time.perf_counter() - started:.1f} s")
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    return run_cli("prepare.py", lambda: prepare(args), args.debug, stopped=lambda: STOPPED)
+    return run_cli("prepare.py", lambda: prepare(args), args.debug,
+                   stopped=lambda: "no dataset was written (one is swapped into place only when complete)")
 
 
 if __name__ == "__main__":

@@ -30,19 +30,22 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
 import bertcls  # noqa: E402
-from common import dtype_name, iter_jsonl, log, positive_float, run_cli  # noqa: E402
+from common import dtype_name, iter_jsonl, log, number, positive_float, positive_int, run_cli  # noqa: E402
 from data import example_text  # noqa: E402
+
+non_negative_int = number(int, "an integer >= 0", lambda v: v >= 0)
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="All other flags are bertcls.py's.")
-    p.add_argument("--steps", type=int, default=20, help="timed optimizer steps (default: %(default)s)")
-    p.add_argument("--warmup", type=int, default=3, help="untimed steps first (default: %(default)s)")
+    p.add_argument("--steps", type=positive_int, default=20, help="timed optimizer steps (default: %(default)s)")
+    p.add_argument("--warmup", type=non_negative_int, default=3, help="untimed steps first (default: %(default)s)")
     p.add_argument("--tutorial_style", action="store_true", help="random batches tokenized in every step")
     p.add_argument("--always_mask", action="store_true", help="a mask of ones on unpadded batches too")
     p.add_argument("--peak_flops", type=positive_float, default=None, help="(default: measured)")
-    p.add_argument("--profile_steps", type=int, default=0, help="steps under torch.profiler after the timed ones")
+    p.add_argument("--profile_steps", type=non_negative_int, default=0,
+                   help="steps under torch.profiler after the timed ones (default: %(default)s)")
     p.add_argument("--bucket_lengths", type=int, nargs="*", default=[],
                    help="time a first and a second training step on a batch of each padded length: the difference "
                         "is the compile time of that shape (default: none)")
@@ -74,20 +77,23 @@ def measure_peak_flops(device: torch.device, dtype: torch.dtype) -> tuple[float,
 
 class Counted:
     """A split's Inputs that also count the examples, tokens and padded slots of its batches and the host's time
-    building them (pinning included on CUDA)."""
+    building them (pinning included on CUDA). With rows, batches are tokenized as the tutorial did: as (title, body)
+    pairs when the split has pairs, else as single texts."""
 
-    def __init__(self, data: Any, args: argparse.Namespace, tokenizer: Any, spec: Any, rows: list[dict] | None):
-        self.data, self.labels, self.args, self.tokenizer, self.spec, self.rows = data, data.labels, args, tokenizer, \
-            spec, rows
+    def __init__(self, data: Any, args: argparse.Namespace, tokenizer: Any, spec: Any, rows: list[dict] | None,
+                 pairs: bool):
+        self.data, self.labels, self.args, self.tokenizer, self.spec = data, data.labels, args, tokenizer, spec
+        self.rows, self.pairs = rows, pairs
         self.counts = dict.fromkeys(("examples", "tokens", "slots", "host_s"), 0)
 
     def batch(self, indices: Sequence[int], device: torch.device) -> dict[str, torch.Tensor]:
         start = time.perf_counter()
         if self.rows is not None:  # the tutorial: tokenize the batch's texts now, pad to its longest
             texts = [example_text(self.rows[i]) for i in indices]
-            batch = dict(self.tokenizer([a for a, _ in texts], [b for _, b in texts], truncation="only_second",
-                                        max_length=self.spec.max_len, padding=True, return_tensors="pt",
-                                        return_token_type_ids=self.spec.token_type_ids))
+            seconds = [b for _, b in texts] if self.pairs else None  # single texts: no second segment at all
+            batch = dict(self.tokenizer([a for a, _ in texts], seconds, max_length=self.spec.max_len,
+                                        truncation="only_second" if self.pairs else True, padding=True,
+                                        return_tensors="pt", return_token_type_ids=self.spec.token_type_ids))
             batch = {**{k: v.to(device) for k, v in batch.items()}, "labels": self.labels[indices].to(device)}
         else:
             batch = self.data.batch(indices, device)
@@ -121,7 +127,8 @@ def profile(train: Any, device: torch.device, steps: int) -> dict[str, Any]:
         train()
         return {"profile_steps": steps}
     synchronize(device)
-    with warnings.catch_warnings(record=True) as caught, torch.profiler.profile(activities=[ProfilerActivity.CUDA]) as prof:
+    profiler = torch.profiler.profile(activities=[ProfilerActivity.CUDA])
+    with warnings.catch_warnings(record=True) as caught, profiler as prof:
         warnings.simplefilter("always")
         torch.cuda.set_sync_debug_mode("warn")
         try:
@@ -165,7 +172,7 @@ def bucket_times(model: Any, optimizer: Any, run: Any, lengths: Sequence[int]) -
 def bench(args: argparse.Namespace) -> int:
     run = bertcls.set_up(args, 0, 1, False, log)
     epochs, _ = bertcls.plan(run)
-    model, optimizer = bertcls.wrap_model(run), bertcls.build_optimizer(run.model, args, run.device)
+    model, optimizer = bertcls.wrap_model(run), bertcls.build_optimizer(run.model, args)
     scaler = torch.amp.GradScaler(run.device.type, enabled=run.config["dtype"] == "float16")
     n = args.warmup + args.steps + args.profile_steps
     batches = [b for e in epochs * (1 + n * args.grad_accum_steps // len(epochs[0])) for b in e]
@@ -175,7 +182,7 @@ def bench(args: argparse.Namespace) -> int:
         rng, order = random.Random(args.seed), list(range(len(rows)))
         rng.shuffle(order)
         batches = [order[i:i + args.batch_size] for i in range(0, len(order), args.batch_size)] * (1 + n)
-    data = Counted(run.data["train"], args, run.tokenizer, run.spec, rows)
+    data = Counted(run.data["train"], args, run.tokenizer, run.spec, rows, run.splits["train"].pairs)
     compile_s = bucket_times(model, optimizer, run, args.bucket_lengths) if args.bucket_lengths else {}
     schedule, per_step = (n, 0), args.grad_accum_steps
 
@@ -223,8 +230,9 @@ def bench(args: argparse.Namespace) -> int:
               "host_data_ms_per_step": round(1000 * counts["host_s"] / args.steps, 2),
               **({"compile_s_by_length": compile_s} if compile_s else {}), **profiled}
     print(f"{result['mode']} on {result['device_name']}, {result['dtype']}{', compiled' if args.compile else ''}: "
-          f"{result['examples_per_s']:.1f} examples/s, {result['tokens_per_s']:.0f} tokens/s, MFU {100 * result['mfu']:.1f}%"
-          f" of {peak / 1e12:.1f} TFLOP/s, peak memory {mem:.0f} MB, {result['step_ms']:.1f} ms/step")
+          f"{result['examples_per_s']:.1f} examples/s, {result['tokens_per_s']:.0f} tokens/s, "
+          f"MFU {100 * result['mfu']:.1f}% of {peak / 1e12:.1f} TFLOP/s, peak memory {mem:.0f} MB, "
+          f"{result['step_ms']:.1f} ms/step")
     print(json.dumps(result), flush=True)
     return 0
 

@@ -8,10 +8,10 @@ Builds under --work_dir two randomly initialised models of the same width and de
 tokenizer (make_tiny.py's, saved as tokenizer.json): a BERT (learned absolute positions, full attention in
 every layer, a GELU MLP of 4 x hidden) and a ModernBERT (RoPE, attention within a window of --local_attention
 tokens with full attention in every third layer, a GLU MLP with as many weights as BERT's), and a synthetic
-corpus whose every example is longer than the longest length. For each shape and length, bench.py trains in a
-process of its own (so the peak memory is that run's) with one --max_batch_tokens for all: by default 16384
-tokens, i.e. 32 examples of 512 tokens per batch, 8 of 2048 and 2 of 8192. Prints a Markdown table; the
-last line of stdout is the JSON of every run. A run that fails (out of memory, say) gets a row saying why.
+corpus whose every example is longer than the longest length. For each shape and length, scripts/bench.py
+trains in a process of its own (so the peak memory is that run's) with one --max_batch_tokens for all: by default
+16384 tokens, i.e. 32 examples of 512 tokens per batch, 8 of 2048 and 2 of 8192. Prints a Markdown table; the last
+line of stdout is the JSON of every run. A run that fails (out of memory, say) gets a row saying why.
 """
 
 from __future__ import annotations
@@ -78,6 +78,8 @@ def build_models(work_dir: Path, texts: Sequence[str], args: argparse.Namespace)
     """The two shapes, saved with the same tokenizer; their non-embedding weights nearly equal in number."""
     import torch
     from transformers import AutoModel, BertConfig, BertTokenizer, ModernBertConfig
+
+    from models import quiet_loading
     vocab = make_tiny.wordpiece_vocab(texts, 0)
     (work_dir / "vocab.txt").write_text("\n".join(vocab) + "\n", encoding="utf-8")
     tokenizer = BertTokenizer(str(work_dir / "vocab.txt"), do_lower_case=False, model_max_length=max(args.lengths))
@@ -95,14 +97,15 @@ def build_models(work_dir: Path, texts: Sequence[str], args: argparse.Namespace)
     for shape, config in configs.items():
         dirs[shape] = work_dir / f"{shape}-shape"
         torch.manual_seed(0)
-        AutoModel.from_config(config).save_pretrained(dirs[shape])
+        with quiet_loading():  # no "Writing model shards" bar in a log
+            AutoModel.from_config(config).save_pretrained(dirs[shape])
         tokenizer.save_pretrained(dirs[shape])
     return dirs
 
 
 def bench_run(model_dir: Path, dataset_dir: Path, length: int, args: argparse.Namespace) -> dict:
     """bench.py's JSON for one model and length, or {"error": its last line} when it fails."""
-    command = [sys.executable, str(REPO / "bench.py"), "--model_name", str(model_dir), "--dataset_dir",
+    command = [sys.executable, str(REPO / "scripts" / "bench.py"), "--model_name", str(model_dir), "--dataset_dir",
                str(dataset_dir), "--max_seq_len", str(length), "--max_batch_tokens", str(args.max_batch_tokens),
                "--steps", str(args.steps), "--warmup", str(args.warmup), "--device", args.device, "--dtype",
                args.dtype, "--cache_dir", str(Path(args.work_dir) / "cache"), "--epochs", "1"]
@@ -139,7 +142,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for length in args.lengths:
         for shape in SHAPES:
             result = bench_run(dirs[shape], dataset_dir, length, args)
-            results.append({"shape": shape, "max_seq_len": length, **result})
+            results.append({"shape": shape, "max_seq_len": length, "max_batch_tokens": args.max_batch_tokens, **result})
             print(table_row(shape, length, result), flush=True)
     text = json.dumps(results)
     if args.output:

@@ -16,9 +16,7 @@ import torch
 
 import bertcls
 import common
-import data
-from conftest import (finished_runs, make_rows, only_run, results, stopping_run, torchrun, train_args,
-                      write_dataset)
+from conftest import finished_runs, only_run, results, stopping_run, torchrun, train_args, write_dataset
 
 RESULT_FILES = {"config.json", "log.csv", "val-metrics.json", "test-metrics.json", "test-predictions.jsonl",
                 "learning-curve.svg", ".lock"}
@@ -81,7 +79,7 @@ def test_learning_rate_schedule_phases():
 
 def test_weight_decay_only_on_weight_matrices(tiny_bert):
     model = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.LayerNorm(3))
-    groups = bertcls.build_optimizer(model, bertcls.parse_args([]), torch.device("cpu")).param_groups
+    groups = bertcls.build_optimizer(model, bertcls.parse_args([])).param_groups
     assert [len(g["params"]) for g in groups] == [1, 3] and groups[0]["params"][0] is model[0].weight
     assert (groups[0]["weight_decay"], groups[1]["weight_decay"]) == (0.01, 0.0)
 
@@ -184,8 +182,8 @@ def test_ctrl_c_keeps_config_log_and_checkpoint_and_says_how_to_continue(tiny_be
     code, err = run(train_args(tiny_bert, tiny_dataset, tmp_path, "--checkpoint_minutes", "0"), capsys)
     run_dir = only_run(tmp_path)
     assert code == 130
-    assert err.splitlines()[-1] == (f"bertcls.py: interrupted; {run_dir} keeps checkpoint-epoch1, config.json, log.csv, "
-                                    f"no metrics: continue with `python bertcls.py --resume {run_dir}`")
+    assert err.splitlines()[-1] == (f"bertcls.py: interrupted; {run_dir} keeps checkpoint-epoch1, config.json, "
+                                    f"log.csv, no metrics: continue with `python bertcls.py --resume {run_dir}`")
     assert not (run_dir / "val-metrics.json").exists() and len((run_dir / "log.csv").read_text().splitlines()) == 2
 
 

@@ -475,14 +475,14 @@ def test_failures_leave_the_previous_dataset(tmp_path, tarball, capsys, monkeypa
     capsys.readouterr()
     bomb = write_tarball(tmp_path / "bomb.tar.gz", corpus_files(), [member("text/a/a-1.txt", size=2**24)])
     one_line_error(capsys, run("--input", bomb, "--output_dir", out, "--no_verify"), "refusing")
-    original = prepare.write_dataset
+    original = prepare.atomic_write
 
-    def fail_on_the_second(directory, *args):
-        if directory.name == "fold-1":
-            raise OSError(28, "No space left on device", str(directory))
-        original(directory, *args)
+    def fail_in_the_second_fold(path, text):
+        if path.parent.name == "fold-1":
+            raise OSError(28, "No space left on device", str(path))
+        original(path, text)
 
-    monkeypatch.setattr(prepare, "write_dataset", fail_on_the_second)
+    monkeypatch.setattr(prepare, "atomic_write", fail_in_the_second_fold)
     one_line_error(capsys, run("--input", tarball, "--output_dir", out, "--no_verify", "--folds", "4"),
                    "No space left on device")
     assert snapshot(out) == before
@@ -600,7 +600,7 @@ def test_real_corpus(tmp_path, real_tarball, capsys):
     assert len(json.loads((out / "label2id.json").read_text())) == 9
     rows = read_rows(out / "all.jsonl")
     assert len({r["id"] for r in rows}) == 7367 and all(r["title"] and r["body"] for r in rows)
-    articles = prepare.read_tarball(real_tarball)
+    articles = prepare.read_articles(real_tarball)
     prepare.verify_corpus(articles, real_tarball)
     articles["peachy/peachy-4490543.txt"] += b"\n"
     with pytest.raises(prepare.UserError, match="the article contents differ"):

@@ -1,17 +1,19 @@
-"""Large datasets: tokenization in worker processes, the memory-mapped cache, and what happens when a worker dies
-or the user presses Ctrl-C. (Token-for-token equality of workers and one process, per model family, is in
-test_families.py.)"""
+"""Large datasets: tokenization in worker processes, the memory-mapped cache (reused, invalidated, never used
+damaged, optional), what happens when a worker dies or the user presses Ctrl-C, and a run that keeps no texts."""
 
 from __future__ import annotations
 
+import concurrent.futures
+import multiprocessing
 import os
-import random
+import pickle
 import re
+import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -19,200 +21,322 @@ import torch
 import bertcls
 import common
 import data
-from conftest import REPO, finished_runs, train_args, write_dataset
-from tokenizer_faults import use_faulty_tokenizer
+import models
+from conftest import (build_tiny_bert_japanese, build_tiny_luke, finished_runs, make_rows, train_args,
+                      train_tiny_sentencepiece, write_dataset)
 
-FAULTS = Path(__file__).resolve().parent / "tokenizer_faults.py"
-TRIGGER = "爆発"  # in the 36th training example only: chunk 4 of 8 (examples 31-40) with chunks of 10
+TRIGGER = "爆発"  # in one training example only
+
+
+def quiet(message: str) -> None:
+    pass
 
 
 @pytest.fixture(scope="module")
-def marked_dataset(tmp_path_factory, tiny_rows) -> Path:
-    rows = {split: [dict(r) for r in rows] for split, rows in tiny_rows.items()}
-    rows["train"][35]["body"] += TRIGGER
-    return write_dataset(tmp_path_factory.mktemp("marked") / "data", rows)
+def large_dataset(tmp_path_factory) -> Path:
+    """A training split just past data.POOL_MIN_EXAMPLES: the smallest that worker processes tokenize."""
+    rows = make_rows(700, seed=1)  # 2100 articles
+    assert len(rows) - 40 >= data.POOL_MIN_EXAMPLES
+    return write_dataset(tmp_path_factory.mktemp("large") / "data", {"train": rows[:-40], "val": rows[-40:-20],
+                                                                      "test": rows[-20:]})
 
 
-def files_under(directory: Path) -> list[Path]:
-    return sorted(directory.rglob("*")) if directory.exists() else []
+@pytest.fixture(scope="module")
+def tokenizer(tiny_bert):
+    return models.load_tokenizer(str(tiny_bert), log=quiet)
 
 
-@pytest.mark.parametrize("value", ["0", "-2", "two"])
-def test_tokenize_workers_must_be_a_positive_integer(value, capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        bertcls.parse_args(["--tokenize_workers", value])
-    assert exit_info.value.code == 2
+def splits_of(dataset: Path) -> dict[str, data.Split]:
+    return data.load_dataset(dataset, quiet)[1]
+
+
+def same_tokens(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def entries(cache: Path) -> list[Path]:
+    """Every cache entry and temporary directory under cache."""
+    return sorted(cache.iterdir()) if cache.exists() else []
+
+
+# -------------------------------------------------------------------------------------------- worker processes
+
+
+def test_tokenize_workers_must_be_a_positive_integer(capsys):
+    for value in ("0", "-2", "two"):
+        with pytest.raises(SystemExit) as exit_info:
+            bertcls.parse_args(["--tokenize_workers", value])
+        assert exit_info.value.code == 2
     assert "--tokenize_workers" in capsys.readouterr().err
-
-
-def test_default_workers_are_the_cores_this_process_may_use():
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    assert bertcls.parse_args([]).tokenize_workers == min(cores, data.MAX_DEFAULT_WORKERS)
-    assert bertcls.parse_args(["--tokenize_workers", "3"]).tokenize_workers == 3
-
-
-def test_chunks_cover_every_example_once_in_order(tiny_dataset):
-    train = data.read_split(tiny_dataset, "train", data.load_label2id(tiny_dataset))
-    chunks = data.chunks_of(train, workers=3)  # 80 examples: ceil(80 / 12) = 7 per chunk
-    assert [(c.first, c.last) for c in chunks] == [(i, min(i + 7, 80)) for i in range(0, 80, 7)]
-    assert [r for c in chunks for r in data.read_rows(train.path, c.start, c.end)] == common.read_jsonl(train.path)
-
-
-def test_parallel_run_shows_progress_and_matches_one_process(tiny_bert, tiny_dataset, tmp_path, monkeypatch,
-                                                             capsys):
-    monkeypatch.setattr(common, "PROGRESS_EVERY_S", 0.0)  # a plain line per chunk: stderr is not a terminal here
-    monkeypatch.setattr(data, "PARALLEL_MIN_EXAMPLES", 0)
-    monkeypatch.setattr(data, "TOKENIZE_CHUNK", 10)
-    args = bertcls.parse_args(train_args(tiny_bert, tiny_dataset, tmp_path, "--tokenize_workers", "2"))
-    run = bertcls.Run(args, log=common.log)
-    err = capsys.readouterr().err
-    assert "tokenizing train: 10/80 examples (12%)" in err  # chunks of 10, one line each
-    for split, n in [("train", 80), ("val", 20), ("test", 20)]:
-        assert re.search(rf"tokenized {split}: {n} examples in [0-9.]+s \(2 processes\)", err)
-        assert f"tokenizing {split}: {n}/{n} examples (100%)" in err
-        rows = data.load_split(tiny_dataset, split, run.label2id)
-        expected = data.pack(data.tokenize_rows(run.tokenizer, rows, run.spec))  # as predict.py does
-        assert run.packed[split].keys() == expected.keys() == {"offsets", "input_ids", "token_type_ids"}
-        assert all(torch.equal(run.packed[split][k], expected[k]) for k in expected)
-
-
-def test_a_failing_worker_names_the_chunk(tiny_bert, marked_dataset, tmp_path, monkeypatch, capsys):
-    use_faulty_tokenizer(TRIGGER, "raise", set_attr=monkeypatch.setattr)
-    code = bertcls.main(train_args(tiny_bert, marked_dataset, tmp_path / "out", "--tokenize_workers", "2"))
-    lines = capsys.readouterr().err.strip().splitlines()
-    assert code == 1
-    assert lines[-1].startswith("bertcls.py: error: a tokenization worker failed on examples 31-40 of ")
-    assert "train.jsonl (chunk 4 of 8): ValueError: cannot tokenize '爆発'" in lines[-1]
-    assert not any("Traceback" in line for line in lines)
-    assert files_under(tmp_path / "out" / "cache") == []
-
-
-def fault_run(fault: str, model: Path, dataset: Path, output_dir: Path, pid_dir: Path) -> subprocess.Popen:
-    command = [sys.executable, str(FAULTS), "--fault", fault, "--trigger", TRIGGER if fault == "kill" else "",
-               "--pid_dir", str(pid_dir), "--", *train_args(model, dataset, output_dir, "--tokenize_workers", "2")]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
-    return subprocess.Popen(command, env=env, stderr=subprocess.PIPE, text=True, start_new_session=True)
-
-
-def test_a_worker_killed_ends_the_run_with_one_line_and_no_cache(tiny_bert, marked_dataset, tmp_path):
-    process = fault_run("kill", tiny_bert, marked_dataset, tmp_path / "out", tmp_path)
-    _, err = process.communicate(timeout=300)  # a hang fails here
-    assert process.returncode == 1
-    lines = err.strip().splitlines()
-    assert lines[-1].startswith("bertcls.py: error: a tokenization worker died (killed by SIGKILL, as the "
-                                "out-of-memory killer does) while tokenizing examples 31-40 of ")
-    assert "train.jsonl (chunk 4 of 8); no cache was written" in lines[-1]
-    assert "Traceback" not in err
-    assert files_under(tmp_path / "out" / "cache") == []  # no cache file, no half-written one
-    assert not finished_runs(tmp_path / "out")
-
-
-def running(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (FileNotFoundError, ProcessLookupError):
-        return False
-    return state not in ("Z", "X")  # a zombie has stopped; only its exit status is left to collect
-
-
-@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads process states from /proc (Linux)")
-def test_ctrl_c_stops_every_worker_and_leaves_no_cache(tiny_bert, tiny_dataset, tmp_path):
-    pid_dir = tmp_path / "pids"
-    pid_dir.mkdir()
-    process = fault_run("hang", tiny_bert, tiny_dataset, tmp_path / "out", pid_dir)  # every text hangs
-    deadline = time.monotonic() + 240
-    while len(list(pid_dir.iterdir())) < 2 and process.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.2)
-    workers = [int(p.name) for p in pid_dir.iterdir()]
-    assert len(workers) == 2, process.stderr.read() if process.poll() is not None else "workers never started"
-    os.killpg(process.pid, signal.SIGINT)  # what Ctrl-C in a terminal does: the whole foreground group
-    _, err = process.communicate(timeout=60)
-    assert process.returncode == 130
-    assert err.strip().splitlines()[-1] == "bertcls.py: interrupted; no run directory was made"
-    assert "Traceback" not in err
-    deadline = time.monotonic() + 30
-    while any(map(running, workers)) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert not any(map(running, workers))
-    assert files_under(tmp_path / "out" / "cache") == []
-
-
-def test_an_unwritable_cache_directory_is_a_warning(tiny_bert, tiny_dataset, tmp_path, capsys):
-    blocker = tmp_path / "file"
-    blocker.write_text("not a directory")
-    args = train_args(tiny_bert, tiny_dataset, tmp_path / "out", "--cache_dir", str(blocker / "c"))
-    run = bertcls.Run(bertcls.parse_args(args), log=common.log)
-    err = capsys.readouterr().err
-    assert err.count(f"warning: cannot write the tokenization cache in {blocker / 'c'}; tokenizing without it") == 3
-    assert len(data.example_lengths(run.packed["train"])) == 80
-
-
-# ---------------------------------------------------------------------------------- memory-mapped cache
-
-
-def resident_anonymous_bytes() -> int:
-    """Private memory of this process in RAM (RssAnon): pages of a mapped file are not counted."""
-    status = Path("/proc/self/status").read_text()
-    return int(re.search(r"RssAnon:\s+(\d+) kB", status).group(1)) * 1024
-
-
-@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads RssAnon from /proc (Linux)")
-def test_the_cache_is_mapped_not_read(tmp_path):
-    n_examples, length = 50_000, 500  # 25M tokens: 100 MB of input_ids
-    offsets = torch.arange(n_examples + 1, dtype=torch.int64) * length
-    path = tmp_path / "big.pt"
-    torch.save({"offsets": offsets, "input_ids": torch.ones(n_examples * length, dtype=torch.int32)}, path)
-    before = resident_anonymous_bytes()
-    packed = data.load_packed(path, n_examples)
-    batch = bertcls.collate(packed, [0, 4_999, 49_999], torch.zeros(n_examples, dtype=torch.long), pad_id=0)
-    lengths = data.example_lengths(packed)
-    mapped = resident_anonymous_bytes() - before
-    assert batch["input_ids"].shape == (3, 504) and lengths[-1] == length
-    del packed, batch
-    before = resident_anonymous_bytes()
-    read = torch.load(path, weights_only=True)  # what the cache was before: read into this process's memory
-    copied = resident_anonymous_bytes() - before
-    assert copied > 90e6 and read["input_ids"].numel() == 25_000_000
-    assert mapped < 20e6  # the offsets (0.4 MB), the example lengths as a list (~2 MB), one batch
+    assert bertcls.parse_args([]).tokenize_workers == min(16, cores)
 
 
 def test_the_number_of_workers_does_not_make_another_experiment():
-    import sweep
-    one, two = (vars(bertcls.parse_args(["--tokenize_workers", n])) for n in ("1", "2"))
-    assert one != two and sweep.experiment(one) == sweep.experiment(two)
+    one, two = ({"args": vars(bertcls.parse_args(["--tokenize_workers", n]))} for n in ("1", "2"))
+    assert one != two and bertcls.experiment(one) == bertcls.experiment(two)
 
 
-# ----------------------------------------------------------------------------------- the scale benchmark
+def test_worker_processes_give_exactly_the_tokens_of_one_process(large_dataset, tokenizer, monkeypatch):
+    pools = []
+
+    class RecordedPool(concurrent.futures.ProcessPoolExecutor):
+        def __init__(self, workers, *args, **kwargs):
+            pools.append(workers)
+            super().__init__(workers, *args, **kwargs)
+    monkeypatch.setattr(concurrent.futures, "ProcessPoolExecutor", RecordedPool)
+    monkeypatch.setattr(data, "CHUNK", 300)  # 7 chunks, appended in order whichever worker ends first
+    train = splits_of(large_dataset)["train"]
+    spec = data.InputSpec(8, True, "head_tail")  # titles cut: the counts come back from the workers too
+    logs = {1: [], 2: []}
+    packed = {w: data.tokenized("train", train, tokenizer, spec, "", w, logs[w].append, show=False) for w in (1, 2)}
+    assert pools == [2]  # one process, then a pool of 2
+    assert same_tokens(packed[1], packed[2])
+    assert len(data.lengths_of(packed[2])) == len(train.labels) >= data.POOL_MIN_EXAMPLES
+    [one], [two] = ([re.sub(r" in [0-9.]+s", "", line) for line in lines] for lines in logs.values())
+    assert one == two and "titles alone are longer than 8 tokens" in one
 
 
-def test_bench_scale_runs_end_to_end_at_a_tiny_scale(tmp_path, capsys):
-    """Every stage of scripts/bench_scale.py, on 3000 synthetic articles instead of 737k livedoor ones."""
-    import json
+def test_a_smaller_split_is_tokenized_in_this_process(tiny_dataset, tokenizer, monkeypatch):
+    def no_pool(*args, **kwargs):
+        raise AssertionError("a pool for fewer than POOL_MIN_EXAMPLES examples")
+    monkeypatch.setattr(concurrent.futures, "ProcessPoolExecutor", no_pool)
+    packed = data.tokenized("train", splits_of(tiny_dataset)["train"], tokenizer, data.InputSpec(32, True), "", 8,
+                            quiet, show=False)
+    assert len(data.lengths_of(packed)) == 80
 
-    from conftest import make_rows
-    import bench_scale
-    corpus = tmp_path / "corpus.jsonl"
-    corpus.write_text("".join(common.jsonl_line({k: r[k] for k in ("id", "category", "title", "body")})
-                              for r in make_rows(1000)), encoding="utf-8")
-    assert bench_scale.main(["--corpus", str(corpus), "--copies", "1", "--ratio_examples", "2000",
-                             "--max_seq_len", "64", "--tokenize_workers", "2", "--work_dir", str(tmp_path / "w")]) == 0
-    out = capsys.readouterr().out.strip().splitlines()
-    report = json.loads(out[-1])
-    assert out[0].startswith("| | x1 (3000 articles) |")
-    x1 = report["x1"]
-    assert x1["examples"] == 3000 and x1["prepare"]["seconds"] > 0 and x1["prepare"]["peak_rss_mib"] > 10
-    assert report["tokenization_ratio"]["examples"] == 2000 and report["tokenization_ratio"]["speedup"] > 0
-    assert x1["alone_cold"]["tokenize_processes"] == 2 and x1["alone_cold"]["cache_mib"] > 0
-    assert x1["alone_warm"]["tokenize_processes"] is None  # the warm cache: nothing tokenized
-    assert x1["torchrun_cold"]["tokenize_processes"] == 2  # rank 0, with its workers, while rank 1 waited
-    for run in ("alone_cold", "alone_warm", "torchrun_cold"):
-        ranks = x1[run]["ranks"]
-        assert len(ranks) == (2 if run == "torchrun_cold" else 1)
-        assert all(0 < r["cache_rss_mib"] <= x1[run]["cache_mib"] + 0.1 < r["peak_rss_mib"] for r in ranks)
-    lines = (tmp_path / "w" / "corpus-x1.jsonl").read_text(encoding="utf-8").splitlines()
-    assert len(lines) == 3000 and len({json.loads(line)["id"] for line in lines}) == 3000
-    article = {"id": "a", "category": "c", "title": "t", "body": "一\n二\n三\n四"}
-    copy = bench_scale.edited(article, 7, random.Random(0))  # copies after the first: a new id, lightly edited
-    body_lines = copy["body"].split("\n")
-    assert copy["id"] == "a-7" and copy["title"] == "t" and len(body_lines) == 4 and "（写し7）" in body_lines
-    assert len(set(body_lines) & {"一", "二", "三", "四"}) == 3
+
+@pytest.mark.parametrize("family", ["v1", "luke"])
+def test_workers_unpickle_the_tokenizer_as_it_was_fixed(tmp_path, corpus_texts, family):
+    """A worker tokenizes with the parent's tokenizer, unpickled: v1's IPAdic and LUKE's numbering must survive."""
+    if family == "v1":
+        model_dir = build_tiny_bert_japanese(tmp_path / "v1", corpus_texts, "ipadic", names_dictionary=False)
+    else:
+        model_dir = build_tiny_luke(tmp_path / "luke", train_tiny_sentencepiece(corpus_texts))
+    notes = []
+    parent = models.load_tokenizer(str(model_dir), log=notes.append)
+    assert len(notes) == 1  # the fix was made
+    worker = pickle.loads(pickle.dumps(parent))
+    spec = data.InputSpec(64, True)
+    for title, body in zip(corpus_texts[::2][:20], corpus_texts[1::2][:20]):
+        assert data.encode(worker, title, body, spec) == data.encode(parent, title, body, spec)
+    assert type(worker) is type(parent)
+
+
+# ----------------------------------------------------------------------------------------------------- the cache
+
+
+def cache_files(cache: Path) -> dict[str, tuple[int, int]]:
+    """(inode, mtime in ns) of every file in the cache."""
+    return {str(p.relative_to(cache)): (p.stat().st_ino, p.stat().st_mtime_ns) for p in cache.rglob("*")}
+
+
+def test_the_cache_is_reused_and_invalidated_by_what_changes_the_tokens(tiny_dataset, tiny_bert, tokenizer, tmp_path):
+    cache = tmp_path / "cache"
+    dataset = Path(shutil.copytree(tiny_dataset, tmp_path / "data"))
+    spec = data.InputSpec(32, True)
+
+    def tokenize(split: data.Split, tokenizer=tokenizer, spec=spec) -> tuple[dict, list[str]]:
+        logs = []
+        packed = data.tokenized("train", split, tokenizer, spec, str(cache), 1, logs.append, show=False,
+                                fingerprint=data.tokenizer_fingerprint(tokenizer))
+        return packed, logs
+
+    train = splits_of(dataset)["train"]
+    first, logs = tokenize(train)
+    assert len(logs) == 1 and logs[0].startswith("tokenized train: 80 examples")
+    files = cache_files(cache)
+    assert len(entries(cache)) == 1 and {Path(f).name for f in files} >= {"offsets.bin", "input_ids.bin",
+                                                                           "token_type_ids.bin"}
+    again, logs = tokenize(train)
+    assert logs == [] and same_tokens(first, again)
+    assert cache_files(cache) == files  # read, not written again
+    # what changes the tokens makes an entry of its own: the tokenizer, the length, the data
+    ipadic = models.load_tokenizer(str(tiny_bert), mecab_dic="ipadic", log=quiet)
+    assert len(tokenize(train, tokenizer=ipadic)[1]) == 1
+    longer, logs = tokenize(train, spec=data.InputSpec(48, True))
+    assert len(logs) == 1 and not same_tokens(first, longer)
+    rows = (dataset / "train.jsonl").read_text(encoding="utf-8")
+    (dataset / "train.jsonl").write_text(rows.replace("話題", "話題！", 1), encoding="utf-8")
+    changed, logs = tokenize(splits_of(dataset)["train"])
+    assert len(logs) == 1 and not same_tokens(first, changed)
+    assert len(entries(cache)) == 4
+    assert {k: v for k, v in cache_files(cache).items() if k in files} == files  # the first entry untouched
+
+
+def damage_truncated_ids(entry: Path) -> None:
+    ids = entry / "input_ids.bin"
+    ids.write_bytes(ids.read_bytes()[:-4])
+
+
+def damage_offsets(entry: Path) -> None:
+    offsets = torch.tensor(bytearray((entry / "offsets.bin").read_bytes()), dtype=torch.uint8).view(torch.int64)
+    offsets[5] = offsets[6] + 1  # no longer increasing
+    (entry / "offsets.bin").write_bytes(offsets.view(torch.uint8).numpy().tobytes())
+
+
+def damage_short_offsets(entry: Path) -> None:
+    (entry / "offsets.bin").write_bytes((entry / "offsets.bin").read_bytes()[:80])
+
+
+def damage_missing_ids(entry: Path) -> None:
+    (entry / "input_ids.bin").unlink()
+
+
+def damage_missing_token_types(entry: Path) -> None:
+    (entry / "token_type_ids.bin").unlink()
+
+
+@pytest.mark.parametrize("damage", [
+    damage_truncated_ids, damage_offsets, damage_short_offsets, damage_missing_ids,
+    damage_missing_token_types,
+])
+def test_a_damaged_cache_entry_is_warned_about_and_rebuilt(tiny_dataset, tokenizer, tmp_path, damage):
+    cache, spec = tmp_path / "cache", data.InputSpec(32, True)
+    train = splits_of(tiny_dataset)["train"]
+    fingerprint = data.tokenizer_fingerprint(tokenizer)
+    first = data.tokenized("train", train, tokenizer, spec, str(cache), 1, quiet, False, fingerprint)
+    first = {k: v.clone() for k, v in first.items()}  # the files are mapped, and damaged below
+    [entry] = entries(cache)
+    damage(entry)
+    logs = []
+    again = data.tokenized("train", train, tokenizer, spec, str(cache), 1, logs.append, False, fingerprint)
+    assert [line.split(":")[0] for line in logs] == ["warning", "tokenized train"], logs
+    assert logs[0].startswith(f"warning: ignoring the tokenization cache {entry}: ")
+    assert logs[0].endswith("; tokenizing again")
+    assert same_tokens(first, again)
+    assert entries(cache) == [entry]  # rebuilt in place: the next run reads it
+    assert same_tokens(first, data.load_tokens(entry, 80, True))
+
+
+def test_a_cache_dir_that_is_a_file_is_a_warning_and_the_run_goes_on(tiny_bert, tiny_dataset, tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    assert bertcls.main(train_args(tiny_bert, tiny_dataset, tmp_path / "out", "--epochs", "1", "--max_seq_len", "32",
+                                   "--cache_dir", str(blocker))) == 0
+    err = capsys.readouterr().err
+    assert err.count(f"warning: cannot use the tokenization cache in {blocker} (") == 3  # train, val, test
+    assert blocker.read_text() == "not a directory"
+    assert len(finished_runs(tmp_path / "out")) == 1
+
+
+def test_a_split_changed_after_it_was_checked_is_one_line(tiny_dataset, tokenizer, tmp_path):
+    dataset = tmp_path / "data"
+    shutil.copytree(tiny_dataset, dataset)
+    train = splits_of(dataset)["train"]
+    (dataset / "train.jsonl").write_text("{not json\n" * len(train.labels), encoding="utf-8")
+    with pytest.raises(common.UserError, match=r"train.jsonl changed while it was being read: run again"):
+        data.tokenized("train", train, tokenizer, data.InputSpec(32, True), "", 1, quiet, False)
+
+
+@pytest.fixture
+def unwritable_dir(tmp_path) -> Path:
+    """A directory nobody may write in, root included (the tests run as root in CI): chattr +i where the file system
+    has it."""
+    directory = tmp_path / "shared-cache"
+    directory.mkdir()
+    if os.geteuid() != 0:
+        directory.chmod(0o555)
+        yield directory
+        directory.chmod(0o755)
+        return
+    if subprocess.run(["chattr", "+i", str(directory)], capture_output=True).returncode != 0:
+        pytest.skip("no immutable directories here (chattr +i)")
+    try:
+        yield directory
+    finally:
+        subprocess.run(["chattr", "-i", str(directory)], check=True)
+
+
+def test_a_cache_dir_that_cannot_be_written_is_a_warning_and_the_run_goes_on(tiny_bert, tiny_dataset, tmp_path,
+                                                                             unwritable_dir, capsys):
+    with pytest.raises(PermissionError):
+        (unwritable_dir / "probe").mkdir()
+    assert bertcls.main(train_args(tiny_bert, tiny_dataset, tmp_path / "out", "--epochs", "1", "--max_seq_len", "32",
+                                   "--cache_dir", str(unwritable_dir))) == 0
+    err = capsys.readouterr().err
+    assert err.count(f"warning: cannot use the tokenization cache in {unwritable_dir} (") == 3
+    assert list(unwritable_dir.iterdir()) == []
+    assert len(finished_runs(tmp_path / "out")) == 1
+
+
+# ------------------------------------------------------------------------------------- workers that die, Ctrl-C
+
+
+class FaultyTokenizer:
+    """Behaves as `inner` until a text holds TRIGGER, then, in a worker process: kill (it dies of SIGKILL, as the
+    out-of-memory killer does it) or interrupt (Ctrl-C reaches the parent, whose pid it was made with, then the
+    worker goes on). Worker processes unpickle it by importing this module."""
+
+    def __init__(self, inner: Any, fault: str):
+        self.inner, self.fault, self.parent = inner, fault, os.getpid()
+
+    def __call__(self, text: str, *args: Any, **kwargs: Any) -> Any:
+        if TRIGGER in text and os.getpid() != self.parent:
+            if self.fault == "kill":
+                os.kill(os.getpid(), signal.SIGKILL)
+            os.kill(self.parent, signal.SIGINT)
+            time.sleep(1)
+        return self.inner(text, *args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "inner":  # not set yet while unpickling
+            raise AttributeError(name)
+        return getattr(self.inner, name)
+
+
+@pytest.fixture
+def faulty_run(tiny_bert, tiny_rows, tmp_path, monkeypatch):
+    """bertcls.main with a FaultyTokenizer and worker processes in chunks of 10 for the tiny splits; TRIGGER in
+    training example 45 (chunk 5 of 8). Returns a function of the fault giving (exit code, stderr lines)."""
+    rows = {split: [dict(r) for r in split_rows] for split, split_rows in tiny_rows.items()}
+    rows["train"][44]["body"] += TRIGGER
+    dataset = write_dataset(tmp_path / "data", rows)
+    monkeypatch.setattr(data, "POOL_MIN_EXAMPLES", 0)
+    monkeypatch.setattr(data, "CHUNK", 10)
+
+    def run(fault: str, capsys) -> tuple[int, list[str]]:
+        monkeypatch.setattr(bertcls, "load_tokenizer", lambda *args, **kwargs: FaultyTokenizer(
+            models.load_tokenizer(*args, **kwargs), fault))
+        code = bertcls.main(train_args(tiny_bert, dataset, tmp_path / "out", "--tokenize_workers", "2",
+                                       "--max_seq_len", "32", "--epochs", "1"))
+        return code, capsys.readouterr().err.strip().splitlines()
+    return run
+
+
+def test_a_worker_killed_ends_the_run_with_one_line_and_no_cache(faulty_run, tmp_path, capsys):
+    code, lines = faulty_run("kill", capsys)
+    assert code == 1
+    assert lines[-1] == (f"bertcls.py: error: a tokenization worker died while tokenizing {tmp_path}/data/train.jsonl "
+                         "(out of memory?): nothing was cached; lower --tokenize_workers")
+    assert not any("Traceback" in line for line in lines)
+    assert entries(tmp_path / "out" / "cache") == []  # no entry, no half-written one
+    assert not list((tmp_path / "out").rglob("config.json"))
+    assert multiprocessing.active_children() == []
+
+
+def test_ctrl_c_during_tokenization_leaves_no_cache_entry(faulty_run, tmp_path, capsys):
+    code, lines = faulty_run("interrupt", capsys)
+    assert code == 130
+    assert lines[-1] == "bertcls.py: interrupted; no run was started"
+    assert not any("Traceback" in line for line in lines)
+    assert entries(tmp_path / "out" / "cache") == []
+    assert not list((tmp_path / "out").rglob("config.json"))
+    assert multiprocessing.active_children() == []  # every worker stopped
+
+
+# ---------------------------------------------------------------------------------------------------- memory
+
+
+def test_a_run_keeps_no_texts(tiny_dataset, tiny_rows):
+    """A split is its labels and the offsets of its lines: a run's memory does not grow with its texts."""
+    splits = splits_of(tiny_dataset)
+    train = splits["train"]
+    assert data.Split._fields == ("path", "labels", "starts", "digest", "pairs")
+    assert train.labels.tolist() == [r["label"] for r in tiny_rows["train"]]
+    assert len(train.starts) == 81 and train.starts[-1] == (tiny_dataset / "train.jsonl").stat().st_size
+    kept = pickle.dumps(splits)
+    assert not any(r["title"].encode() in kept or r["body"].encode() in kept for r in tiny_rows["train"])
+    assert len(kept) < (tiny_dataset / "train.jsonl").stat().st_size / 4
+    line = (tiny_dataset / "train.jsonl").read_bytes()[train.starts[7]:train.starts[8]]
+    assert line.decode("utf-8").startswith('{"id": "' + tiny_rows["train"][7]["id"])
