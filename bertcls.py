@@ -441,7 +441,9 @@ def checkpoint(run, run_dir, training, optimizer, scaler, log):
         best, epoch = training["best"], training["epoch"]
         state = {"training": {**training, "best": {**best, "weights": None}}, "optimizer": optimizer.state_dict(),
                  "scaler": scaler.state_dict(), "rng": rngs}
-        weights = {"model": cpu_weights(run.model), "best": None if best["epoch"] == epoch else best["weights"]}
+        weights = {"model": best["weights"]}  # the best epoch's weights are the model's: stored once, not copied
+        if best["epoch"] != epoch:
+            weights = {"model": cpu_weights(run.model), "best": best["weights"]}
         path = save_tensors(run_dir / f"checkpoint-epoch{epoch}", weights, state)
         for old in checkpoints(run_dir)[:-1]:  # the newest is the one just written
             shutil.rmtree(old, ignore_errors=True)

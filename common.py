@@ -212,10 +212,10 @@ def load_tensors(path: Path) -> tuple[dict[str, dict], dict]:
         if not damaged:
             tensors = {f.name.removesuffix(".safetensors"): load_file(f) for f in path.glob("*.safetensors")}
             return tensors, torch.load(path / "state.pt", weights_only=True)
-        why = f"{', '.join(damaged)} no longer match their digests"
+        why = f"{', '.join(damaged)}: not the bytes written"
     except Exception as e:  # only its type: torch's message advises unpickling it unchecked
         why = f"it does not read back: {type(e).__name__}"
-    raise UserError(f"{path} is damaged ({why}): start again without it")
+    raise UserError(f"{path} is damaged ({why}): start the run again")
 
 
 @contextlib.contextmanager

@@ -43,7 +43,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return args
 
 
-# ==================================================================================================== statistics
+# -------------------- statistics
 # Pure functions, no resampling. A run (sweep.Run) has seed, fold (None without folds), gold and predicted (label
 # ids, in one example order per fold), n_labels and val_f1 (its best validation macro-F1).
 
@@ -57,7 +57,7 @@ def _metric(counts: Mapping[int, float], n_labels: int, metric: str) -> float:
 
 
 def _cells(run: Any) -> list[int]:
-    return [g * run.n_labels + p for g, p in zip(run.gold, run.predicted)]
+    return [g * run.n_labels + p for g, p in zip(run.gold, run.predicted, strict=True)]
 
 
 def _abc(strata: Sequence[Counter], n_labels: int, metric: str, level: float) -> tuple[float, float]:
@@ -88,11 +88,6 @@ def _abc(strata: Sequence[Counter], n_labels: int, metric: str, level: float) ->
     z0 = NORMAL.inv_cdf(2 * NORMAL.cdf(a) * NORMAL.cdf(curvature - bias / sigma))
     ends = [z0 + NORMAL.inv_cdf(q) for q in ((1 - level) / 2, (1 + level) / 2)]
     return t0 + along(ends[0] / (1 - a * ends[0]) ** 2), t0 + along(ends[1] / (1 - a * ends[1]) ** 2)
-
-
-def run_interval(run: Any, metric: str = "f1", level: float = LEVEL) -> tuple[float, float]:
-    """One run's interval (the trained model held fixed, the test articles a sample): ABC, the analytic BCa."""
-    return _abc([Counter(_cells(run))], run.n_labels, metric, level)
 
 
 def _grid(runs: Sequence[Any]) -> tuple[list[int], list[Hashable], dict[tuple[int, Hashable], Any]]:
@@ -202,7 +197,7 @@ def _half_width(level: float, scales: Sequence[tuple[float, float]]) -> float:
 def row_interval(runs: Sequence[Any], metric: str = "f1", level: float = LEVEL) -> tuple[float, float]:
     """Interval of a row's score expected over seeds and test articles, from a complete seeds x folds grid. S >= 2
     seeds: the generalized interval (Weerahandi 1993) of estimate - Z sqrt(s^2/S k/U + c), U ~ chi-square(S - 1).
-    One seed: ABC, folds as strata."""
+    One seed (one run too): ABC, folds as strata."""
     seeds, folds, table = _grid(runs)
     if len(seeds) == 1:
         return _abc([Counter(_cells(r)) for r in table.values()], runs[0].n_labels, metric, level)
@@ -290,7 +285,7 @@ def mcnemar_p(only_a: int, only_b: int) -> float:
     return min(1.0, 2 * sum(math.comb(n, i) for i in range(min(only_a, only_b) + 1)) / 2 ** n)
 
 
-# ======================================================================================================= compare
+# -------------------- compare
 
 
 def is_run_dir(path: Path) -> bool:

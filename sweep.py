@@ -135,6 +135,11 @@ def key_of(config: dict) -> dict[str, Any]:
     return {k: normalized(k, v) for k, v in bertcls.experiment(config).items()}
 
 
+def ordered(value: Any) -> tuple:
+    """Numbers as numbers (2 before 10), then the rest as text."""
+    return (0, value) if isinstance(value, (int, float)) else (1, str(value))
+
+
 def cell(value: Any) -> str:
     return "" if value is None else f"{value:g}" if isinstance(value, float) else str(value)
 
@@ -199,7 +204,7 @@ def scan(output_dir: Path, warn: bool = False) -> list[Run]:
     for path in output_dir.glob("*/*/*/config.json"):
         try:
             runs.append(load_run(path.parent, defaults))
-        except Exception as e:
+        except (UserError, OSError, ValueError, LookupError, TypeError, AttributeError) as e:  # not a bug here
             if warn:
                 log(f"sweep.py: warning: skipped {path.parent}: {first_line(e)}")
     return sorted(runs, key=lambda r: (r.run_dir.parent.name, r.run_dir.name))
@@ -465,7 +470,7 @@ def table(runs: Sequence[Run], args: argparse.Namespace) -> str:
     log(f"sweep.py: {len(runs)} runs in {len(groups)} experiments (model x settings x data)"
         + (f"; they differ in {', '.join(columns)}" if columns else ""))
     rows = (best_rows if best else run_rows)(groups, columns)
-    rows.sort(key=lambda r: (-r["f1"], r["model_name"], frozen([r.get(c) for c in (*columns, "lr", "seed", "fold")])))
+    rows.sort(key=lambda r: (-r["f1"], r["model_name"], [ordered(r.get(c)) for c in (*columns, "lr", "seed", "fold")]))
     if args.markdown:
         return markdown_table(rows, columns)
     return csv_text(rows, BEST_COLUMNS if best else RUN_COLUMNS, columns)
@@ -511,7 +516,7 @@ def slurm_script(args: argparse.Namespace, size: int) -> str:
         "#SBATCH --gres=gpu:1",
         "#SBATCH " + shlex.quote(f"--chdir={Path.cwd()}"),
         "#SBATCH " + shlex.quote(f"--output={logs}"),
-        *(f"#SBATCH {options}" for options in args.sbatch if options.strip()),  # last: they win
+        *(f"#SBATCH {' '.join(options.split())}" for options in args.sbatch if options.split()),  # last: they win
         "",
         "exec " + shlex.join([*sweep_py, "--task_index", "slurm", *passed]), ""])
 

@@ -473,7 +473,8 @@ def test_slurm_script(tmp_path, fake, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     out, sbatch = tmp_path / "out%x", tmp_path / "sweep.sbatch"
     argv = ["--slurm", "--max_running", "4", "--model_names", "org/a", "--lrs", "1e-3", "3e-3", "--output_dir",
-            "out%x", "--sbatch=--partition gpu --time 1:00:00", "--sbatch", "--mem '8 G'", "--output", str(sbatch),
+            "out%x", "--sbatch=--partition gpu --time 1:00:00", "--sbatch", "--mem '8 G'\necho injected", "--sbatch",
+            "  ", "--output", str(sbatch),
             "--epochs", "3"]
     assert sweep.main(argv) == 0
     assert capsys.readouterr().out == "" and (out / "sweep-logs").is_dir() and calls(fake) == []
@@ -488,7 +489,7 @@ def test_slurm_script(tmp_path, fake, monkeypatch, capsys):
         f"#SBATCH --chdir={tmp_path}",
         f"#SBATCH --output={tmp_path}/out%%x/sweep-logs/slurm-%A_%a.log",
         "#SBATCH --partition gpu --time 1:00:00",
-        "#SBATCH --mem '8 G'",
+        "#SBATCH --mem '8 G' echo injected",  # a line break cannot add a line to the script
         "",
         f"exec {sweep_py} --task_index slurm {passed}", ""])
     # the task's command is this sweep's: array task I runs combination I
@@ -610,6 +611,12 @@ def test_run_rows_are_sorted_by_test_f1(hand_made, capsys):
     assert sweep.main(["--no_run", "--output_dir", str(hand_made), "--model_names", "org/a", "--lrs", "0.00003",
                        "--seeds", "2", "1"]) == 0
     assert [r["seed"] for r in csv_rows(capsys.readouterr().out)] == ["1", "2"]
+    # equal F1: seeds and lrs in numeric order, not as text
+    for when, lr, seed in [("13-00-00.000000", 3e-5, 10), ("13-00-01.000000", 3e-5, 9), ("13-00-02.000000", 5e-6, 9)]:
+        write_run(hand_made, "org/e", lr, seed, when, 0.5, metrics(0.1, 0.99, 0.99, 0.99, 0.99))
+    assert sweep.main(["--no_run", "--output_dir", str(hand_made), "--model_names", "org/e"]) == 0
+    assert [(r["lr"], r["seed"]) for r in csv_rows(capsys.readouterr().out)] == [("5e-06", "9"), ("3e-05", "9"),
+                                                                              ("3e-05", "10")]
 
 
 def test_best_picks_the_lr_with_the_highest_mean_val_f1(hand_made, capsys):
