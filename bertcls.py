@@ -31,7 +31,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from common import (Progress, UserError, atomic_write, confusion_scores, dist_env, dtype_name, finite_float,
+from common import (DTYPES, Progress, UserError, atomic_write, confusion_scores, dist_env, dtype_name, finite_float,
                     gather_objects, jsonl_line, load_tensors, locked, non_negative_float, pick_device, positive_float,
                     positive_int, read_json, resolve_dtype, run_cli, save_tensors, seed_int, sha256, write_json)
 from common import log as common_log
@@ -71,7 +71,7 @@ def parse_args(argv: Sequence[str] | None = None, unset: Any = None) -> Namespac
     add("--gradient_checkpointing", action="store_true", help="recompute activations to save memory")
     add("--patience", type=positive_int, help="stop after this many epochs without a better val F1")
     add("--device", help="cpu, cuda or cuda:N; None: cuda if available")
-    add("--dtype", choices=("auto", "bf16", "fp16", "fp32"), default="auto",
+    add("--dtype", choices=("auto", *DTYPES), default="auto",
         help="autocast; auto: bf16 if supported, fp16 on older GPUs, else fp32")
     add("--compile", action="store_true", help="torch.compile each encoder layer")
     add("--seed", type=seed_int, default=42, help="data order, dropout, new head")

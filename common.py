@@ -207,7 +207,7 @@ def load_tensors(path: Path) -> tuple[dict[str, dict], dict]:
     """What save_tensors wrote, checked against its digests."""
     from safetensors.torch import load_file
     try:
-        digests = json.loads((path / "digests.json").read_text())
+        digests = read_json(path / "digests.json")
         damaged = [name for name, digest in digests.items() if sha256(path / name) != digest]
         if not damaged:
             tensors = {f.name.removesuffix(".safetensors"): load_file(f) for f in path.glob("*.safetensors")}
@@ -275,12 +275,17 @@ def dist_env() -> tuple[int, int, int, bool]:
     return int(env.get("RANK", 0)), int(env.get("LOCAL_RANK", 0)), int(env.get("WORLD_SIZE", 1)), "LOCAL_RANK" in env
 
 
-def pick_device(requested: str | None, local_rank: int | None = None) -> torch.device:
-    """--device (default cuda if any, else cpu), made current; under torchrun cuda:LOCAL_RANK."""
+def parse_device(requested: str | None) -> torch.device:
+    """--device (default: cuda if any, else cpu), unchecked."""
     requested = requested or ("cuda" if torch.cuda.is_available() else "cpu")
     if not re.fullmatch(r"(cpu|cuda)(:\d+)?", requested):
         raise UserError(f"unknown --device {requested!r}: use cpu, cuda or cuda:N")
-    device = torch.device(requested)
+    return torch.device(requested)
+
+
+def pick_device(requested: str | None, local_rank: int | None = None) -> torch.device:
+    """--device, checked and made current; under torchrun cuda:LOCAL_RANK."""
+    device = parse_device(requested)
     if device.type == "cpu":
         return device
     if not torch.cuda.is_available():
@@ -296,10 +301,13 @@ def pick_device(requested: str | None, local_rank: int | None = None) -> torch.d
     return device
 
 
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}  # --dtype's values but auto
+
+
 def resolve_dtype(requested: str, device: torch.device) -> torch.dtype:
     """auto: bf16 where the hardware has it (Ampere+ GPUs, AVX512-BF16/AMX CPUs), else fp16 (GPU) or fp32."""
     if requested != "auto":
-        return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[requested]
+        return DTYPES[requested]
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.get_device_properties(device).major >= 8 else torch.float16
     capabilities = getattr(torch.cpu, "get_capabilities", dict)()  # not in older torch

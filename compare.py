@@ -20,9 +20,9 @@ import statistics
 import sys
 from collections import Counter
 from pathlib import Path
-from typing import Any, Hashable, Mapping, Sequence
+from typing import Any, Callable, Hashable, Mapping, Sequence
 
-from common import UserError, confusion_scores, log, positive_float, run_cli, seed_int
+from common import DTYPES, UserError, confusion_scores, dtype_name, log, positive_float, run_cli, seed_int
 
 LEVEL, ALPHA = 0.95, 0.05
 METRICS = ("accuracy", "f1")
@@ -293,7 +293,7 @@ def is_run_dir(path: Path) -> bool:
     return path.is_dir() and any((path / n).is_file() for n in ("log.csv", "val-metrics.json", "test-metrics.json"))
 
 
-def side_runs(text: str, args: argparse.Namespace, runs: Sequence[Any]) -> list[Any]:
+def side_runs(text: str, args: argparse.Namespace, runs: Callable[[], Sequence[Any]]) -> list[Any]:
     """A's (or B's) finished runs: a run directory, or one experiment's runs at its best lr."""
     import sweep  # here, not at the top: sweep.py imports this module's statistics
     target, *own_flags = [text] if Path(text).exists() else shlex.split(text) or [""]
@@ -308,12 +308,12 @@ def side_runs(text: str, args: argparse.Namespace, runs: Sequence[Any]) -> list[
             raise UserError(f"{target} cannot be read: {e}") from None
     flags = [*args.bertcls_flags, *own_flags]
     values = {"model_name": [target], "lr": args.lrs, "seed": args.seeds, "dataset_dir": args.dataset_dirs}
-    if not (groups := sweep.experiments(sweep.select(runs, flags, values))):
+    if not (groups := sweep.experiments(sweep.select(runs(), flags, values))):
         raise UserError(f"no finished runs of {target} under {args.output_dir}" + (f" with {' '.join(flags)}" if flags
                         else "") + ": pass a run directory, or the --output_dir, model name and flags of its runs")
     if len(groups) > 1:
         column, run = sweep.distinguishing(groups)[0], groups[0][0]
-        value = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}.get(run.key.get(column), run.key.get(column))
+        value = {dtype_name(t): flag for flag, t in DTYPES.items()}.get(run.key.get(column), run.key.get(column))
         data = Path(run.key["dataset_dir"])
         hint = (f"--dataset_dirs {data.parent / 'fold-*' if run.fold is not None else data}" if column == "dataset"
                 else f'"{target} --{column} {value}"' if column in sweep.resolve([])[0]
@@ -345,7 +345,7 @@ def verdict(result: dict[str, Any]) -> str:
 
 def compare(args: argparse.Namespace) -> int:
     import sweep
-    runs = sweep.scan(Path(args.output_dir), warn=True)
+    runs = functools.cache(lambda: sweep.scan(Path(args.output_dir), warn=True))  # for model names only
     a_runs, b_runs = side_runs(args.a, args, runs), side_runs(args.b, args, runs)
     if is_run_dir(Path(args.a)) and is_run_dir(Path(args.b)):  # two runs, whatever their seeds
         b_runs = [b_runs[0]._replace(key={**b_runs[0].key, "seed": a_runs[0].seed}, fold=a_runs[0].fold)]

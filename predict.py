@@ -21,8 +21,8 @@ from typing import Sequence
 import torch
 
 from bertcls import predict
-from common import (UserError, atomic_write, decode_utf8, jsonl_line, log, parse_json, pick_device, positive_int,
-                    read_json, refuse_overwrite, resolve_dtype, run_cli)
+from common import (DTYPES, UserError, atomic_write, decode_utf8, jsonl_line, log, parse_json, pick_device,
+                    positive_int, read_json, refuse_overwrite, resolve_dtype, run_cli)
 from data import TRUNCATIONS, InputSpec, Inputs, check_sizes, example_text, read_split, tokenized
 from models import attention_implementation, load_tokenizer, max_length, quiet_loading, uses_token_type_ids
 
@@ -38,7 +38,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     add("--batch_size", type=positive_int, default=32, help="(default: %(default)s)")
     add("--max_batch_tokens", type=positive_int, help="at most this many padded tokens a batch (long texts)")
     add("--device", help="cpu, cuda or cuda:N (default: cuda if available)")
-    add("--dtype", choices=("auto", "bf16", "fp16", "fp32"), default="auto", help="as bertcls.py's (default: auto)")
+    add("--dtype", choices=("auto", *DTYPES), default="auto", help="as bertcls.py's (default: auto)")
     add("--max_seq_len", type=positive_int, help="(default: as in training)")
     add("--trust_remote_code", action="store_true", help="let the model directory run code")
     add("--skip_bad_lines", action="store_true", help="warn about a bad input line and go on")

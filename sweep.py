@@ -36,7 +36,7 @@ import torch
 
 import bertcls
 import compare
-from common import (LOG_LOCK, UserError, atomic_write, dtype_name, first_line, iter_jsonl, locked, log,
+from common import (LOG_LOCK, UserError, atomic_write, dtype_name, first_line, iter_jsonl, locked, log, parse_device,
                     positive_float, positive_int, read_json, refuse_overwrite, resolve_dtype, run_cli, seed_int)
 from data import SPLITS, TRUNCATIONS
 
@@ -160,10 +160,7 @@ def grouped(items: Iterable[Any], key: Callable[[Any], Any]) -> dict[Any, list]:
 
 def computed_on(resolved: dict[str, Any]) -> tuple[str, str | None]:
     """Device type and dtype as bertcls.py resolves them (None: auto without CUDA)."""
-    try:
-        device = torch.device(resolved["device"] or ("cuda" if torch.cuda.is_available() else "cpu"))
-    except RuntimeError:
-        raise UserError(f"unknown --device {resolved['device']!r}: use cpu, cuda or cuda:N") from None
+    device = parse_device(resolved["device"])
     if device.type == "cuda" and not torch.cuda.is_available() and resolved["dtype"] == "auto":
         return device.type, None
     return device.type, dtype_name(resolve_dtype(resolved["dtype"], device))

@@ -28,7 +28,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run as a script from anywhere
 sys.path.insert(0, str(REPO / "scripts"))
 
-from common import jsonl_line, positive_int  # noqa: E402
+from common import DTYPES, jsonl_line, positive_int  # noqa: E402
 import make_tiny  # noqa: E402
 
 SHAPES = ("bert", "modernbert")
@@ -48,7 +48,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--steps", type=positive_int, default=5, help="timed optimizer steps per run (default: %(default)s)")
     p.add_argument("--warmup", type=int, default=1, help="untimed optimizer steps first (default: %(default)s)")
     p.add_argument("--device", default="cpu", help="(default: %(default)s)")
-    p.add_argument("--dtype", choices=("auto", "bf16", "fp16", "fp32"), default="auto",
+    p.add_argument("--dtype", choices=("auto", *DTYPES), default="auto",
                    help="bench.py's --dtype (default: %(default)s)")
     p.add_argument("--work_dir", default="models/long-context-bench",
                    help="models, corpus and tokenization cache (default: %(default)s)")
